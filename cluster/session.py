@@ -1,0 +1,58 @@
+"""Connecting to Ray: an embedded local cluster on loopback, or an existing one.
+
+Local (one machine):   connect(RaySettings())            -> ray.init() on 127.0.0.2
+Cluster:               connect(RaySettings(address="auto" | "ray://head:10001"))
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+# Ray Train's controller polls every 2 s by default, which makes each report
+# block that long (NOTES.md). Set before ray.init so workers inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
+
+@dataclass(frozen=True)
+class RaySettings:
+    address: str | None = None
+    num_cpus: int | None = None
+    include_dashboard: bool = False
+    node_ip_address: str = "127.0.0.2"
+
+
+def connect(settings: RaySettings) -> dict:
+    """Start or join a Ray cluster once per process; returns its resources."""
+    if not ray.is_initialized():
+        env = {"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S":
+                            os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]}}
+        if settings.address:
+            ray.init(address=settings.address, runtime_env=env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=settings.num_cpus, include_dashboard=settings.include_dashboard,
+                     _node_ip_address=settings.node_ip_address, runtime_env=env,
+                     configure_logging=True, logging_level="WARNING")
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray.cluster_resources()
+
+
+def shutdown() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def run_task(fn, *args, resources: dict | None = None):
+    """Run ``fn(*args)`` as one Ray task and wait for it; the task is never retried.
+
+    A stage's side effects (files) are not idempotent mid-way, so a crashed
+    worker must surface as a failed stage that the runner resumes, not as a
+    silent re-execution.
+    """
+    opts = {"num_cpus": 0, "max_retries": 0, **(resources or {})}
+    ref = ray.remote(fn).options(**opts).remote(*args)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        raise err.as_instanceof_cause() from None

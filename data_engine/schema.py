@@ -1,0 +1,59 @@
+"""The record schema shared by every data stage, and the shared vocabulary.
+
+A data stage reads Parquet shards of records and writes two kinds of shards:
+  data/*.parquet      kept rows: RECORD_SCHEMA plus the columns the stage adds
+  rejected/*.parquet  removed rows: id, text, source, reason, detail (+ extras)
+
+A data *step* is a plain function or small class over one ``pyarrow.Table``
+batch. It never imports Ray; ``cluster/`` chooses how to run it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow as pa
+
+DOMAINS: tuple[str, ...] = (
+    "math", "code", "physics", "chemistry", "biology", "medicine", "law",
+    "finance", "business", "history", "philosophy", "literature", "arts",
+    "education", "politics", "geography", "engineering", "lifestyle",
+)
+DIFFICULTIES: tuple[str, ...] = ("basic", "advanced", "expert")
+
+# Reasoning format of SFT/DPO/RL samples.
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+
+RECORD_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("meta", pa.string()),  # JSON object as text: inputs are heterogeneous
+])
+
+REJECT_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("text", pa.string()),
+    ("source", pa.string()),
+    ("reason", pa.string()),
+    ("detail", pa.string()),  # JSON object as text, e.g. {"file": ..., "line": ...}
+])
+
+
+def content_id(text: str, source: str = "") -> str:
+    """Stable id for a row that has none: a hash of its source and text."""
+    digest = hashlib.sha256(f"{source}\x00{text}".encode("utf-8")).hexdigest()
+    return f"h{digest[:24]}"
+
+
+def reject_table(rows: list[dict]) -> pa.Table:
+    """Build a REJECT_SCHEMA table from dicts; ``detail`` may be a dict."""
+    def norm(row: dict) -> dict:
+        detail = row.get("detail", {})
+        return {
+            "id": row.get("id"), "text": row.get("text"), "source": row.get("source"),
+            "reason": row["reason"],
+            "detail": detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True),
+        }
+    return pa.Table.from_pylist([norm(r) for r in rows], schema=REJECT_SCHEMA)

@@ -1,0 +1,111 @@
+"""The `r1pipe` command line.
+
+    r1pipe run recipes/demo.yaml                       # embedded local Ray, CPU
+    r1pipe run recipes/demo.yaml --stages ingest       # one stage
+    r1pipe run recipes/demo.yaml --from dedup --force  # a stage and all after it
+    r1pipe status [RUN_ID] [--json]
+    r1pipe submit recipes/cluster.yaml --address http://HEAD:8265 --follow
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from pipelines.config import ConfigError, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="r1pipe: raw text to an RL-tuned reasoning MoE, as a resumable Ray workflow.")
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+
+SetOpt = typer.Option(None, "--set", help="override a config key: a.b.c=value (repeatable)")
+
+
+def _split(stages: Optional[str]) -> Optional[list[str]]:
+    return [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+
+
+@app.command()
+def run(config: str = typer.Argument(..., help="a YAML recipe, e.g. recipes/demo.yaml"),
+        stages: Optional[str] = typer.Option(None, help="comma-separated stages to run"),
+        from_stage: Optional[str] = typer.Option(None, "--from", help="run this stage and all after it"),
+        force: bool = typer.Option(False, help="rerun the selected stages even if done"),
+        run_id: Optional[str] = typer.Option(None, help="default: the recipe's name"),
+        runs_dir: Optional[str] = typer.Option(None, help="default: the recipe's runs_dir"),
+        address: Optional[str] = typer.Option(None, help="join an existing Ray cluster ('auto', ray://...)"),
+        set_: Optional[list[str]] = SetOpt) -> None:
+    """Run a recipe's stages in order; finished stages are skipped."""
+    from pipelines.runner import StageFailed, resolve_runs_dir, run_pipeline
+    try:
+        cfg = load_config(config, set_ or [])
+        if address:
+            cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
+        cfg = resolve_runs_dir(cfg, runs_dir)
+        rid = run_id or cfg.name
+        console.print(f"run [bold]{rid}[/] in {cfg.runs_dir}/{rid}")
+        run_pipeline(cfg, rid, stages=_split(stages), from_stage=from_stage, force=force,
+                     echo=console.print, fault=os.environ.get("R1PIPE_FAULT"))
+    except (ConfigError, ValueError) as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    except StageFailed as err:
+        err_console.print(f"[red]failed:[/] {err}")
+        raise typer.Exit(1)
+    finally:
+        from cluster.session import shutdown
+        shutdown()
+
+
+@app.command()
+def status(run_id: Optional[str] = typer.Argument(None, help="default: the newest run"),
+           runs_dir: str = typer.Option("runs", help="where runs live"),
+           as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Show where a run stands: stage, status, duration, key metrics."""
+    from pipelines.status import collect, render
+    try:
+        report = collect(runs_dir, run_id)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        render(report, console)
+
+
+@app.command()
+def submit(config: str = typer.Argument(..., help="a YAML recipe inside the working dir"),
+           address: str = typer.Option(..., help="the Ray dashboard, e.g. http://HEAD:8265"),
+           working_dir: str = typer.Option(".", help="uploaded as the job's working_dir"),
+           stages: Optional[str] = typer.Option(None), from_stage: Optional[str] = typer.Option(None, "--from"),
+           force: bool = typer.Option(False), run_id: Optional[str] = typer.Option(None),
+           runs_dir: Optional[str] = typer.Option(None, help="a path every node can reach"),
+           follow: bool = typer.Option(False, help="stream the job's logs until it ends"),
+           set_: Optional[list[str]] = SetOpt) -> None:
+    """Submit the pipeline to a Ray cluster as a Ray job (Jobs API) and print its id."""
+    from pipelines.submit import submit_job
+    try:
+        load_config(config, set_ or [])  # fail here, not on the cluster
+        job_id, code = submit_job(config, address=address, working_dir=working_dir,
+                                  stages=stages, from_stage=from_stage, force=force,
+                                  run_id=run_id, runs_dir=runs_dir, overrides=set_ or [],
+                                  follow=follow, echo=console.print)
+    except (ConfigError, ValueError) as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    console.print(f"job {job_id}")
+    if code:
+        raise typer.Exit(code)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""One typed config tree for a whole pipeline, loaded from a YAML recipe.
+
+    cfg = load_config("recipes/demo.yaml", overrides=["ingest.chunk_rows=500"])
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a
+wrong type or an impossible value is a ``ConfigError`` before any work starts,
+and its message names the key path and the file (or the ``--set`` it came from).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from data_engine.ingest import IngestConfig
+
+
+class ConfigError(ValueError):
+    """A recipe or an override is wrong; the message names the key and its origin."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class WandbConfig(Strict):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    project: str = "r1pipe"
+    entity: str | None = None
+    dir: str | None = None  # default: <run folder>/wandb
+
+
+class RayConfig(Strict):
+    address: str | None = None           # None: start an embedded local cluster
+    num_cpus: int | None = Field(None, gt=0)
+    include_dashboard: bool = False      # ~0.7 GiB more RAM locally (NOTES.md)
+    node_ip_address: str = "127.0.0.2"   # any 127.x but .1 keeps Ray on loopback
+    data_concurrency: int | None = Field(None, gt=0)  # parallel Ray Data tasks per step
+    shuffle: Literal["sort", "hash"] = "sort"  # Ray Data shuffle for groupbys
+
+
+class PipelineConfig(Strict):
+    name: str = "r1pipe"
+    seed: int = 0
+    runs_dir: str = "runs"
+    stages: list[str] = Field(default_factory=lambda: ["ingest"])
+    wandb: WandbConfig = WandbConfig()
+    ray: RayConfig = RayConfig()
+    ingest: IngestConfig | None = None
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, stages: list[str]) -> list[str]:
+        from pipelines.graph import STAGES
+        unknown = [s for s in stages if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+        if len(set(stages)) != len(stages):
+            raise ValueError("a stage is listed twice")
+        return stages
+
+    def section(self, stage: str) -> Any:
+        """The config section a stage runs with; error if the recipe lacks it."""
+        value = getattr(self, stage, None)
+        if value is None:
+            raise ConfigError(f"stage {stage!r} is selected but the recipe has no `{stage}:` section")
+        return value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such recipe")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    origins = {}
+    for item in overrides or []:
+        key = apply_override(raw, item)
+        origins[key] = item
+    return validate(raw, str(path), origins)
+
+
+def validate(raw: dict, origin: str, overrides: dict[str, str] | None = None) -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, origin, overrides or {})) from None
+
+
+def apply_override(raw: dict, item: str) -> str:
+    """Apply ``a.b.c=value`` to a raw dict in place; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. ingest.chunk_rows=500")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty part in key {key!r}")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _child(node, part, ".".join(parts[: i + 1]), item)
+    last = parts[-1]
+    value = yaml.safe_load(text) if text.strip() else ""
+    if isinstance(node, list):
+        node[_index(node, last, key, item)] = value
+    else:
+        node[last] = value
+    return key
+
+
+def _child(node: Any, part: str, path: str, item: str) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path, item)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {item!r}: {path} is a value, not a section")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _index(node: list, part: str, path: str, item: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {item!r}: {path}: no list item {part!r}")
+    return int(part)
+
+
+def _describe(err: ValidationError, origin: str, overrides: dict[str, str]) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        where = next((f"--set {v}" for k, v in overrides.items()
+                      if key == k or key.startswith(k + ".")), origin)
+        lines.append(f"{where}: {key}: {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def dump_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

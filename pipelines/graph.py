@@ -1,0 +1,74 @@
+"""The stage graph: every stage's name, inputs, resources and run function.
+
+A stage's run function takes a ``StageContext`` and returns its metrics. It
+writes outputs under ``ctx.out`` (published atomically by the runner) and may
+keep resumable partial work under ``ctx.work``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+
+class MetricsSink(Protocol):
+    def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
+    def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+
+
+@dataclass
+class StageContext:
+    name: str
+    run_id: str
+    config: Any                 # the whole PipelineConfig
+    section: Any                # this stage's config section
+    root: Path                  # <run>/<stage>
+    out: Path                   # staging folder; becomes the stage folder's outputs
+    work: Path                  # resumable partial work of this fingerprint
+    inputs: dict[str, Path]     # upstream stage name -> its folder
+    metrics: MetricsSink
+    data_concurrency: int | None = None
+    fault: str | None = None    # fault injection for tests (cluster.data.maybe_fault)
+
+    def log(self, message: str) -> None:
+        print(f"[{self.name}] {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    inputs: tuple[str, ...]
+    run: Callable[[StageContext], dict]
+    # Resources of the stage's own driver task; its Ray Data / Ray Train workers ask for theirs.
+    resources: dict = field(default_factory=lambda: {"num_cpus": 0})
+    summary: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    if stage.name in STAGES:
+        raise RuntimeError(f"stage {stage.name!r} registered twice")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def check_order(order: list[str]) -> None:
+    """Every stage's inputs must come before it in the recipe's stage list."""
+    seen: set[str] = set()
+    for name in order:
+        for dep in STAGES[name].inputs:
+            if dep not in order:
+                raise ValueError(f"stage {name!r} needs {dep!r}, which the recipe's `stages` lacks")
+            if dep not in seen:
+                raise ValueError(f"stage {name!r} is listed before its input {dep!r}")
+        seen.add(name)
+
+
+def _load_stages() -> None:
+    # Registering by import keeps each stage's wiring in its own small module.
+    from pipelines.stages import ingest  # noqa: F401
+
+
+_load_stages()

@@ -1,0 +1,152 @@
+"""Run the stages of a recipe in order, skipping those already done.
+
+    run_pipeline(load_config("recipes/demo.yaml"), run_id="demo")
+
+A stage runs when it is selected and either ``force`` is set or its folder
+lacks a ``done`` manifest with the same fingerprint. The fingerprint hashes
+the stage's config section, the seed, its inputs' fingerprints and the code
+version, so a changed config reruns that stage and everything downstream.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cluster.session import RaySettings, connect, run_task
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.graph import STAGES, StageContext, check_order
+from pipelines.store import RunStore, code_version, fingerprint
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: str):
+        super().__init__(f"stage {stage!r} failed: {error}")
+        self.stage, self.error = stage, error
+
+
+@dataclass
+class StageResult:
+    name: str
+    action: str                 # "ran" | "skipped"
+    fingerprint: str
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+def select(cfg: PipelineConfig, stages: list[str] | None, from_stage: str | None) -> list[str]:
+    order = cfg.stages
+    check_order(order)
+    if stages and from_stage:
+        raise ConfigError("give --stages or --from, not both")
+    for name in (stages or []) + ([from_stage] if from_stage else []):
+        if name not in order:
+            raise ConfigError(f"stage {name!r} is not in this recipe's stages {order}")
+    if stages:
+        return [s for s in order if s in stages]
+    if from_stage:
+        return order[order.index(from_stage):]
+    return list(order)
+
+
+def stage_config(cfg: PipelineConfig, name: str) -> dict:
+    return {"seed": cfg.seed, name: cfg.section(name).model_dump(mode="json")}
+
+
+def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None = None,
+                 from_stage: str | None = None, force: bool = False,
+                 echo: Callable[[str], None] = print, fault: str | None = None) -> list[StageResult]:
+    selected = select(cfg, stages, from_stage)
+    store = RunStore(cfg.runs_dir, run_id)
+    code = code_version()
+    store.write_pipeline(cfg.model_dump(mode="json"), cfg.stages)
+    fps: dict[str, str] = {}
+    results = []
+    for name in cfg.stages:
+        stage_dir = store.stage(name)
+        inputs = {dep: fps[dep] for dep in STAGES[name].inputs}
+        fp = fingerprint(name, stage_config(cfg, name), inputs, code)
+        if name not in selected:
+            fps[name] = _upstream_fingerprint(store, name, fp, selected, echo)
+            continue
+        fps[name] = fp
+        if not force and stage_dir.is_done(fp) and not stage_dir.verify():
+            echo(f"skip  {name}: done, fingerprint {fp[:12]} unchanged")
+            results.append(StageResult(name, "skipped", fp, metrics=stage_dir.manifest()["metrics"]))
+            continue
+        results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault))
+    return results
+
+
+def _upstream_fingerprint(store: RunStore, name: str, expected: str, selected: list[str],
+                          echo) -> str:
+    """An unselected stage is used as it is on disk, if a selected stage needs it."""
+    needed = any(name in STAGES[s].inputs for s in selected)
+    manifest = store.stage(name).manifest() or {}
+    if manifest.get("status") != "done":
+        if needed:
+            users = [s for s in selected if name in STAGES[s].inputs]
+            raise ConfigError(f"stage {users[0]!r} needs {name!r}, which is not done in run "
+                              f"{store.run_id!r}: run it first (r1pipe run ... --stages {name})")
+        return expected
+    if needed and manifest.get("fingerprint") != expected:
+        echo(f"note  {name}: config or code changed since it ran; using its outputs as they are")
+    return manifest["fingerprint"]
+
+
+def _run_stage(cfg, store, name, fp, inputs, echo, fault) -> StageResult:
+    stage_dir = store.stage(name)
+    manifest = stage_dir.begin(fp, inputs, stage_config(cfg, name))
+    verb = "resume" if manifest["resumed"] else "run  "
+    echo(f"{verb} {name}: fingerprint {fp[:12]}")
+    connect(RaySettings(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard,
+                        cfg.ray.node_ip_address))
+    started = time.time()
+    try:
+        metrics = run_task(execute_stage, cfg, store.run_id, name, fault,
+                           resources=STAGES[name].resources)
+    except BaseException as err:  # noqa: BLE001 - record every failure, then re-raise
+        message = f"{type(err).__name__}: {err}"
+        stage_dir.fail(manifest, message + "\n" + traceback.format_exc(limit=5))
+        raise StageFailed(name, message) from err
+    stage_dir.publish(manifest, metrics)
+    seconds = time.time() - started
+    echo(f"done  {name} in {seconds:.1f}s: " + _headline(metrics))
+    return StageResult(name, "ran", fp, seconds, metrics)
+
+
+def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None = None) -> dict:
+    """The body of one stage; runs inside a Ray task. Returns the stage's metrics."""
+    from cluster.data import configure
+    from pipelines.tracking import make_sink
+    configure(shuffle=cfg.ray.shuffle)
+    store = RunStore(cfg.runs_dir, run_id)
+    stage_dir = store.stage(name)
+    stage = STAGES[name]
+    sink = make_sink(cfg.wandb, store.root, run_id, name, stage_config(cfg, name))
+    ctx = StageContext(name=name, run_id=run_id, config=cfg, section=cfg.section(name),
+                       root=stage_dir.root, out=stage_dir.staging, work=stage_dir.work,
+                       inputs={d: store.stage(d).root for d in stage.inputs}, metrics=sink,
+                       data_concurrency=cfg.ray.data_concurrency, fault=fault)
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    try:
+        metrics = stage.run(ctx)
+    except BaseException:
+        sink.finish(exit_code=1)
+        raise
+    sink.log(metrics)
+    sink.summary(metrics)
+    sink.finish()
+    return metrics
+
+
+def _headline(metrics: dict) -> str:
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float))][:5]
+    return ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
+                     for k in keys)
+
+
+def resolve_runs_dir(cfg: PipelineConfig, runs_dir: str | None) -> PipelineConfig:
+    return cfg.model_copy(update={"runs_dir": str(Path(runs_dir or cfg.runs_dir).resolve())})

@@ -1,0 +1,1 @@
+"""One module per stage: wiring of a library step into the run store."""

@@ -1,0 +1,181 @@
+"""The run store: ``<runs_dir>/<run_id>/<stage>/`` with a manifest per stage.
+
+A stage is *done* only when its ``manifest.json`` says ``done``. That file is
+always replaced atomically, and it is written last, after every output has
+been moved into place. While a stage runs its manifest says ``running``, so a
+crash at any point leaves a stage that is not done and will run again.
+
+Layout of a stage folder:
+    manifest.json   status, fingerprint, inputs, outputs (+sha256), metrics, times
+    .staging/       outputs being written; moved into place at publish
+    .work/          resumable partial work (finished shards), kept across crashes
+    checkpoints/    training stages: kept across crashes for resume
+    <outputs>       data/, rejected/, model/, ... once published
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUNNING, DONE, FAILED = "running", "done", "failed"
+_KEEP_ACROSS_RUNS = {".work", "checkpoints", "manifest.json"}
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: corrupt JSON: {err}") from err
+
+
+def code_version() -> str:
+    """Package version plus the git commit when the code runs from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        ver = version("r1pipe")
+    except PackageNotFoundError:
+        ver = "0+unknown"
+    here = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{ver}+g{commit[:12]}" if commit else ver
+
+
+def fingerprint(stage: str, config: Any, inputs: dict[str, str], code: str) -> str:
+    blob = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class StageDir:
+    root: Path
+    name: str
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def staging(self) -> Path:
+        return self.root / ".staging"
+
+    @property
+    def work(self) -> Path:
+        return self.root / ".work"
+
+    def manifest(self) -> dict | None:
+        return read_json(self.manifest_path)
+
+    def is_done(self, fp: str | None = None) -> bool:
+        m = self.manifest()
+        return bool(m) and m.get("status") == DONE and (fp is None or m.get("fingerprint") == fp)
+
+    def begin(self, fp: str, inputs: dict[str, str], config: Any) -> dict:
+        """Mark running. Partial work of the same fingerprint is kept for resume."""
+        old = self.manifest()
+        if old and old.get("fingerprint") != fp:
+            self.clear()  # a different config: nothing of the old run may be reused
+        self.root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir()
+        resumed = bool(old) and old.get("fingerprint") == fp and old.get("status") != DONE
+        manifest = {"stage": self.name, "status": RUNNING, "fingerprint": fp, "inputs": inputs,
+                    "config": config, "outputs": [], "metrics": {}, "started": time.time(),
+                    "finished": None, "error": None, "resumed": resumed,
+                    "attempts": (old or {}).get("attempts", 0) + 1 if resumed else 1}
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    def publish(self, manifest: dict, metrics: dict) -> dict:
+        """Move staged outputs into place, then write the done manifest last."""
+        for child in sorted(self.staging.iterdir()):
+            target = self.root / child.name
+            if target.exists():
+                shutil.rmtree(target) if target.is_dir() else target.unlink()
+            os.replace(child, target)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
+        manifest = dict(manifest, status=DONE, metrics=metrics, finished=time.time(),
+                        outputs=self.list_outputs())
+        write_json_atomic(self.manifest_path, manifest)
+        return manifest
+
+    def fail(self, manifest: dict, error: str) -> None:
+        write_json_atomic(self.manifest_path, dict(manifest, status=FAILED, error=error,
+                                                   finished=time.time()))
+
+    def clear(self) -> None:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+
+    def list_outputs(self) -> list[dict]:
+        out = []
+        for path in sorted(self.root.rglob("*")):
+            rel = path.relative_to(self.root)
+            if path.is_file() and rel.parts[0] not in _KEEP_ACROSS_RUNS and not rel.parts[0].startswith("."):
+                out.append({"path": str(rel), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        return out
+
+    def verify(self) -> list[str]:
+        """Outputs of a done manifest that are missing or changed on disk."""
+        bad = []
+        for o in (self.manifest() or {}).get("outputs", []):
+            p = self.root / o["path"]
+            if not p.exists() or p.stat().st_size != o["bytes"]:
+                bad.append(o["path"])
+        return bad
+
+
+class RunStore:
+    def __init__(self, runs_dir: str | Path, run_id: str):
+        if not run_id or "/" in run_id or run_id.startswith("."):
+            raise ValueError(f"run id {run_id!r}: must be a plain folder name")
+        self.run_id = run_id
+        self.root = Path(runs_dir) / run_id
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.root / name, name)
+
+    def write_pipeline(self, config: dict, stage_order: list[str]) -> None:
+        write_json_atomic(self.root / "pipeline.json", {
+            "run_id": self.run_id, "config": config, "code_version": code_version(),
+            "stages": stage_order, "written": time.time()})
+
+    def pipeline(self) -> dict | None:
+        return read_json(self.root / "pipeline.json")
+
+
+def latest_run(runs_dir: str | Path) -> str | None:
+    runs = [p for p in Path(runs_dir).glob("*/pipeline.json")]
+    return max(runs, key=lambda p: p.stat().st_mtime).parent.name if runs else None

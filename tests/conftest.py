@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests run real Ray (embedded, loopback), real W&B (offline)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _ray_shutdown():
+    yield
+    from cluster.session import shutdown
+    shutdown()
+
+
+def write_jsonl_with_malformed(path: Path, n: int = 100) -> dict[int, str]:
+    """n rows; 5 of them malformed in 5 different ways. Returns line -> reason."""
+    bad = {11: "bad_json", 21: "missing_text", 31: "empty_text", 41: "wrong_type", 51: "not_utf8"}
+    with open(path, "wb") as f:
+        for line in range(1, n + 1):
+            rid = f"r{line:03d}"
+            if bad.get(line) == "bad_json":
+                f.write(b'{"id": "broken", "text": \n')
+            elif bad.get(line) == "missing_text":
+                f.write(json.dumps({"id": rid}).encode() + b"\n")
+            elif bad.get(line) == "empty_text":
+                f.write(json.dumps({"id": rid, "text": "   "}).encode() + b"\n")
+            elif bad.get(line) == "wrong_type":
+                f.write(json.dumps({"id": rid, "text": 42}).encode() + b"\n")
+            elif bad.get(line) == "not_utf8":
+                f.write(b'{"id": "' + rid.encode() + b'", "text": "caf\xe9 au lait"}\n')
+            else:
+                f.write(json.dumps({"id": rid, "text": f"document {line}: some words here",
+                                    "lang": "en"}).encode() + b"\n")
+    return bad
+
+
+def write_recipe(path: Path, body: str) -> Path:
+    path.write_text(body)
+    return path

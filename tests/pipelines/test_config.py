@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "recipes" / "demo.yaml"
+
+
+def test_demo_recipe_validates():
+    cfg = load_config(DEMO)
+    assert cfg.stages[0] == "ingest"
+    assert cfg.wandb.mode == "offline"
+
+
+def test_unknown_override_key_is_named():
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["ingest.no_such_key=1"])
+    assert "ingest.no_such_key" in str(err.value)
+    assert "unknown key" in str(err.value)
+    assert "--set ingest.no_such_key=1" in str(err.value)
+
+
+def test_unknown_key_in_file_names_key_and_file(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [ingest]\nwandb: {mode: offline, colour: red}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(recipe)
+    assert "wandb.colour" in str(err.value) and str(recipe) in str(err.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("seed=abc", "seed"),
+    ("ingest.chunk_rows=0", "ingest.chunk_rows"),
+    ("ingest.inputs.0.format=xml", "ingest.inputs.0.format"),
+    ("wandb.mode=loud", "wandb.mode"),
+    ("stages=[ingest, nope]", "stages"),
+])
+def test_wrong_type_or_value_names_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, [override])
+    assert f": {key}:" in str(err.value)
+
+
+def test_override_parses_yaml_values():
+    cfg = load_config(DEMO, ["ingest.chunk_rows=500", "ray.include_dashboard=true"])
+    assert cfg.ingest.chunk_rows == 500 and cfg.ray.include_dashboard is True
+
+
+def test_bad_override_syntax():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(DEMO, ["ingest.chunk_rows"])
+    with pytest.raises(ConfigError, match="no list item"):
+        load_config(DEMO, ["ingest.inputs.7.path=x"])
+
+
+def test_missing_recipe_names_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such recipe"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_input_needs_path_or_demo(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [ingest]\ningest: {inputs: [{format: jsonl}]}\n")
+    with pytest.raises(ConfigError, match="ingest.inputs.0"):
+        load_config(recipe)
