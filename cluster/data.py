@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -121,13 +122,18 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
     if todo:
         n = concurrency or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
         ds = ray.data.from_items([{"item": json.dumps(it)} for it in todo], override_num_blocks=len(todo))
-        results = ds.map(_ShardWorker, fn_constructor_kwargs={
-            "step_cls": step_cls, "step_kwargs": step_kwargs, "out_dir": str(out_dir),
-            "fault_prefix": fault_prefix, "fault": fault}, concurrency=min(n, len(todo)),
-            num_cpus=num_cpus, num_gpus=num_gpus,
-            # A dead worker fails the stage instead of being restarted and retried:
-            # the shard may be poisoned, and a rerun resumes from the finished shards.
-            max_restarts=0, max_task_retries=0).take_all()
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameter for actor restarts and warns on **kwargs.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            results = ds.map(
+                _ShardWorker, fn_constructor_kwargs={
+                    "step_cls": step_cls, "step_kwargs": step_kwargs, "out_dir": str(out_dir),
+                    "fault_prefix": fault_prefix, "fault": fault},
+                compute=ray.data.ActorPoolStrategy(size=min(n, len(todo))),
+                num_cpus=num_cpus, num_gpus=num_gpus,
+                # A dead worker fails the stage instead of being restarted and retried:
+                # the shard may be poisoned, and a rerun resumes from the finished shards.
+                max_restarts=0, max_task_retries=0).take_all()
         for r in results:
             stats = json.loads(r["result"])
             (errors if "error" in stats else []).append(stats)

@@ -86,6 +86,7 @@ def submit(config: str = typer.Argument(..., help="a YAML recipe inside the work
            force: bool = typer.Option(False), run_id: Optional[str] = typer.Option(None),
            runs_dir: Optional[str] = typer.Option(None, help="a path every node can reach"),
            follow: bool = typer.Option(False, help="stream the job's logs until it ends"),
+           python: str = typer.Option("python", help="the interpreter on the cluster with r1pipe's deps"),
            set_: Optional[list[str]] = SetOpt) -> None:
     """Submit the pipeline to a Ray cluster as a Ray job (Jobs API) and print its id."""
     from pipelines.submit import submit_job
@@ -94,7 +95,7 @@ def submit(config: str = typer.Argument(..., help="a YAML recipe inside the work
         job_id, code = submit_job(config, address=address, working_dir=working_dir,
                                   stages=stages, from_stage=from_stage, force=force,
                                   run_id=run_id, runs_dir=runs_dir, overrides=set_ or [],
-                                  follow=follow, echo=console.print)
+                                  follow=follow, python=python, echo=console.print)
     except (ConfigError, ValueError) as err:
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
