@@ -104,6 +104,23 @@ def submit(config: str = typer.Argument(..., help="a YAML recipe inside the work
         raise typer.Exit(code)
 
 
+@app.command()
+def export(stage_folder: str = typer.Argument(..., help="a training stage folder (or its model/ folder)"),
+           out: str = typer.Argument(..., help="where to write the transformers model"),
+           overwrite: bool = typer.Option(False, help="replace OUT if it exists")) -> None:
+    """Export a trained model to HF transformers (Qwen2-MoE): safetensors, config.json, tokenizer.
+
+    The result loads with transformers.AutoModelForCausalLM.from_pretrained(OUT), no custom code.
+    """
+    from pipelines.export import export_stage
+    try:
+        path = export_stage(stage_folder, out, overwrite=overwrite)
+    except (ValueError, FileNotFoundError) as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    console.print(f"exported {stage_folder} -> {path}")
+
+
 def main() -> None:
     app()
 
