@@ -26,15 +26,15 @@ class Strict(BaseModel):
 
 
 class WandbConfig(Strict):
-    mode: Literal["offline", "online", "disabled"] = "offline"
-    project: str = "r1pipe"
-    entity: str | None = None
+    mode: Literal["offline", "online", "disabled"] = "offline"  # offline needs no key or network
+    project: str = "r1pipe"  # W&B project
+    entity: str | None = None  # W&B team or user
     dir: str | None = None  # default: <run folder>/wandb
 
 
 class RayConfig(Strict):
     address: str | None = None           # None: start an embedded local cluster
-    num_cpus: int | None = Field(None, gt=0)
+    num_cpus: int | None = Field(None, gt=0)  # CPUs of the embedded cluster (default: all)
     include_dashboard: bool = False      # ~0.7 GiB more RAM locally (NOTES.md)
     node_ip_address: str = "127.0.0.2"   # any 127.x but .1 keeps Ray on loopback
     data_concurrency: int | None = Field(None, gt=0)  # parallel Ray Data tasks per step
@@ -42,10 +42,10 @@ class RayConfig(Strict):
 
 
 class PipelineConfig(Strict):
-    name: str = "r1pipe"
-    seed: int = 0
-    runs_dir: str = "runs"
-    stages: list[str] = Field(default_factory=lambda: ["ingest"])
+    name: str = "r1pipe"  # the default run id
+    seed: int = 0  # global seed; part of every stage's fingerprint
+    runs_dir: str = "runs"  # where runs live; --runs-dir overrides
+    stages: list[str] = Field(default_factory=lambda: ["ingest"])  # the stages to run, in order
     wandb: WandbConfig = WandbConfig()
     ray: RayConfig = RayConfig()
     ingest: IngestConfig | None = None
