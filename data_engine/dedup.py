@@ -76,6 +76,9 @@ class DedupConfig(BaseModel):
     lowercase: bool = True
     strip_punctuation: bool = True
     unicode_nfkc: bool = True
+    # Error budget of the dedup stage: more removed than this fraction of the
+    # input fails it (a corpus that is mostly copies is usually a broken input).
+    max_reject_fraction: float = Field(0.9, ge=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _resolve_bands(self):
@@ -318,8 +321,9 @@ def attach_roots(sig_batch: pa.Table, components: dict[str, str]) -> pa.Table:
     return kept.append_column("root", pa.array(roots, pa.string()))
 
 
-_KEEP_ORDER = {"first_id": [], "longest": [("n_chars", "descending")],
-               "shortest": [("n_chars", "ascending")]}
+# The sort that puts a group's survivor first; executors reuse it.
+KEEP_ORDER = {"first_id": [], "longest": [("n_chars", "descending")],
+              "shortest": [("n_chars", "ascending")]}
 
 
 def choose_survivors(members: pa.Table, cfg: DedupConfig, group_col: str = "root",
@@ -330,7 +334,7 @@ def choose_survivors(members: pa.Table, cfg: DedupConfig, group_col: str = "root
     exact_duplicate, sig (for the estimated Jaccard to the survivor). Ties on
     length fall back to the smallest id, so the choice is deterministic.
     """
-    order = [(group_col, "ascending")] + _KEEP_ORDER[cfg.keep] + [("id", "ascending")]
+    order = [(group_col, "ascending")] + KEEP_ORDER[cfg.keep] + [("id", "ascending")]
     ordered = members.sort_by(order)
     groups = ordered.column(group_col).to_pylist()
     ids = ordered.column("id").to_pylist()

@@ -101,6 +101,9 @@ class QualityConfig(BaseModel):
     # (127.0.0.1, 0.0.0.0, ::1, 255.255.255.0) are in every tutorial and name
     # no one's machine. Private ranges are redacted: config dumps leak them.
     ip_skip_local: bool = True
+    # Error budget of the quality stage: rejecting more than this fraction of
+    # the rows fails it, naming the shards that lost the most.
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
     _code: "QualityConfig" = PrivateAttr()
 
     def model_post_init(self, _context: Any) -> None:

@@ -14,7 +14,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cluster.gang import GangConfig
+from data_engine.dedup import DedupConfig
+from data_engine.difficulty import DifficultyConfig
+from data_engine.domains import DomainsConfig
 from data_engine.ingest import IngestConfig
+from data_engine.quality import QualityConfig
+from training.config import PretrainConfig
+from training.tokenizer import TokenizerConfig
 
 
 class ConfigError(ValueError):
@@ -41,6 +48,33 @@ class RayConfig(Strict):
     shuffle: Literal["sort", "hash"] = "sort"  # Ray Data shuffle for groupbys
 
 
+class TokenizerSection(TokenizerConfig):
+    """Byte-level BPE on the curated corpus, or `path` to an existing tokenizer.json."""
+
+    max_docs: int | None = Field(None, ge=1)  # train on at most this many documents (None: all)
+    text_column: str = "text"  # the Parquet column to train on
+
+
+class PretrainSection(PretrainConfig):
+    """Curriculum pretraining on a DeepSpeed gang; `gang` says how many workers and where."""
+
+    gang: GangConfig = GangConfig()
+
+
+class DomainsSection(DomainsConfig):
+    """Domain tagging; tagging keeps every row unless asked to drop unconfident ones."""
+
+    reject_below_min_score: bool = False  # reject rows whose domain_score < min_score
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget
+
+
+class DifficultySection(DifficultyConfig):
+    """KenLM perplexity grading; keeps every row unless max_ppl is set."""
+
+    max_ppl: float | None = Field(None, gt=0.0)  # reject rows above this perplexity
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget
+
+
 class PipelineConfig(Strict):
     name: str = "r1pipe"  # the default run id
     seed: int = 0  # global seed; part of every stage's fingerprint
@@ -49,6 +83,12 @@ class PipelineConfig(Strict):
     wandb: WandbConfig = WandbConfig()
     ray: RayConfig = RayConfig()
     ingest: IngestConfig | None = None
+    dedup: DedupConfig | None = None
+    quality: QualityConfig | None = None
+    domains: DomainsSection | None = None
+    difficulty: DifficultySection | None = None
+    tokenizer: TokenizerSection | None = None
+    pretrain: PretrainSection | None = None
 
     @field_validator("stages")
     @classmethod

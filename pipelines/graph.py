@@ -14,6 +14,7 @@ from typing import Any, Callable, Protocol
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
     def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
+    def bar(self, key: str, label: str, value: str, rows: list[list[Any]], title: str) -> None: ...
 
 
 @dataclass
@@ -69,6 +70,8 @@ def check_order(order: list[str]) -> None:
 def _load_stages() -> None:
     # Registering by import keeps each stage's wiring in its own small module.
     from pipelines.stages import ingest  # noqa: F401
+    from pipelines.stages import dedup, quality, domains, difficulty  # noqa: F401
+    from pipelines.stages import tokenizer, pretrain  # noqa: F401
 
 
 _load_stages()

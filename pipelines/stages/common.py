@@ -43,3 +43,70 @@ def publish_shards(shard_dir: Path, out: Path) -> None:
             os.replace(src, out / kind)
         else:
             (out / kind).mkdir(parents=True, exist_ok=True)
+
+
+# --- stages that map record shards one to one (dedup write-out, quality, domains, difficulty) ---
+
+def input_shards(ctx, stage: str) -> list[str]:
+    """The kept-row shards an upstream data stage published."""
+    folder = ctx.inputs[stage] / "data"
+    shards = sorted(str(p) for p in folder.glob("*.parquet"))
+    if not shards and not folder.is_dir():
+        raise ValueError(f"{ctx.name}: input stage {stage!r} has no data/ folder at {folder}")
+    return shards
+
+
+def shard_label(path: str) -> str:
+    """<stage>/data/part-NNNNN.parquet: how error messages and budgets name a shard."""
+    p = Path(path)
+    return f"{p.parent.parent.name}/{p.parent.name}/{p.name}"
+
+
+def map_shards(ctx, step_cls, step_kwargs: dict, items: list[dict], out_dir: Path,
+               num_gpus: float = 0, concurrency: int | None = None) -> list[dict]:
+    """run_sharded over items that each carry their input ``path``; a failed shard fails the
+    stage naming its file (the shards are our own upstream outputs: a failure is a bug or
+    broken storage, not bad input)."""
+    from cluster.data import finished_shards, run_sharded
+    reused = set(finished_shards(out_dir))
+    if reused:
+        ctx.log(f"resuming: {len(reused)} of {len(items)} shard(s) already done")
+    stats, errors = run_sharded(step_cls, step_kwargs, items, out_dir,
+                                concurrency=concurrency or ctx.data_concurrency,
+                                num_gpus=num_gpus,
+                                fault_prefix=ctx.name, fault=ctx.fault)
+    if errors:
+        raise RuntimeError(f"{ctx.name}: {len(errors)} shard(s) failed: " + "; ".join(
+            f"{shard_label(e['item']['path'])}: {e['error']}" for e in errors[:5]))
+    return [dict(s, reused=s["index"] in reused) for s in stats]
+
+
+def shard_funnel(stage: str, stats: list[dict], shard_dir: Path, max_fraction: float) -> dict:
+    """Funnel metrics from per-shard stats whose counters hold ``reject:<reason>`` counts;
+    fails the stage when the error budget is exceeded, naming the worst input shards."""
+    reasons, per_file = Counter(), Counter()
+    for s in stats:
+        for key, n in s["counters"].items():
+            if key.startswith("reject:") and n:
+                reasons[key[len("reject:"):]] += n
+        if s["rejected"]:
+            per_file[shard_label(s["item"]["path"])] += s["rejected"]
+    rows_in = sum(s["kept"] + s["rejected"] for s in stats)
+    metrics = funnel_metrics(rows_in, shard_dir, reasons)
+    metrics["shards"] = len(stats)
+    metrics["shards_reused"] = sum(bool(s.get("reused")) for s in stats)  # done before a crash
+    check_budget(stage, metrics, max_fraction, per_file)
+    return metrics
+
+
+def report_tables(ctx, tables: dict[str, dict], bars: dict[str, tuple[str, str]] | None = None
+                  ) -> None:
+    """Log ``metrics["tables"]``-style tables to W&B; ``bars`` maps a table name to its
+    (label column, value column) for a bar chart too."""
+    for name, t in tables.items():
+        key = name.replace(" ", "_")
+        ctx.metrics.table(key, t["columns"], t["rows"])
+        if name in (bars or {}):
+            label, value = bars[name]
+            i, j = t["columns"].index(label), t["columns"].index(value)
+            ctx.metrics.bar(f"{key}_chart", label, value, [[r[i], r[j]] for r in t["rows"]], name)

@@ -1,0 +1,194 @@
+"""Data-engine benchmark: docs/s of every data stage, and our dedup against datatrove's.
+
+The corpus (data_engine/dedup_corpus.py) holds (base, variant) pairs whose
+exact word-5-gram Jaccard is known, spread uniformly over [0.2, 1.0], plus
+unrelated singletons. Our stages run as the pipeline runs them (Ray Data,
+run store; W&B disabled). datatrove's MinHash dedup runs in its own venv on
+the same JSONL files with the same shingles (lowercased words without
+punctuation, 5-grams) and the same bands x rows, on as many workers.
+
+    python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install datatrove xxhash
+    .venv/bin/python benchmarks/dedup_vs_datatrove.py --pairs 8000 --singletons 4000 \
+        --datatrove-python /tmp/bench-venv/bin/python
+
+Quality is scored against the exact Jaccard of each pair: recall = pairs at
+or above a Jaccard level of which one row was removed; precision = removed
+rows whose pair partner has Jaccard >= the threshold; "removed below 0.5" =
+removed rows whose partner is under 0.5 (a removed singleton counts as 0).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from data_engine.dedup import DedupConfig  # noqa: E402
+from data_engine.dedup_corpus import make_jaccard_corpus  # noqa: E402
+
+STAGES = ["ingest", "dedup", "quality", "domains", "difficulty"]
+
+
+def write_corpus(out: Path, pairs: int, singletons: int, files: int, seed: int) -> pa.Table:
+    """JSONL shards of the corpus under out/corpus; returns the truth table."""
+    started = time.time()
+    records, truth = make_jaccard_corpus(pairs, seed=seed, n_singletons=singletons)
+    folder = out / "corpus"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    rows = records.select(["id", "text"]).to_pylist()
+    step = -(-len(rows) // files)
+    for i in range(files):
+        with open(folder / f"part-{i:03d}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows[i * step:(i + 1) * step])
+    print(f"corpus: {len(rows)} docs in {files} files, {time.time() - started:.0f}s to build",
+          flush=True)
+    return truth
+
+
+def _recipe(out: Path, cfg: DedupConfig, workers: int, stages: list[str]):
+    from pipelines.config import validate
+    corpus = out / "corpus"
+    size = sum(p.stat().st_size for p in corpus.glob("*.jsonl"))
+    return validate({
+        "name": "bench", "runs_dir": str(out / "runs"), "stages": stages,
+        "wandb": {"mode": "disabled"}, "ray": {"num_cpus": workers},
+        "ingest": {"inputs": [{"path": str(corpus)}], "chunk_bytes": size // 8 + 1},
+        "dedup": cfg.model_dump(mode="json"), "quality": {},
+        # The student: the teacher runs ~11 docs/s on this CPU (BENCHMARKS.md, domains).
+        "domains": {"method": "student"}, "difficulty": {}}, "benchmark")
+
+
+def run_ours(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> dict:
+    """Every stage once, in order, as `r1pipe run` would."""
+    from pipelines.runner import run_pipeline
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    results = run_pipeline(_recipe(out, cfg, workers, stages), "bench",
+                           echo=lambda m: print(m, flush=True))
+    stages_out = {}
+    for r in results:
+        rows = r.metrics["rows_in"]
+        stages_out[r.name] = {"rows_in": rows, "seconds": round(r.seconds, 2),
+                              "docs_per_s": round(rows / r.seconds, 1)}
+    dedup = next(r for r in results if r.name == "dedup").metrics
+    stages_out["dedup"].update({k: dedup.get(k) for k in ("bucket_pass_s", "cluster_pass_s",
+                                                           "candidate_pairs")})
+    removed = set(_ids(out / "runs" / "bench" / "dedup" / "rejected"))
+    return {"stages": stages_out, "removed": removed}
+
+
+def rerun_dedup(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> float:
+    """The dedup stage again (forced), on the same Ray cluster: its seconds."""
+    from pipelines.runner import run_pipeline
+    [result] = run_pipeline(_recipe(out, cfg, workers, stages), "bench", stages=["dedup"],
+                            force=True, echo=lambda m: print(m, flush=True))
+    return round(result.seconds, 2)
+
+
+def _ids(folder: Path) -> list[str]:
+    return [i for p in sorted(folder.glob("*.parquet")) for i in pq.read_table(p)["id"].to_pylist()]
+
+
+def run_datatrove(out: Path, bands: int, rows: int, ngram: int, workers: int,
+                  python: str) -> dict:
+    dt_out = out / f"datatrove_{bands}x{rows}"
+    shutil.rmtree(dt_out, ignore_errors=True)
+    cmd = [python, str(REPO / "benchmarks" / "datatrove_minhash.py"), str(out / "corpus"),
+           str(dt_out), "--bands", str(bands), "--rows", str(rows),
+           "--ngram", str(ngram), "--workers", str(workers)]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"datatrove failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    removed = set()
+    for path in sorted(Path(result["removed_dir"]).glob("*")):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as f:
+            removed.update(json.loads(line)["id"] for line in f)
+    return {"seconds": result["seconds"], "process_wall_s": round(wall, 2), "removed": removed}
+
+
+def score(removed: set[str], truth: pa.Table, threshold: float) -> dict:
+    partner = {}
+    for r in truth.to_pylist():
+        partner[r["base_id"]] = r["jaccard"]
+        partner[r["variant_id"]] = r["jaccard"]
+    pairs = truth.to_pylist()
+
+    def recall(level: float) -> float:
+        hit = [r["base_id"] in removed or r["variant_id"] in removed
+               for r in pairs if r["jaccard"] >= level]
+        return round(sum(hit) / len(hit), 4) if hit else float("nan")
+
+    true_j = [partner.get(i, 0.0) for i in removed]
+    n = max(len(removed), 1)
+    return {"removed": len(removed), f"recall_j>={threshold}": recall(threshold),
+            "recall_j>=0.8": recall(0.8),
+            f"precision_j>={threshold}": round(sum(j >= threshold for j in true_j) / n, 4),
+            "removed_below_0.5": round(sum(j < 0.5 for j in true_j) / n, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=8000)
+    parser.add_argument("--singletons", type=int, default=4000)
+    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--datatrove-python", default="/tmp/bench-venv/bin/python")
+    # Ours (20x6, verified) first; 14x9 is the band/row optimum without verification.
+    parser.add_argument("--datatrove-bands", default="20x6,14x9",
+                        help="bands x rows settings to run datatrove with")
+    parser.add_argument("--repeat", type=int, default=3, help="dedup timings, interleaved")
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "dedup"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = DedupConfig()
+    truth = write_corpus(out, args.pairs, args.singletons, args.files, args.seed)
+    stages = args.stages.split(",")
+    ours = run_ours(out, cfg, args.workers, stages)
+    docs = 2 * args.pairs + args.singletons
+    settings = args.datatrove_bands.split(",")
+    times = {"ours": [ours["stages"]["dedup"]["seconds"]], **{s: [] for s in settings}}
+    removed = {"ours": ours["removed"]}
+    # Interleaved repeats: the machine is shared, so load drifts between runs.
+    for rep in range(args.repeat):
+        if rep:
+            times["ours"].append(rerun_dedup(out, cfg, args.workers, stages))
+        for setting in settings:
+            bands, rows = map(int, setting.split("x"))
+            theirs = run_datatrove(out, bands, rows, cfg.ngram, args.workers,
+                                   args.datatrove_python)
+            times[setting].append(theirs["seconds"]["total"])
+            removed.setdefault(setting, theirs["removed"])
+            print(f"datatrove {setting}: {theirs['seconds']}", flush=True)
+    ours_s = statistics.median(times["ours"])
+    report = {"docs": docs, "workers": args.workers, "bands": cfg.bands, "rows": cfg.rows,
+              "threshold": cfg.threshold, "repeat": args.repeat, "stages": ours["stages"]}
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        key = "ours_dedup" if name == "ours" else f"datatrove_{name}"
+        report[key] = {**score(removed[name], truth, cfg.threshold), "seconds": runs,
+                       "median_s": median, "docs_per_s": round(docs / median, 1),
+                       "ours_speedup": round(median / ours_s, 3)}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
