@@ -1,0 +1,131 @@
+"""Typed config of the training stages: engine, data/curriculum, checkpoints, the pretrain run.
+
+Plain pydantic, no torch or DeepSpeed at import, so loading a recipe stays cheap; the
+pipeline's config tree (pipelines/config.py) nests these as the `pretrain:` section.
+
+    cfg = PretrainConfig.model_validate({"steps": 200, "engine": {"zero_stage": 2}})
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerConfig(Strict):
+    """AdamW with linear warmup, then cosine decay to a floor."""
+
+    lr: float = Field(3e-3, gt=0)  # peak learning rate
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor, as a fraction of lr
+    warmup_steps: int = Field(10, ge=0)  # linear warmup from lr/warmup_steps to lr
+    weight_decay: float = Field(0.1, ge=0)  # on matrices only, never on norms
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
+    eps: float = Field(1e-8, gt=0)  # AdamW epsilon
+
+
+class EngineConfig(Strict):
+    """How a model trains under DeepSpeed: ZeRO stage, precision, clipping, offload."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 2  # 2 shards grads + Adam states; 3 shards weights too
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPUs; fp32 is the CPU default
+    grad_clip: float = Field(1.0, ge=0)  # global-norm clip; 0 = off
+    optimizer: OptimizerConfig = OptimizerConfig()
+    activation_checkpointing: bool = False  # recompute each block in backward
+    offload_optimizer: bool = False  # optimizer states in host memory (ZeRO 1-3)
+    offload_params: bool = False  # parameters in host memory (ZeRO-3 only)
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> "EngineConfig":
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage=3 (got zero_stage={self.zero_stage}): "
+                             "only ZeRO-3 partitions the parameters it would offload")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage >= 1: ZeRO-0 keeps the optimizer "
+                             "states inside the client optimizer, where DeepSpeed cannot move them")
+        return self
+
+
+class CurriculumConfig(Strict):
+    """basic only -> + advanced -> + expert and all domains, at fractions of the steps."""
+
+    enabled: bool = True  # false: every pool from step 0 (plain shuffled order)
+    boundaries: tuple[float, float] = (0.2, 0.6)  # where phases 2 and 3 start, fractions of steps
+    early_domains: list[str] | None = None  # domains of phases 1-2; None = all domains
+
+    @field_validator("boundaries")
+    @classmethod
+    def _ordered(cls, b: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= b[0] <= b[1] <= 1:
+            raise ValueError(f"boundaries {list(b)} must satisfy 0 <= first <= second <= 1")
+        return b
+
+
+class DataConfig(Strict):
+    """Packing, batch sizes, the validation split and the domain mixture."""
+
+    seq_len: int = Field(128, ge=8)  # tokens per training sequence
+    micro_batch: int = Field(4, ge=1)  # sequences per worker per forward
+    global_batch: int = Field(16, ge=1)  # sequences per optimizer step, all workers together
+    val_fraction: float = Field(0.05, ge=0, lt=1)  # documents held out for validation, by id hash
+    val_max_sequences: int = Field(32, ge=1)  # validation sequences per (domain, difficulty)
+    domain_weights: dict[str, float] = Field(default_factory=dict)  # relative; {} = token shares
+    text_column: str = "text"  # the Parquet column to tokenize
+    curriculum: CurriculumConfig = CurriculumConfig()
+
+    @field_validator("domain_weights")
+    @classmethod
+    def _non_negative(cls, w: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in w.items() if v < 0}
+        if bad:
+            raise ValueError(f"negative weight(s) {bad}")
+        if w and not sum(w.values()) > 0:
+            raise ValueError("at least one domain weight must be positive")
+        return w
+
+
+class ModelSection(Strict):
+    """A model preset of training/model.py plus field overrides (vocab_size comes from the tokenizer)."""
+
+    preset: str = "tiny"  # tiny | small | moe-1b (training/model.py PRESETS)
+    overrides: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields, e.g. {n_layers: 2}
+
+    @model_validator(mode="after")
+    def _valid(self) -> "ModelSection":
+        self.build(vocab_size=self.overrides.get("vocab_size", 8192))  # a bad preset or field fails here
+        return self
+
+    def build(self, vocab_size: int):
+        from training.model import ModelConfig  # torch: only when a recipe has a model
+        return ModelConfig.from_preset(self.preset, **{**self.overrides, "vocab_size": vocab_size})
+
+
+class CheckpointConfig(Strict):
+    every: int = Field(50, ge=1)  # steps between checkpoints; one more at the end
+    keep: int = Field(2, ge=1)  # newest checkpoints kept
+
+
+class PretrainConfig(Strict):
+    """One pretraining run: model, engine, data, checkpoints, evaluation, safety limits."""
+
+    steps: int = Field(200, ge=1)  # optimizer steps (the curriculum's budget)
+    model: ModelSection = Field(default_factory=ModelSection)  # built lazily: torch only when used
+    engine: EngineConfig = EngineConfig()
+    data: DataConfig = DataConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval_every: int = Field(50, ge=1)  # steps between validation passes; one more at the end
+    max_nonfinite: int = Field(5, ge=1)  # abort after this many non-finite steps in a row
+    peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None on CPU = measured
+
+    @model_validator(mode="after")
+    def _fits(self) -> "PretrainConfig":
+        max_len = self.model.build(8192).max_seq_len
+        if self.data.seq_len > max_len:
+            raise ValueError(f"data.seq_len={self.data.seq_len} exceeds the model's max_seq_len={max_len}")
+        if self.data.global_batch % self.data.micro_batch:
+            raise ValueError(f"data.global_batch={self.data.global_batch} must be a multiple of "
+                             f"data.micro_batch={self.data.micro_batch}")
+        return self
