@@ -65,3 +65,15 @@ def test_input_needs_path_or_demo(tmp_path):
     recipe.write_text("stages: [ingest]\ningest: {inputs: [{format: jsonl}]}\n")
     with pytest.raises(ConfigError, match="ingest.inputs.0"):
         load_config(recipe)
+
+
+def test_config_reference_is_current():
+    from pipelines.config_reference import render
+    assert (REPO / "docs" / "config.md").read_text() == render(), \
+        "regenerate: python -m pipelines.config_reference > docs/config.md"
+
+
+def test_every_registered_stage_has_a_config_section():
+    from pipelines.config import PipelineConfig
+    from pipelines.graph import STAGES
+    assert set(STAGES) <= set(PipelineConfig.model_fields)
