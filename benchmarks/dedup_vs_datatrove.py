@@ -70,17 +70,52 @@ def _recipe(out: Path, cfg: DedupConfig, workers: int, stages: list[str]):
         "domains": {"method": "student"}, "difficulty": {}}, "benchmark")
 
 
+def tree_cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its descendants, live or reaped. With
+    an embedded Ray that is the whole Ray node: GCS, raylet, workers. CPU time, unlike
+    wall time, hardly moves when other jobs load the shared machine."""
+    import psutil
+    total = 0.0
+    me = psutil.Process()
+    for proc in [me] + me.children(recursive=True):
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + t.children_user + t.children_system
+        except psutil.Error:  # ended between listing and reading: counted by its parent
+            pass
+    return total
+
+
+class StageClock:
+    """An echo callback for run_pipeline that reads the CPU clock as each stage starts and ends."""
+
+    def __init__(self):
+        self.cpu: dict[str, float] = {}
+        self._start = 0.0
+
+    def __call__(self, line: str) -> None:
+        print(line, flush=True)
+        verb, _, rest = line.partition(" ")
+        name = rest.split()[0].rstrip(":") if rest.split() else ""
+        if verb in ("run", "resume"):
+            self._start = tree_cpu_seconds()
+        elif verb == "done":
+            self.cpu[name] = round(tree_cpu_seconds() - self._start, 2)
+
+
 def run_ours(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> dict:
     """Every stage once, in order, as `r1pipe run` would."""
     from pipelines.runner import run_pipeline
     shutil.rmtree(out / "runs", ignore_errors=True)
-    results = run_pipeline(_recipe(out, cfg, workers, stages), "bench",
-                           echo=lambda m: print(m, flush=True))
+    clock = StageClock()
+    results = run_pipeline(_recipe(out, cfg, workers, stages), "bench", echo=clock)
     stages_out = {}
     for r in results:
         rows = r.metrics["rows_in"]
         stages_out[r.name] = {"rows_in": rows, "seconds": round(r.seconds, 2),
-                              "docs_per_s": round(rows / r.seconds, 1)}
+                              "docs_per_s": round(rows / r.seconds, 1),
+                              "cpu_s": clock.cpu[r.name],
+                              "docs_per_cpu_s": round(rows / clock.cpu[r.name], 1)}
     dedup = next(r for r in results if r.name == "dedup").metrics
     stages_out["dedup"].update({k: dedup.get(k) for k in ("bucket_pass_s", "cluster_pass_s",
                                                            "candidate_pairs")})
@@ -88,12 +123,13 @@ def run_ours(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> di
     return {"stages": stages_out, "removed": removed}
 
 
-def rerun_dedup(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> float:
-    """The dedup stage again (forced), on the same Ray cluster: its seconds."""
+def rerun_dedup(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> tuple:
+    """The dedup stage again (forced), on the same Ray cluster: (wall s, CPU s)."""
     from pipelines.runner import run_pipeline
+    clock = StageClock()
     [result] = run_pipeline(_recipe(out, cfg, workers, stages), "bench", stages=["dedup"],
-                            force=True, echo=lambda m: print(m, flush=True))
-    return round(result.seconds, 2)
+                            force=True, echo=clock)
+    return round(result.seconds, 2), clock.cpu["dedup"]
 
 
 def _ids(folder: Path) -> list[str]:
@@ -107,18 +143,39 @@ def run_datatrove(out: Path, bands: int, rows: int, ngram: int, workers: int,
     cmd = [python, str(REPO / "benchmarks" / "datatrove_minhash.py"), str(out / "corpus"),
            str(dt_out), "--bands", str(bands), "--rows", str(rows),
            "--ngram", str(ngram), "--workers", str(workers)]
+    dt_out.mkdir(parents=True)
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # Files, not pipes: datatrove logs a lot, and a full pipe would stall it while we poll.
+    with open(dt_out / "stdout.txt", "w") as out_f, open(dt_out / "stderr.txt", "w") as err_f:
+        proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
+        cpu = poll_tree_cpu(proc)
     wall = time.time() - started
     if proc.returncode != 0:
-        raise RuntimeError(f"datatrove failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"datatrove failed:\n{(dt_out / 'stderr.txt').read_text()[-3000:]}")
+    result = json.loads((dt_out / "stdout.txt").read_text().strip().splitlines()[-1])
     removed = set()
     for path in sorted(Path(result["removed_dir"]).glob("*")):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as f:
             removed.update(json.loads(line)["id"] for line in f)
-    return {"seconds": result["seconds"], "process_wall_s": round(wall, 2), "removed": removed}
+    return {"seconds": result["seconds"], "process_wall_s": round(wall, 2),
+            "cpu_s": round(cpu, 2), "removed": removed}
+
+
+def poll_tree_cpu(proc: subprocess.Popen, every: float = 0.1) -> float:
+    """CPU seconds of a process tree until it exits, by polling each process's own times.
+    datatrove's pool workers are not reaped into its rusage, so rusage alone misses them."""
+    import psutil
+    root, last = psutil.Process(proc.pid), {}
+    while proc.poll() is None:
+        try:
+            for p in [root] + root.children(recursive=True):
+                t = p.cpu_times()
+                last[(p.pid, p.create_time())] = t.user + t.system
+        except psutil.Error:
+            pass
+        time.sleep(every)
+    return sum(last.values())
 
 
 def score(removed: set[str], truth: pa.Table, threshold: float) -> dict:
@@ -165,27 +222,35 @@ def main() -> None:
     docs = 2 * args.pairs + args.singletons
     settings = args.datatrove_bands.split(",")
     times = {"ours": [ours["stages"]["dedup"]["seconds"]], **{s: [] for s in settings}}
+    cpu = {"ours": [ours["stages"]["dedup"]["cpu_s"]], **{s: [] for s in settings}}
     removed = {"ours": ours["removed"]}
     # Interleaved repeats: the machine is shared, so load drifts between runs.
     for rep in range(args.repeat):
         if rep:
-            times["ours"].append(rerun_dedup(out, cfg, args.workers, stages))
+            wall, cpu_s = rerun_dedup(out, cfg, args.workers, stages)
+            times["ours"].append(wall)
+            cpu["ours"].append(cpu_s)
         for setting in settings:
             bands, rows = map(int, setting.split("x"))
             theirs = run_datatrove(out, bands, rows, cfg.ngram, args.workers,
                                    args.datatrove_python)
             times[setting].append(theirs["seconds"]["total"])
+            cpu[setting].append(theirs["cpu_s"])
             removed.setdefault(setting, theirs["removed"])
             print(f"datatrove {setting}: {theirs['seconds']}", flush=True)
-    ours_s = statistics.median(times["ours"])
+    ours_s, ours_cpu = statistics.median(times["ours"]), statistics.median(cpu["ours"])
     report = {"docs": docs, "workers": args.workers, "bands": cfg.bands, "rows": cfg.rows,
               "threshold": cfg.threshold, "repeat": args.repeat, "stages": ours["stages"]}
     for name, runs in times.items():
         median = statistics.median(runs)
         key = "ours_dedup" if name == "ours" else f"datatrove_{name}"
+        median_cpu = statistics.median(cpu[name])
         report[key] = {**score(removed[name], truth, cfg.threshold), "seconds": runs,
                        "median_s": median, "docs_per_s": round(docs / median, 1),
-                       "ours_speedup": round(median / ours_s, 3)}
+                       "ours_speedup": round(median / ours_s, 3), "cpu_s": cpu[name],
+                       "median_cpu_s": median_cpu,
+                       "docs_per_cpu_s": round(docs / median_cpu, 1),
+                       "ours_cpu_speedup": round(median_cpu / ours_cpu, 3)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

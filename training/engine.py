@@ -11,7 +11,7 @@ non-finite loss skipping the step), ``evaluate_batch``, ``save``/``load``, and
     result = engine.train_step([(x_BT, y_BT), ...])      # one list per optimizer step
     engine.save("ckpt/step_000100")                       # every rank calls it
     engine.load("ckpt/step_000100")                       # same world size
-    to_universal("ckpt/step_000100")                      # then Engine(..., load_universal=True)
+    to_universal("ckpt/step_000100", zero_stage=2)        # then Engine(..., load_universal=True)
 
 The MoE decision. Our experts are stacked ``nn.Parameter``s of ``training.model.MoE``
 (one (E, D, F) tensor per projection), not DeepSpeed's native MoE layer. To DeepSpeed
@@ -19,8 +19,9 @@ they are ordinary weights, so every ZeRO stage applies to them, ZeRO-3 included:
 parameter hooks gather the whole stacked tensor when the MoE module runs. We do not use
 DeepSpeed's expert parallelism: it needs ``deepspeed.moe.layer.MoE``, which refuses
 ZeRO-3, has its own routing math and checkpoint layout, and would split the model
-across two code paths. The presets use ZeRO-2 (params replicated, grads and Adam states
-sharded; fine up to a few billion parameters on 80 GB devices) and ZeRO-3 above that.
+across two code paths. GPU runs default to ZeRO-2 (params replicated, grads and Adam
+states sharded; fine up to a few billion parameters on 80 GB devices) and use ZeRO-3
+above that; the CPU demo uses ZeRO-1, whose per-step cost on CPU is lowest (BENCHMARKS.md).
 Expert parallelism becomes worth its cost only when one device can no longer hold a
 layer's experts even with ZeRO-3's gather, which none of our presets reach.
 
