@@ -7,9 +7,18 @@ run store; W&B disabled). datatrove's MinHash dedup runs in its own venv on
 the same JSONL files with the same shingles (lowercased words without
 punctuation, 5-grams) and the same bands x rows, on as many workers.
 
-    python3 -m venv /tmp/bench-venv && /tmp/bench-venv/bin/pip install datatrove xxhash
+    python3 -m venv /tmp/bench-venv
+    /tmp/bench-venv/bin/pip install datatrove "xxhash<4" regex tokenizers orjson
     .venv/bin/python benchmarks/dedup_vs_datatrove.py --pairs 8000 --singletons 4000 \
         --datatrove-python /tmp/bench-venv/bin/python
+
+(datatrove 0.10.1 passes str to xxhash, which xxhash 4 refuses; regex,
+tokenizers and orjson are imports of its MinHash and JSONL modules.)
+
+Timing: wall seconds, and CPU seconds of each side's whole process tree
+(ours: the embedded Ray node, daemons included; datatrove: its process and
+pool), sampled from /proc. The dedup comparison is repeated, interleaved,
+and the medians are reported: the machine is shared and its load drifts.
 
 Quality is scored against the exact Jaccard of each pair: recall = pairs at
 or above a Jaccard level of which one row was removed; precision = removed
@@ -21,10 +30,12 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -70,44 +81,70 @@ def _recipe(out: Path, cfg: DedupConfig, workers: int, stages: list[str]):
         "domains": {"method": "student"}, "difficulty": {}}, "benchmark")
 
 
-def tree_cpu_seconds() -> float:
-    """CPU seconds used so far by this process and its descendants, live or reaped. With
-    an embedded Ray that is the whole Ray node: GCS, raylet, workers. CPU time, unlike
-    wall time, hardly moves when other jobs load the shared machine."""
-    import psutil
-    total = 0.0
-    me = psutil.Process()
-    for proc in [me] + me.children(recursive=True):
+class CpuMonitor:
+    """CPU seconds of a process tree, sampled every ``every`` s from each process's own
+    times: Ray's workers and datatrove's pool are not reaped into any rusage we can read.
+    CPU time, unlike wall time, hardly moves when other jobs load the shared machine."""
+
+    def __init__(self, pid: int, every: float = 0.2):
+        import psutil
+        self.root, self.every, self.last = psutil.Process(pid), every, {}
+        self._lock, self._stop = threading.Lock(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        import psutil
         try:
-            t = proc.cpu_times()
-            total += t.user + t.system + t.children_user + t.children_system
-        except psutil.Error:  # ended between listing and reading: counted by its parent
-            pass
-    return total
+            procs = [self.root] + self.root.children(recursive=True)
+        except psutil.Error:
+            return
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                with self._lock:
+                    self.last[(proc.pid, proc.create_time())] = t.user + t.system
+            except psutil.Error:  # ended since listed: its last sample stands
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self.every)
+
+    def total(self) -> float:
+        self._sample()
+        with self._lock:
+            return sum(self.last.values())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.total()
 
 
 class StageClock:
     """An echo callback for run_pipeline that reads the CPU clock as each stage starts and ends."""
 
-    def __init__(self):
-        self.cpu: dict[str, float] = {}
-        self._start = 0.0
+    def __init__(self, monitor: CpuMonitor):
+        self.monitor, self.cpu, self._start = monitor, {}, 0.0
 
     def __call__(self, line: str) -> None:
         print(line, flush=True)
         verb, _, rest = line.partition(" ")
         name = rest.split()[0].rstrip(":") if rest.split() else ""
         if verb in ("run", "resume"):
-            self._start = tree_cpu_seconds()
+            self._start = self.monitor.total()
         elif verb == "done":
-            self.cpu[name] = round(tree_cpu_seconds() - self._start, 2)
+            self.cpu[name] = round(self.monitor.total() - self._start, 2)
 
 
-def run_ours(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> dict:
+def run_ours(out: Path, cfg: DedupConfig, workers: int, stages: list[str],
+             monitor: CpuMonitor) -> dict:
     """Every stage once, in order, as `r1pipe run` would."""
     from pipelines.runner import run_pipeline
     shutil.rmtree(out / "runs", ignore_errors=True)
-    clock = StageClock()
+    clock = StageClock(monitor)
     results = run_pipeline(_recipe(out, cfg, workers, stages), "bench", echo=clock)
     stages_out = {}
     for r in results:
@@ -123,10 +160,11 @@ def run_ours(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> di
     return {"stages": stages_out, "removed": removed}
 
 
-def rerun_dedup(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> tuple:
+def rerun_dedup(out: Path, cfg: DedupConfig, workers: int, stages: list[str],
+                monitor: CpuMonitor) -> tuple:
     """The dedup stage again (forced), on the same Ray cluster: (wall s, CPU s)."""
     from pipelines.runner import run_pipeline
-    clock = StageClock()
+    clock = StageClock(monitor)
     [result] = run_pipeline(_recipe(out, cfg, workers, stages), "bench", stages=["dedup"],
                             force=True, echo=clock)
     return round(result.seconds, 2), clock.cpu["dedup"]
@@ -148,7 +186,9 @@ def run_datatrove(out: Path, bands: int, rows: int, ngram: int, workers: int,
     # Files, not pipes: datatrove logs a lot, and a full pipe would stall it while we poll.
     with open(dt_out / "stdout.txt", "w") as out_f, open(dt_out / "stderr.txt", "w") as err_f:
         proc = subprocess.Popen(cmd, stdout=out_f, stderr=err_f)
-        cpu = poll_tree_cpu(proc)
+        monitor = CpuMonitor(proc.pid, every=0.1)
+        proc.wait()
+        cpu = monitor.stop()
     wall = time.time() - started
     if proc.returncode != 0:
         raise RuntimeError(f"datatrove failed:\n{(dt_out / 'stderr.txt').read_text()[-3000:]}")
@@ -160,22 +200,6 @@ def run_datatrove(out: Path, bands: int, rows: int, ngram: int, workers: int,
             removed.update(json.loads(line)["id"] for line in f)
     return {"seconds": result["seconds"], "process_wall_s": round(wall, 2),
             "cpu_s": round(cpu, 2), "removed": removed}
-
-
-def poll_tree_cpu(proc: subprocess.Popen, every: float = 0.1) -> float:
-    """CPU seconds of a process tree until it exits, by polling each process's own times.
-    datatrove's pool workers are not reaped into its rusage, so rusage alone misses them."""
-    import psutil
-    root, last = psutil.Process(proc.pid), {}
-    while proc.poll() is None:
-        try:
-            for p in [root] + root.children(recursive=True):
-                t = p.cpu_times()
-                last[(p.pid, p.create_time())] = t.user + t.system
-        except psutil.Error:
-            pass
-        time.sleep(every)
-    return sum(last.values())
 
 
 def score(removed: set[str], truth: pa.Table, threshold: float) -> dict:
@@ -199,6 +223,9 @@ def score(removed: set[str], truth: pa.Table, threshold: float) -> dict:
 
 
 def main() -> None:
+    # Ray starts its workers at nice 15; datatrove runs at nice 0. On a shared
+    # machine that alone would hand our CPU to other jobs, so level the field.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=8000)
     parser.add_argument("--singletons", type=int, default=4000)
@@ -218,7 +245,8 @@ def main() -> None:
     cfg = DedupConfig()
     truth = write_corpus(out, args.pairs, args.singletons, args.files, args.seed)
     stages = args.stages.split(",")
-    ours = run_ours(out, cfg, args.workers, stages)
+    monitor = CpuMonitor(os.getpid())  # with an embedded Ray: the whole Ray node
+    ours = run_ours(out, cfg, args.workers, stages, monitor)
     docs = 2 * args.pairs + args.singletons
     settings = args.datatrove_bands.split(",")
     times = {"ours": [ours["stages"]["dedup"]["seconds"]], **{s: [] for s in settings}}
@@ -227,7 +255,7 @@ def main() -> None:
     # Interleaved repeats: the machine is shared, so load drifts between runs.
     for rep in range(args.repeat):
         if rep:
-            wall, cpu_s = rerun_dedup(out, cfg, args.workers, stages)
+            wall, cpu_s = rerun_dedup(out, cfg, args.workers, stages, monitor)
             times["ours"].append(wall)
             cpu["ours"].append(cpu_s)
         for setting in settings:

@@ -46,6 +46,7 @@ REMOVED_SCHEMA = pa.schema([
 EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("jaccard_est", pa.float64())])
 _EMPTY_SIG = np.uint32(0xFFFFFFFF)  # datasketch's value for a set with no shingles
 _PUNCT_RE = re.compile(r"[^\w\s]+")
+_NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the n-gram polynomial mixes every word
 
 
 class DedupConfig(BaseModel):
@@ -170,13 +171,41 @@ def exact_keys(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
                      "n_chars": _n_chars(batch)})
 
 
+def _word_hash(word: str) -> int:
+    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def shingle_hashes(normalized: str, n: int, cache: dict[str, int] | None = None) -> list[int]:
+    """32-bit hashes of the word n-grams of ``shingles()``, one per position.
+
+    The n-gram strings are never built: each distinct word is hashed once
+    (blake2b, memoised in ``cache`` across a batch) and an n-gram hashes as a
+    polynomial of its words' hashes mod 2^64, high 32 bits kept. This is 3-4x
+    cheaper than SHA-1 over every n-gram string, the cost that dominated
+    signatures. A repeated n-gram repeats its hash, which a minimum ignores.
+    """
+    words = normalized.split()
+    if not words:
+        return []
+    cache = {} if cache is None else cache
+    ids = np.fromiter((cache[w] if w in cache else cache.setdefault(w, _word_hash(w))
+                       for w in words), np.uint64, len(words))
+    n = min(n, len(words))  # a text shorter than n words is one shingle, as in shingles()
+    m = len(words) - n + 1
+    h = np.zeros(m, np.uint64)
+    for k in range(n):  # uint64 arithmetic wraps: the polynomial is mod 2^64
+        h = h * _NGRAM_BASE + ids[k:k + m]
+    return (h >> np.uint64(32)).astype(np.uint32).tolist()
+
+
 def signature_batch(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Table(id string, sig list<uint32>[num_perm], n_chars int64) via MinHash.bulk."""
-    sets = [[s.encode("utf-8") for s in shingles(normalize_text(t, cfg), cfg.ngram)]
-            for t in _texts(batch)]
+    cache: dict[str, int] = {}
+    sets = [shingle_hashes(normalize_text(t, cfg), cfg.ngram, cache) for t in _texts(batch)]
     # A fixed seed and scheme make the permutations, hence the signatures,
-    # identical in every process.
-    minhashes = MinHash.bulk(sets, num_perm=cfg.num_perm, seed=cfg.seed, scheme="affine32")
+    # identical in every process. The items are already hashes: ``int`` passes them through.
+    minhashes = MinHash.bulk(sets, num_perm=cfg.num_perm, seed=cfg.seed, scheme="affine32",
+                             hashfunc=int)
     matrix = np.stack([m.hashvalues.astype(np.uint32) for m in minhashes]) if minhashes \
         else np.zeros((0, cfg.num_perm), np.uint32)
     return pa.table({"id": batch.column("id"), "sig": sig_array(matrix),

@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
     items = [{"index": i, "path": path,
               "removals": str(ctx.work / "removals" / f"part-{i:05d}.parquet")}
              for i, path in enumerate(shards)]
-    shard_stats = map_shards(ctx, DedupApplyStep, {}, items, ctx.work / "shards")
+    shard_stats = map_shards(ctx, DedupApplyStep, {}, items, ctx.work / "shards", actors=False)
     metrics = shard_funnel("dedup", shard_stats, ctx.work / "shards",
                            ctx.section.max_reject_fraction)
     metrics.update({k: v for k, v in stats.items() if k != "near_jaccard_hist"})

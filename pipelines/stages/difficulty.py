@@ -175,7 +175,7 @@ def run(ctx: StageContext) -> dict:
     cuts, ppl = _cuts(scored, cfg)
     items = [{"index": i, "path": p} for i, p in enumerate(scored)]
     stats = map_shards(ctx, GradeStep, {"cuts": cuts, "max_ppl": cfg.max_ppl}, items,
-                       ctx.work / "shards")
+                       ctx.work / "shards", actors=False)
     metrics = shard_funnel("difficulty", stats, ctx.work / "shards", cfg.max_reject_fraction)
     metrics.update(info)
     finite = ppl[np.isfinite(ppl)]

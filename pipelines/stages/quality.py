@@ -33,7 +33,8 @@ class QualityStep:
 def run(ctx: StageContext) -> dict:
     cfg: QualityConfig = ctx.section
     items = [{"index": i, "path": p} for i, p in enumerate(input_shards(ctx, "dedup"))]
-    stats = map_shards(ctx, QualityStep, {"cfg": cfg.model_dump()}, items, ctx.work / "shards")
+    stats = map_shards(ctx, QualityStep, {"cfg": cfg.model_dump()}, items, ctx.work / "shards",
+                       actors=False)
     metrics = shard_funnel("quality", stats, ctx.work / "shards", cfg.max_reject_fraction)
     counters = sum((Counter(s["counters"]) for s in stats), Counter())
     metrics["redacted_rows"] = counters["redacted_rows"]

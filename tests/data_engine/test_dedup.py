@@ -15,7 +15,7 @@ import pytest
 from data_engine.dedup import (
     DEDUP_REJECT_SCHEMA, DedupConfig, apply_removals, attach_roots, band_rows, bucket_edges,
     choose_survivors, connected_components, dedup_table, exact_keys, near_removals,
-    normalize_text, optimal_bands, shingles, sig_matrix, signature_batch, verify_edges,
+    normalize_text, optimal_bands, shingle_hashes, shingles, sig_matrix, signature_batch, verify_edges,
 )
 from data_engine.dedup_corpus import make_jaccard_corpus, true_jaccard
 from data_engine.schema import RECORD_SCHEMA
@@ -86,6 +86,20 @@ def test_normalisation_and_shingles():
     assert shingles("a b c", 5) == {"a b c"}
     assert shingles("", 5) == set()
     assert shingles("a b c d e f", 5) == {"a b c d e", "b c d e f"}
+
+
+def test_shingle_hashes_are_one_per_distinct_shingle():
+    """The hashed n-grams stand in for the shingle strings: as many distinct values as
+    distinct shingles, position-sensitive, and the same whatever the word cache holds."""
+    text = " ".join(BASE + BASE[:50])  # 250 words, 200 distinct 5-grams (the tail repeats)
+    hashes = shingle_hashes(text, 5)
+    assert len(hashes) == 246 and len(set(hashes)) == len(shingles(text, 5)) == 200
+    assert shingle_hashes(text, 5, {"word3": 1}) != hashes  # the cache is the word hash
+    cache: dict[str, int] = {}
+    shingle_hashes("word9 word1", 5, cache)
+    assert shingle_hashes(text, 5, cache) == hashes
+    assert shingle_hashes("a b c", 5) != shingle_hashes("c b a", 5)
+    assert len(shingle_hashes("a b c", 5)) == 1 and shingle_hashes("", 5) == []
 
 
 def test_exact_keys_match_after_normalisation():
