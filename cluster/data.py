@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -146,9 +147,11 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
         worker_kwargs = {"step_cls": step_cls, "step_kwargs": step_kwargs, "out_dir": str(out_dir),
                          "fault_prefix": fault_prefix, "fault": fault}
         if not actors:  # no retries either: a dead task fails the stage, as with actors
-            results = ds.map(_shard_task, fn_kwargs=worker_kwargs,
-                             compute=ray.data.TaskPoolStrategy(size=min(n, len(todo))),
-                             num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).take_all()
+            with warnings.catch_warnings():  # max_retries, like max_restarts: see _map_actors
+                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+                results = ds.map(_shard_task, fn_kwargs=worker_kwargs,
+                                 compute=ray.data.TaskPoolStrategy(size=min(n, len(todo))),
+                                 num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).take_all()
         else:
             results = _map_actors(ds, worker_kwargs, min(n, len(todo)), num_cpus, num_gpus)
         for r in results:
@@ -163,5 +166,9 @@ def duplicate_values(paths: list[str], column: str) -> set[Any]:
     if not paths:
         return set()
     ds = ray.data.read_parquet(paths, columns=[column])
-    counts = ds.groupby(column).count().filter(lambda r: r["count()"] > 1)
+    counts = ds.groupby(column).count().map_batches(_repeated, batch_format="pyarrow")
     return {r[column] for r in counts.take_all()}
+
+
+def _repeated(counts: pa.Table) -> pa.Table:
+    return counts.filter(pc.greater(counts.column("count()"), 1))

@@ -104,3 +104,13 @@ def test_ray_removals_equal_dedup_table(ray_session, shards, cfg, tmp_path):
     if cfg.exact:
         reasons = {r["id"]: r["reason"] for r in removed.to_pylist()}
         assert all(reasons[f"zcopy{i:02d}"] == "exact_duplicate" for i in range(12))
+
+
+def test_duplicate_values_across_shards(ray_session, tmp_path):
+    from cluster.data import duplicate_values
+    paths = []
+    for i, ids in enumerate([["a", "b", "c"], ["c", "d"], ["d", "d", "e"]]):
+        paths.append(str(tmp_path / f"ids-{i}.parquet"))
+        pq.write_table(pa.table({"id": ids}), paths[-1])
+    assert duplicate_values(paths, "id") == {"c", "d"}
+    assert duplicate_values(paths[:1], "id") == set() == duplicate_values([], "id")
