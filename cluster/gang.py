@@ -18,13 +18,15 @@ class GangConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1, gt=0)
+    num_workers: int = Field(2, ge=1)  # ranks in the gang
+    use_gpu: bool = False  # one GPU per worker (gpus_per_worker)
+    cpus_per_worker: float = Field(1, gt=0)  # CPUs reserved per worker
     gpus_per_worker: float = Field(1, gt=0, description="used only with use_gpu")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom resources")
+    #: Ray placement group strategy of the gang
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=0, description="gang restarts from the last checkpoint")
+    #: torch.distributed backend; auto: nccl on GPU, else gloo
     backend: Literal["auto", "gloo", "nccl"] = "auto"
     check_fit: bool = Field(True, description="false on autoscaling clusters that grow on demand")
 

@@ -53,33 +53,36 @@ class DedupConfig(BaseModel):
     """Dedup settings. ``bands``/``rows`` are derived from ``threshold`` when not given."""
     model_config = ConfigDict(extra="forbid")
 
-    num_perm: int = Field(128, ge=2, le=1024)
+    num_perm: int = Field(128, ge=2, le=1024)  # MinHash permutations per signature
     # Verified pairs need an estimated Jaccard >= threshold. At 0.7 and 128
     # permutations a pair at true J=0.8 passes with p~0.997 and one at J=0.5
     # with p~2e-6, which puts the issue's targets (recall >= 0.95 at J >= 0.8,
     # < 2% of removals below J=0.5) well inside the margins.
+    #: the Jaccard level: LSH is tuned to it, verification cuts at it
     threshold: float = Field(0.7, gt=0.0, le=1.0)
-    bands: int | None = Field(None, ge=1)
-    rows: int | None = Field(None, ge=1)
+    bands: int | None = Field(None, ge=1)  # LSH bands; None: derived from threshold
+    rows: int | None = Field(None, ge=1)  # LSH rows per band; with bands, or neither
     # (false-positive, false-negative) weights of the band/row optimisation.
     # With verify on, LSH false positives only cost a comparison, so the
     # default leans on recall; without it, they become false removals.
+    #: (false-positive, false-negative) weights; None: (0.1, 0.9) verified
     lsh_weights: tuple[float, float] | None = None
-    ngram: int = Field(5, ge=1)
-    seed: int = 1
+    ngram: int = Field(5, ge=1)  # shingles are word n-grams of this length
+    seed: int = 1  # MinHash permutation seed
+    #: survivor of a cluster: the smallest id, or the longest/shortest text
     keep: Literal["first_id", "longest", "shortest"] = "first_id"
-    verify: bool = True
+    verify: bool = True  # drop LSH candidates whose estimated Jaccard is below threshold
     # Buckets up to this size link all pairs; larger ones link a star to the
     # min id, which keeps edges linear in bucket size.
-    all_pairs_max: int = Field(8, ge=2)
-    exact: bool = True
-    near: bool = True
-    lowercase: bool = True
-    strip_punctuation: bool = True
-    unicode_nfkc: bool = True
+    all_pairs_max: int = Field(8, ge=2)  # bucket size up to which all pairs are linked
+    exact: bool = True  # the exact pass (hash of the normalised text)
+    near: bool = True  # the MinHash-LSH near-duplicate pass
+    lowercase: bool = True  # normalisation before hashing and shingling
+    strip_punctuation: bool = True  # punctuation becomes spaces before shingling
+    unicode_nfkc: bool = True  # NFKC-normalise before hashing and shingling
     # Error budget of the dedup stage: more removed than this fraction of the
     # input fails it (a corpus that is mostly copies is usually a broken input).
-    max_reject_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    max_reject_fraction: float = Field(0.9, ge=0.0, le=1.0)  # error budget
 
     @model_validator(mode="after")
     def _resolve_bands(self):

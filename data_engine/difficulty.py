@@ -59,12 +59,15 @@ class DifficultyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     order: int = Field(3, ge=2, le=6)  # KenLM is built with KENLM_MAX_ORDER=6
+    #: the KenLM training subset (module docstring)
     reference: Literal["top_domain_score", "fraction", "sources"] = "top_domain_score"
+    #: share of rows in the reference (top_domain_score, fraction)
     reference_fraction: float = Field(0.3, gt=0.0, le=1.0)
-    reference_sources: list[str] = Field(default_factory=list)
-    reference_seed: int = 0
+    reference_sources: list[str] = Field(default_factory=list)  # reference = sources: these `source` values
+    reference_seed: int = 0  # reference = fraction: seed of the id hash
+    #: perplexity cuts: basic <= q1 < advanced <= q2 < expert
     quantiles: list[float] = Field(default_factory=lambda: [0.3, 0.6])
-    per_domain: bool = True
+    per_domain: bool = True  # cut each domain at its own quantiles
     min_rows_per_domain: int = Field(50, ge=1)  # fewer rows: the domain uses the global cuts
     memory: str = "10%"  # lmplz -S: always set, or lmplz sizes buffers from total RAM
     discount_fallback: bool = True  # small corpora lack the counts Kneser-Ney needs

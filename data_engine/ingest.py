@@ -34,14 +34,15 @@ class _Strict(BaseModel):
 class DemoSource(_Strict):
     """Generate the bundled demo corpus (see data_engine/demo_corpus.py) and read it."""
     n_docs: int = Field(3000, ge=100)  # fewer leaves some domain or noise kind empty
-    seed: int = 0
+    seed: int = 0  # seed of the generated corpus
 
 
 class InputSpec(_Strict):
     path: str | None = None  # a file, a folder, or a glob
+    #: auto: by extension; hf: a saved datasets folder
     format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
     source: str | None = None  # default: the source field, else the file's stem
-    demo: DemoSource | None = None
+    demo: DemoSource | None = None  # generate the bundled demo corpus instead of reading `path`
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -51,14 +52,18 @@ class InputSpec(_Strict):
 
 
 class FieldMap(_Strict):
-    id: str | None = "id"
-    text: str = "text"
-    source: str | None = "source"
+    """Which input fields hold the id, text and source."""
+
+    id: str | None = "id"  # the id field; None or missing: a hash of text and source
+    text: str = "text"  # the text field (required in every row)
+    source: str | None = "source"  # the source field, unless the input sets `source`
     meta: list[str] | Literal["rest", "none"] = "rest"  # which fields go into `meta`
 
 
 class IngestConfig(_Strict):
-    inputs: list[InputSpec] = Field(default_factory=list, min_length=1)
+    """Read the inputs into validated Parquet shards; bad rows go to rejected/."""
+
+    inputs: list[InputSpec] = Field(default_factory=list, min_length=1)  # files or the demo
     fields: FieldMap = FieldMap()
     chunk_bytes: int = Field(8 << 20, gt=0)   # JSONL chunk size
     chunk_rows: int = Field(20_000, gt=0)     # Parquet / HF chunk size

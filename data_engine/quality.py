@@ -46,33 +46,41 @@ class QualityConfig(BaseModel):
 
     # Gopher: 50..100k. 50 would drop 86% of stdlib docstrings and most short
     # problems; below 5 words ("Return self+value.") there is nothing to learn.
-    min_words: int | None = Field(5, ge=0)
-    max_words: int | None = Field(100_000, ge=1)
+    min_words: int | None = Field(5, ge=0)  # quality:word_count below this many words
+    max_words: int | None = Field(100_000, ge=1)  # quality:word_count above this many words
     # Gopher: 3..10. Code identifiers (os.path.join(...)) are long tokens,
     # and equations split into short ones.
-    min_mean_word_length: float | None = Field(2.5, ge=0)
-    max_mean_word_length: float | None = Field(12.0, ge=0)
+    min_mean_word_length: float | None = Field(2.5, ge=0)  # quality:mean_word_length, in characters
+    max_mean_word_length: float | None = Field(12.0, ge=0)  # quality:mean_word_length, in characters
     # Hashtags (#word) and prose ellipses per word. Python comments ("# x")
     # and doctest continuation prompts ("... ") are not counted.
+    #: quality:symbol_ratio, hashtags and ellipses per word
     max_symbol_word_ratio: float | None = Field(0.1, ge=0)
     # Gopher: 0.8. Source and equations have many tokens without a letter
     # ("=", "+", "0", "2x^2" has one); 0.5 still catches number tables.
+    #: quality:alpha_words, share of words with a letter
     min_alpha_word_ratio: float | None = Field(0.5, ge=0, le=1)
+    #: quality:bullet_lines, share of lines starting with a bullet
     max_bullet_line_frac: float | None = Field(0.9, ge=0, le=1)
+    #: quality:ellipsis_lines, share of lines ending in ...
     max_ellipsis_line_frac: float | None = Field(0.3, ge=0, le=1)
     # Gopher: 0.3 / 0.2. Lines are compared stripped; blank lines and lines
     # without a letter or digit ("}", ")", '\"\"\"') are ignored, since code repeats them.
+    #: quality:dup_lines, share of lines repeating an earlier one
     max_dup_line_frac: float | None = Field(0.3, ge=0, le=1)
+    #: quality:dup_line_chars, chars in repeated lines / all
     max_dup_line_char_frac: float | None = Field(0.2, ge=0, le=1)
+    #: quality:top_<n>gram: n -> max chars of the top n-gram
     max_top_ngram_char_frac: dict[NgramN, Fraction] = Field(
         default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
+    #: quality:dup_<n>gram: n -> max chars in repeated n-grams
     max_dup_ngram_char_frac: dict[NgramN, Fraction] = Field(
         default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
     # Gopher: 2 of its 8 stop words. Here 1 of a wider set of function words:
     # short docstrings ("Return True if x is odd.") lack Gopher's 8, while
     # word salad, keyword lists and tables still hold none.
-    min_stop_words: int | None = Field(1, ge=0)
-    stop_words: list[str] = Field(default_factory=lambda: list(STOP_WORDS))
+    min_stop_words: int | None = Field(1, ge=0)  # quality:stop_words, fewest stop words a row needs
+    stop_words: list[str] = Field(default_factory=lambda: list(STOP_WORDS))  # the words min_stop_words counts
     # Code and equation-heavy text (at least code_line_frac of its non-empty
     # lines look like code: keywords, "x = ...", trailing ":" or brackets) is
     # judged with these fields replaced: code has few stop words, long
@@ -80,30 +88,35 @@ class QualityConfig(BaseModel):
     # equations are mostly tokens without letters, and step-by-step solutions
     # repeat their phrasing ("so the expression becomes"). Duplicate *lines*
     # are still judged as prose.
+    #: share of code-like lines from which code_overrides apply
     code_line_frac: float | None = Field(0.5, ge=0, le=1)
+    #: fields replaced when judging code-like text
     code_overrides: dict[str, Any] = Field(default_factory=lambda: {
         "min_stop_words": None, "min_alpha_word_ratio": 0.15,
         "min_mean_word_length": 1.0, "max_mean_word_length": 20.0,
         "max_top_ngram_char_frac": {2: 0.35, 3: 0.3, 4: 0.3},
         "max_dup_ngram_char_frac": {5: 0.45, 6: 0.42, 7: 0.39, 8: 0.36, 9: 0.33, 10: 0.3}})
     # C4-style page junk; any match rejects. C4's "{" rule is left out: code.
+    #: quality:junk_phrase, any one rejects (case-insensitive)
     junk_phrases: list[str] = Field(default_factory=lambda: [
         "lorem ipsum", "enable javascript", "javascript is disabled",
         "javascript must be enabled", "please enable cookies", "uses cookies to"])
     # Safety. blocklist_file None = data_engine/resources/blocklist.txt.
-    blocklist_file: str | None = None
-    blocklist_extra: list[str] = Field(default_factory=list)
-    blocklist_min_hits: int | None = Field(1, ge=1)
+    blocklist_file: str | None = None  # one term per line; None: the shipped list
+    blocklist_extra: list[str] = Field(default_factory=list)  # terms added to the blocklist
+    blocklist_min_hits: int | None = Field(1, ge=1)  # safety:blocklist at this many hits; None: off
+    #: PII searched for: secret, email, ip, phone
     pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
-    pii_action: PiiAction = "redact"
+    pii_action: PiiAction = "redact"  # redact (placeholder) or drop (reject pii:<kind>)
+    #: per-kind pii_action, e.g. {secret: drop}
     pii_action_by_kind: dict[PiiKind, PiiAction] = Field(default_factory=dict)
     # Loopback, unspecified, link-local, multicast and reserved addresses
     # (127.0.0.1, 0.0.0.0, ::1, 255.255.255.0) are in every tutorial and name
     # no one's machine. Private ranges are redacted: config dumps leak them.
-    ip_skip_local: bool = True
+    ip_skip_local: bool = True  # leave loopback, link-local and reserved IPs alone
     # Error budget of the quality stage: rejecting more than this fraction of
     # the rows fails it, naming the shards that lost the most.
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget: share of input rows rejected
     _code: "QualityConfig" = PrivateAttr()
 
     def model_post_init(self, _context: Any) -> None:

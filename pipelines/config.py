@@ -33,6 +33,8 @@ class Strict(BaseModel):
 
 
 class WandbConfig(Strict):
+    """Weights & Biases: one run per stage execution."""
+
     mode: Literal["offline", "online", "disabled"] = "offline"  # offline needs no key or network
     project: str = "r1pipe"  # W&B project
     entity: str | None = None  # W&B team or user
@@ -40,6 +42,8 @@ class WandbConfig(Strict):
 
 
 class RayConfig(Strict):
+    """The Ray cluster: an embedded local one, or an address to join."""
+
     address: str | None = None           # None: start an embedded local cluster
     num_cpus: int | None = Field(None, gt=0)  # CPUs of the embedded cluster (default: all)
     include_dashboard: bool = False      # ~0.7 GiB more RAM locally (NOTES.md)

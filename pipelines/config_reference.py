@@ -46,7 +46,8 @@ def _default(field) -> str:
 
 
 def _comments(model: type[BaseModel]) -> dict[str, str]:
-    """Trailing ``# comments`` on field lines, which is how the config classes document keys."""
+    """How the config classes document keys: a trailing ``# comment`` on the field's line,
+    or a ``#: comment`` line just above it (for lines that would run long)."""
     found: dict[str, str] = {}
     for cls in reversed(model.__mro__):
         if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
@@ -57,6 +58,8 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
             continue
         for m in re.finditer(r"^\s{4}(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.M):
             found[m.group(1)] = m.group(2).strip()
+        for m in re.finditer(r"^\s{4}#:\s*(.+)\n\s{4}(\w+)\s*:", source, re.M):
+            found[m.group(2)] = m.group(1).strip()  # a "#: help" line above the field
     return found
 
 

@@ -104,6 +104,8 @@ class ModelSection(Strict):
 
 
 class CheckpointConfig(Strict):
+    """Elastic checkpoints: a gang restart or a rerun resumes from the newest."""
+
     every: int = Field(50, ge=1)  # steps between checkpoints; one more at the end
     keep: int = Field(2, ge=1)  # newest checkpoints kept
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, PipelineConfig, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "recipes" / "demo.yaml"
@@ -65,6 +65,12 @@ def test_input_needs_path_or_demo(tmp_path):
     recipe.write_text("stages: [ingest]\ningest: {inputs: [{format: jsonl}]}\n")
     with pytest.raises(ConfigError, match="ingest.inputs.0"):
         load_config(recipe)
+
+
+def test_every_config_key_says_what_it_means():
+    from pipelines.config_reference import rows
+    silent = [key for key, _type, _default, meaning in rows(PipelineConfig) if not meaning.strip()]
+    assert not silent, f"keys with no help (a trailing '# ...' or a '#: ...' line above): {silent}"
 
 
 def test_config_reference_is_current():
