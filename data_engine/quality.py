@@ -19,7 +19,7 @@ import ipaddress
 import math
 import re
 from collections import Counter
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
@@ -157,7 +157,7 @@ class Doc:
         self.words = text.split()
         self.nonempty = [line for line in map(str.strip, text.splitlines()) if line]
 
-    @property
+    @cached_property  # two rules read it
     def bare_words(self) -> list[str]:
         return [w for w in (w.strip(_STRIP) for w in self.words) if w]
 
