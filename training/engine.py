@@ -44,6 +44,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
@@ -145,7 +146,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def ensure_process_group() -> None:
-    """A one-process gloo group for single-process runs; Ray Train's group is reused as is.
+    """A group of one for single-process runs (NCCL on a CUDA device, else gloo); Ray Train's
+    group is reused as is.
 
     DeepSpeed's CPU shared-memory all-reduce serves inference only, yet loading it probes
     every op builder and JIT-compiles one (40 s on a fresh machine, NOTES.md); marking it
@@ -158,7 +160,15 @@ def ensure_process_group() -> None:
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
         os.environ.setdefault(key, value)
-    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a torch.distributed call must live: NCCL takes CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _free_port() -> int:
@@ -264,8 +274,9 @@ class Engine:
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
+            t = t.to(collective_device())
             dist.all_reduce(t)
-        return t
+        return t.cpu()
 
     def _zero0_grad_norm(self) -> float | None:
         # fp32 ZeRO-0 clips inside DeepSpeed without keeping the norm; the grads are already

@@ -214,7 +214,7 @@ class _GroupedMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MI, w_EIO, sizes):
         ctx.x_dtype, ctx.sizes = x_MI.dtype, sizes
-        x_MI = x_MI.to(w_EIO.dtype)  # autocast does not reach inside a Function: compute in w's dtype
+        x_MI = x_MI.to(w_EIO.dtype)  # compute in w's dtype (grouped_mm applies autocast)
         ctx.save_for_backward(x_MI, w_EIO)
         y_MO = x_MI.new_empty(x_MI.shape[0], w_EIO.shape[2])
         for n, x_nI, w_IO, y_nO in zip(sizes, x_MI.split(sizes), w_EIO, y_MO.split(sizes)):
@@ -238,6 +238,12 @@ class _GroupedMM(torch.autograd.Function):
 
 
 def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    device = x_MI.device.type
+    if torch.is_autocast_enabled(device):
+        # autocast casts F.linear's operands but not a Function's, whose mm(out=) would then run
+        # in fp32 on the master weights, off the bf16 tensor-core path: cast as autocast would
+        dtype = torch.get_autocast_dtype(device)
+        x_MI, w_EIO = x_MI.to(dtype), w_EIO.to(dtype)
     return _GroupedMM.apply(x_MI, w_EIO, sizes)
 
 

@@ -1,7 +1,7 @@
 """The pretraining loop: pure torch + the DeepSpeed seam, no Ray.
 
 One machine:   r1pipe run recipes/demo.yaml --stages pretrain   (a Ray Train gang of CPU workers)
-In-process:    pretrain(PretrainConfig(steps=20), Paths(...), seed=0)   (a gloo group of one)
+In-process:    pretrain(PretrainConfig(steps=20), Paths(...), seed=0)   (a group of one: gloo, NCCL on a GPU)
 A cluster:     r1pipe run recipes/cluster.yaml --address auto          (NCCL workers, same code)
 Under Ray Train, ``cluster/train.py`` calls ``pretrain()`` in every worker and passes
 hooks that report metrics and checkpoints to Ray. Every rank runs the same loop; the
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from training import checkpoint as ckpt
 from training.config import DataConfig, PretrainConfig
 from training.data import PHASES, CurriculumSampler, PackedCorpus, build_token_cache, shard
-from training.engine import Engine, ensure_process_group, needs_universal, to_universal
+from training.engine import Engine, collective_device, ensure_process_group, needs_universal, to_universal
 from training.export import save_model
 from training.model import Transformer
 from training.tokenizer import load_tokenizer, save_tokenizer
@@ -102,7 +102,7 @@ def _on_rank0(fn: Callable[[], Any]) -> None:
 
 
 def _sum(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()

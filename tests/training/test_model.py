@@ -85,7 +85,7 @@ def naive_moe(moe: MoE, x_ND: torch.Tensor) -> torch.Tensor:
     idx, gates = moe.route(probs)
     rows = []
     for t in range(x_ND.shape[0]):
-        y = torch.zeros(x_ND.shape[1])
+        y = x_ND.new_zeros(x_ND.shape[1])
         for e, g in zip(idx[t].tolist(), gates[t]):
             h = torch.nn.functional.silu(x_ND[t] @ moe.w_gate[e]) * (x_ND[t] @ moe.w_up[e])
             y = y + g * (h @ moe.w_down[e])
@@ -114,6 +114,21 @@ def test_grouped_mm_gradients_with_an_empty_expert():
     torch.testing.assert_close(y, torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
     y.sum().backward()
     assert (w.grad[1] == 0).all()
+
+
+def test_grouped_mm_follows_autocast():
+    # autocast casts nn.Linear's operands but never a custom Function's: grouped_mm must do it,
+    # or the experts run on the fp32 master weights while the rest of the model runs in bf16
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    w = torch.randn(3, 8, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_mm(x, w, [2, 0, 4])
+    assert y.dtype == torch.bfloat16
+    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
+    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=2e-2)
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32 and (w.grad[1] == 0).all()
 
 
 def test_aux_loss_on_a_known_routing():
