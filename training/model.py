@@ -55,6 +55,9 @@ class ModelConfig(BaseModel):
     aux_loss_coef: float = Field(0.01, ge=0)
     bias_update_rate: float = Field(1e-3, ge=0)
     capacity_factor: float | None = Field(None, gt=0, description="None = drop no token")
+    expert_kernel: Literal["auto", "loop"] = Field(
+        "auto", description="auto: one grouped GEMM per projection (torch._grouped_mm) for bf16 on "
+                            "a Hopper GPU, no host sync; elsewhere, and with loop, one matmul per expert")
 
     @model_validator(mode="after")
     def _check_shapes(self) -> "ModelConfig":
@@ -247,6 +250,22 @@ def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, sizes: list[int]) -> tor
     return _GroupedMM.apply(x_MI, w_EIO, sizes)
 
 
+def _fused_experts_ok(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
+    """torch._grouped_mm's bf16 kernel: CUDA, compute capability 9.0+ (Hopper), bf16 compute,
+    and 16-byte aligned rows (dims a multiple of 8)."""
+    if not (x_MI.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w_EIO.dtype
+    return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_MI.device) >= (9, 0)
+            and x_MI.shape[1] % 8 == 0 and w_EIO.shape[2] % 8 == 0)
+
+
+def fused_grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
+    """grouped_mm in one kernel, bf16: segment e is rows [ends[e-1], ends[e]) (int32, on the GPU,
+    so no host sync). Its autograd gives the (E, I, O) weight gradient directly."""
+    return torch._grouped_mm(x_MI.to(torch.bfloat16), w_EIO.to(torch.bfloat16), offs=ends_E)
+
+
 def switch_aux_loss(probs_NE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """Switch-Transformer balance loss E * sum_e f_e * P_e.
 
@@ -290,7 +309,10 @@ class MoE(nn.Module):
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         probs_NE = (self.router(x_ND) / self.cfg.router_temperature).float().softmax(-1)
         idx_NK, gates_NK = self.route(probs_NE)
-        counts_E = torch.bincount(idx_NK.flatten(), minlength=self.cfg.n_experts)
+        # scatter_add, not bincount: on CUDA bincount reads the max index back to the host (a sync)
+        flat_M = idx_NK.flatten()
+        counts_E = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=flat_M.device)
+        counts_E.scatter_add_(0, flat_M, torch.ones_like(flat_M))
         self.last_load = counts_E.detach()
         if self.training:
             self.load_since_update += counts_E.detach()
@@ -318,10 +340,16 @@ class MoE(nn.Module):
         # gathered so each expert's tokens are one contiguous segment; index_select's backward is
         # an index_add_, cheaper on CPU than the accumulating index_put_ of x_ND[token_M]
         xs_MD = x_ND.index_select(0, token_M)
-        sizes = counts_E.tolist()  # one host sync per layer, not one per expert
-        h_MF = F.silu(grouped_mm(xs_MD, self.w_gate, sizes)) * grouped_mm(xs_MD, self.w_up, sizes)
-        out_MD = grouped_mm(h_MF, self.w_down, sizes) * gate_M[:, None]
-        return torch.zeros_like(x_ND).index_add_(0, token_M, out_MD)
+        if self.cfg.expert_kernel == "auto" and _fused_experts_ok(xs_MD, self.w_gate) \
+                and self.w_down.shape[2] % 8 == 0:
+            ends_E = counts_E.cumsum(0).to(torch.int32)
+            mm = lambda x, w: fused_grouped_mm(x, w, ends_E)  # noqa: E731
+        else:
+            sizes = counts_E.tolist()  # one host sync per layer, not one per expert
+            mm = lambda x, w: grouped_mm(x, w, sizes)  # noqa: E731
+        h_MF = F.silu(mm(xs_MD, self.w_gate)) * mm(xs_MD, self.w_up)
+        out_MD = mm(h_MF, self.w_down) * gate_M[:, None]
+        return torch.zeros_like(x_ND).index_add_(0, token_M, out_MD.to(x_ND.dtype))
 
     def apply_capacity(self, sorted_expert_M, token_M, gate_M, counts_E):
         # training only: dropping at inference would make outputs depend on the batch and on the cache

@@ -152,6 +152,51 @@ def test_bf16_dispatch_equals_an_fp32_loop_on_the_same_routing():
     assert rel_err(y_ND, torch.stack(rows)) < 1e-2
 
 
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                            reason="torch._grouped_mm's bf16 kernel needs a Hopper GPU")
+
+
+@hopper
+@pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "bf16-weights"])
+def test_fused_expert_kernel_equals_the_loop(autocast):
+    """expert_kernel=auto (one torch._grouped_mm per projection, no host sync) against the per-expert
+    loop on the same weights and tokens, one expert empty: outputs and every gradient."""
+    fused = moe_on_cuda()
+    loop = MoE(fused.cfg.model_copy(update={"expert_kernel": "loop"})).to(CUDA)
+    loop.load_state_dict(fused.state_dict())
+    if not autocast:
+        fused, loop = fused.bfloat16(), loop.bfloat16()
+    x = torch.randn(4, 33, 32, device=CUDA, requires_grad=True)
+    results = []
+    for moe in (fused, loop):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            y, _ = moe(x.to(moe.w_gate.dtype) if not autocast else x)
+        params = [moe.w_gate, moe.w_up, moe.w_down, moe.router.weight]
+        results.append((y, torch.autograd.grad(y.float().square().sum(), [x, *params])))
+    (y_fused, g_fused), (y_loop, g_loop) = results
+    assert fused.last_load[3] == 0 and y_fused.dtype == y_loop.dtype
+    assert rel_err(y_fused, y_loop) < 1e-2
+    for got, want in zip(g_fused, g_loop):
+        assert got.dtype == want.dtype and rel_err(got, want) < 2e-2
+    assert (g_fused[1][3] == 0).all()  # the empty expert's weight gradient is zeros
+
+
+def test_the_fused_path_makes_no_host_sync():
+    """With the fused kernel a MoE layer's forward and backward queue without waiting for the GPU."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm's bf16 kernel needs a Hopper GPU")
+    moe = moe_on_cuda().bfloat16()
+    x = torch.randn(4, 33, 32, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    moe(x)[0].sum().backward()  # warm-up: first calls may sync while loading kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y, _ = moe(x)
+        y.float().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def routing(moe: MoE, x_ND: torch.Tensor):
     probs_NE = (moe.router(x_ND) / moe.cfg.router_temperature).float().softmax(-1)
     idx_NK, gates_NK = moe.route(probs_NE)
