@@ -166,7 +166,7 @@ def engine_step_fn(model: Transformer, zero_stage: int, shape: tuple):
 
 def run_case(args) -> dict:
     device = torch.device(args.device)
-    cfg = ModelConfig.from_preset(args.preset)
+    cfg = ModelConfig.from_preset(args.preset, expert_kernel=args.expert_kernel)
     shape = SHAPES[args.preset]
     torch.manual_seed(0)
     with device:  # initialise on the device: seconds instead of minutes for 2.3B parameters
@@ -203,7 +203,8 @@ def spawn_case(args, preset: str, case: str) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "case.json"
         cmd = [sys.executable, __file__, "--child", "--preset", preset, "--case", case, "--device", args.device,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out),
+               "--expert-kernel", args.expert_kernel]
         cmd += ["--profile"] if args.profile else []
         cmd += [a for spec in args.shape for a in ("--shape", spec)]
         start = time.perf_counter()
@@ -289,7 +290,7 @@ def run_all(args) -> dict:
     for r in results:
         if r.get("profile"):
             print(profile_table(r), flush=True)
-    return {"environment": environment(device), "peaks": {**peaks, "matmul_before": peak_before,
+    return {"environment": environment(device), "expert_kernel": args.expert_kernel, "peaks": {**peaks, "matmul_before": peak_before,
             "matmul_after": peak_after, "matmul_n": args.matmul_n},
             "presets": {p: {**param_counts(ModelConfig.from_preset(p)), "shape": SHAPES[p]} for p in args.presets},
             "note": "presets of training/model.py only; moe-1b is the largest defined and fits one 80 GB GPU",
@@ -302,6 +303,8 @@ def main() -> None:
     ap.add_argument("--presets", nargs="+", default=["small", "moe-1b"], choices=sorted(SHAPES))
     ap.add_argument("--cases", nargs="+", default=["bare", "zero1", "zero2"], choices=["bare", "zero1", "zero2"])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case")
+    ap.add_argument("--expert-kernel", default="auto", choices=["auto", "loop"],
+                    help="ModelConfig.expert_kernel: auto = torch._grouped_mm on Hopper, loop = per expert")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--matmul-n", type=int, default=8192)
