@@ -93,9 +93,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1, help="tag the dev set this many times (timing)")
     parser.add_argument("--cascade-threshold", type=float, default=None, help="default: the config's")
     parser.add_argument("--confusions", action="store_true", help="print every miss")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the teacher runs (domains.device)")
     args = parser.parse_args()
     methods = ["student", "cascade", "teacher"] if args.method == "all" else [args.method]
-    extra = {} if args.cascade_threshold is None else {"cascade_threshold": args.cascade_threshold}
+    extra = {"device": args.device}
+    if args.cascade_threshold is not None:
+        extra["cascade_threshold"] = args.cascade_threshold
     reports = {m: evaluate(DomainsConfig(method=m, **extra), args.dev, args.repeat) for m in methods}
     for report in reports.values():
         print_report(report, args.confusions)

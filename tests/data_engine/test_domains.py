@@ -162,6 +162,26 @@ def test_default_method_accuracy_on_dev_slice_and_reachability():
 
 
 @needs_teacher
+def test_teacher_runs_on_the_gpu_when_there_is_one():
+    """device auto picks CUDA; the GPU's embeddings equal the CPU's and tag the same."""
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from data_engine.domains import MiniLMEncoder
+    rows = half_of_dev()
+    texts = [r["text"] for r in rows]
+    tagger = DomainTagger(DomainsConfig())
+    assert tagger.model.encoder.device == "cuda"
+    gpu_NE = tagger.model.encoder.encode(texts)
+    cpu_NE = MiniLMEncoder("cpu", 64).encode(texts)
+    assert float((gpu_NE * cpu_NE).sum(1).min()) > 0.999  # unit vectors: cosine similarity
+    predicted = tagger(pa.table({"text": texts})).column("domain").to_pylist()
+    cpu_tags = tagger.model.vote(cpu_NE).argmax(1)
+    assert sum(p != DOMAINS[i] for p, i in zip(predicted, cpu_tags)) <= 1
+    assert macro_accuracy(rows, predicted) >= 0.87
+
+
+@needs_teacher
 def test_cascade_sends_exactly_the_unsure_rows_to_the_teacher(student):
     rows = [r for i, r in enumerate(dev_rows()) if i % 6 == 0]  # 30 rows, every domain
     texts = [r["text"] for r in rows]
