@@ -168,7 +168,9 @@ def mean_word_length(doc: Doc) -> float:
 
 
 def symbol_word_ratio(doc: Doc) -> float:
-    symbols = len(_HASHTAG.findall(doc.text)) + len(_PROSE_ELLIPSIS.findall(doc.text))
+    text = doc.text  # the substring tests skip a regex scan that could not match
+    symbols = (len(_HASHTAG.findall(text)) if "#" in text else 0) \
+        + (len(_PROSE_ELLIPSIS.findall(text)) if "..." in text or "…" in text else 0)
     return symbols / max(len(doc.words), 1)
 
 
@@ -362,6 +364,10 @@ _SECRET_PATTERNS = [re.compile("|".join(f"(?:{p})" for p in (
     r"\bAIza[0-9A-Za-z_-]{35}\b",
     r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",
 )))]
+# Each pattern above contains one of these, case and all: a text with none is not scanned.
+_SECRET_LITERALS = ("PRIVATE KEY", "AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA",
+                    "sk-", "sk_", "rk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
+                    "xox", "AIza", "eyJ")
 _KEYWORD = (r"(?i:\b(?:password|passwd|pwd|secret|secret[_-]?key|api[_-]?key|"
             r"token|access[_-]?token|auth[_-]?token|private[_-]?key)\b)")
 # Only the value is replaced: "password=<SECRET>" keeps the sentence readable.
@@ -416,15 +422,16 @@ def _ip_ok(s: str, cfg: QualityConfig) -> bool:
 def find_pii(text: str, kind: str, cfg: QualityConfig) -> list[tuple[int, int]]:
     """Spans (start, end) of ``kind`` in text; for assigned secrets only the value."""
     if kind == "secret":
-        spans = [m.span() for p in _SECRET_PATTERNS for m in p.finditer(text)]
+        spans = [m.span() for p in _SECRET_PATTERNS for m in p.finditer(text)] \
+            if any(lit in text for lit in _SECRET_LITERALS) else []
         spans += [m.span("value") for p in _ASSIGNED_SECRETS for m in p.finditer(text)]
         spans += [m.span() for m in _HEX_SECRET.finditer(text) if _is_hex_secret(m.group())]
         spans += [m.span() for m in _B64_SECRET.finditer(text) if _is_b64_secret(m.group())]
     elif kind == "email":
-        spans = [m.span() for m in _EMAIL.finditer(text)]
+        spans = [m.span() for m in _EMAIL.finditer(text)] if "@" in text else []
     elif kind == "ip":
-        spans = [m.span() for rx in (_IPV4, _IPV6) for m in rx.finditer(text)
-                 if _ip_ok(m.group(), cfg)]
+        spans = [m.span() for rx in (_IPV4, _IPV6) if rx is _IPV4 or ":" in text
+                 for m in rx.finditer(text) if _ip_ok(m.group(), cfg)]
     else:
         # "+CC ..." numbers may be short (8 digits); bare ones need area code too.
         spans = [m.span() for m in _PHONE.finditer(text)

@@ -280,3 +280,20 @@ def test_in_equals_kept_plus_rejected_on_a_mixed_batch():
     kept, rejected, counters = quality_batch(table)
     assert_partition(table, kept, rejected, counters)
     assert kept.num_rows == 3 + len(MATH_SOLUTIONS)
+
+
+@pytest.mark.parametrize("secret", [
+    "-----BEGIN RSA PRIVATE KEY-----", "AKIAIOSFODNN7EXAMPLE", "ASIAY34FZKBOKMUTVV7A",
+    "sk-proj-" + "aB3" * 8, "sk_live_" + "A1b2" * 5, "rk_test_" + "Zz9" * 6, "ghp_" + "A1" * 18,
+    "gho_" + "b2" * 18, "github_pat_" + "c3" * 11, "xoxb-1234567890-abcdef",
+    "AIza" + "Sy9" * 11 + "xy", "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N",
+])
+def test_every_secret_pattern_is_found_behind_its_literal_prefilter(secret):
+    """find_pii scans for the vendor patterns only when a literal they all contain is present;
+    each pattern still fires, and the span covers the whole secret."""
+    from data_engine.quality import _SECRET_LITERALS, _SECRET_PATTERNS, find_pii
+    text = f"The deploy step reads {secret} from the vault, then exits."
+    assert _SECRET_PATTERNS[0].search(secret).group() == secret
+    assert any(lit in secret for lit in _SECRET_LITERALS)
+    start = text.index(secret)
+    assert find_pii(text, "secret", QualityConfig()) == [(start, start + len(secret))]
