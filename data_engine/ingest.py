@@ -68,6 +68,8 @@ class IngestConfig(_Strict):
     chunk_bytes: int = Field(8 << 20, gt=0)   # JSONL chunk size
     chunk_rows: int = Field(20_000, gt=0)     # Parquet / HF chunk size
     max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget
+    #: error budget for files that cannot be read at all (each counts as one rejected row)
+    max_unreadable_file_fraction: float = Field(0.1, ge=0.0, le=1.0)
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Chunk:
     start: int          # byte offset (jsonl) or row offset (parquet, hf)
     stop: int
     first_line: int = 1  # 1-based line number of the first line (jsonl)
+    error: str | None = None  # format "unreadable": why the file could not be opened
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -126,12 +129,12 @@ def plan_chunks(files: list[tuple[str, str, str | None]], cfg: IngestConfig) -> 
             chunks += _jsonl_chunks(path, source, cfg.chunk_bytes)
         elif fmt == "json":
             chunks.append(Chunk(path, fmt, source, 0, 1))
-        elif fmt == "parquet":
-            n = _parquet_rows(path)
-            chunks += [Chunk(path, fmt, source, s, min(s + cfg.chunk_rows, n))
-                       for s in range(0, max(n, 1), cfg.chunk_rows)]
-        elif fmt == "hf":
-            n = _hf_rows(path)
+        elif fmt in ("parquet", "hf"):
+            try:
+                n = _parquet_rows(path) if fmt == "parquet" else _hf_rows(path)
+            except UNREADABLE as err:  # recorded as a rejection, not a crash: see read_chunk
+                chunks.append(Chunk(path, "unreadable", source, 0, 0, error=f"{type(err).__name__}: {err}"))
+                continue
             chunks += [Chunk(path, fmt, source, s, min(s + cfg.chunk_rows, n))
                        for s in range(0, max(n, 1), cfg.chunk_rows)]
         else:
@@ -156,10 +159,7 @@ def _jsonl_chunks(path: str, source: str | None, chunk_bytes: int) -> list[Chunk
 
 
 def _parquet_rows(path: str) -> int:
-    try:
-        return pq.ParquetFile(path).metadata.num_rows
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types
-        raise ValueError(f"ingest input {path!r}: not a readable Parquet file: {err}") from err
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 def _hf_rows(path: str) -> int:
@@ -168,22 +168,40 @@ def _hf_rows(path: str) -> int:
 
 
 # ---------------------------------------------------------------- reading
+# What a damaged or vanished file raises: pyarrow's errors are OSError / ValueError subclasses,
+# datasets raises FileNotFoundError, and a truncated JSON file a JSON or Unicode error.
+UNREADABLE = (OSError, ValueError, pa.ArrowException, EOFError)
+
+
 def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
-    """Read one chunk into (kept, rejected) tables. Never raises on a bad row."""
+    """Read one chunk into (kept, rejected) tables. Never raises on a bad row; a file or chunk
+    that cannot be read is one rejected row (``unreadable_file`` / ``unreadable_chunk``, line 0)
+    naming the file, the range and the error, after the rows read before the failure."""
     kept, rejected = [], []
-    for line, raw, error in _raw_rows(chunk):
-        row, reason = (None, error) if error else _to_record(raw, fields, chunk)
-        if reason:
-            text = raw.get(fields.text) if isinstance(raw, dict) else None
-            rejected.append({
-                "id": _maybe_str(raw.get(fields.id)) if isinstance(raw, dict) and fields.id else None,
-                "text": text if isinstance(text, str) else None,
-                "source": chunk.source, "reason": reason[0],
-                "detail": json.dumps({"file": chunk.file, "line": line, "error": reason[1]}),
-                "file": chunk.file, "line": line,
-            })
-        else:
-            kept.append(row)
+
+    def reject(line: int, reason: str, error: str, raw: object = None) -> None:
+        text = raw.get(fields.text) if isinstance(raw, dict) else None
+        rejected.append({
+            "id": _maybe_str(raw.get(fields.id)) if isinstance(raw, dict) and fields.id else None,
+            "text": text if isinstance(text, str) else None,
+            "source": chunk.source, "reason": reason,
+            "detail": json.dumps({"file": chunk.file, "line": line, "error": error}),
+            "file": chunk.file, "line": line,
+        })
+
+    if chunk.format == "unreadable":
+        reject(0, "unreadable_file", chunk.error or "unreadable")
+    else:
+        try:
+            for line, raw, error in _raw_rows(chunk):
+                row, reason = (None, error) if error else _to_record(raw, fields, chunk)
+                if reason:
+                    reject(line, reason[0], reason[1], raw)
+                else:
+                    kept.append(row)
+        except UNREADABLE as err:
+            reject(0, "unreadable_chunk", f"{type(err).__name__}: {err} "
+                                          f"(chunk {chunk.start}..{chunk.stop} of a {chunk.format} file)")
     return (pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
             pa.Table.from_pylist(rejected, schema=INGEST_REJECT_SCHEMA))
 

@@ -64,9 +64,30 @@ def run(ctx: StageContext) -> dict:
     rows_in = sum(s["kept"] + s["rejected"] for s in stats)
     metrics = funnel_metrics(rows_in, ctx.work / "shards", reasons)
     metrics.update(files=len({c.file for c in chunks}), chunks=len(chunks))
+    _check_unreadable(per_file_unreadable(ctx.work / "shards"), metrics["files"],
+                      cfg.max_unreadable_file_fraction)
     check_budget("ingest", metrics, cfg.max_reject_fraction, per_file)
     publish_shards(ctx.work / "shards", ctx.out)
     return metrics
+
+
+def per_file_unreadable(shard_dir: Path) -> dict[str, str]:
+    """{file: error} of the files (or chunks of files) that could not be read."""
+    out = {}
+    for path in sorted((shard_dir / "rejected").glob("part-*.parquet")):
+        t = pq.read_table(path, columns=["reason", "file", "detail"])
+        bad = t.filter(pc.is_in(t.column("reason"), pa.array(["unreadable_file", "unreadable_chunk"])))
+        for f, detail in zip(bad.column("file").to_pylist(), bad.column("detail").to_pylist()):
+            out.setdefault(f, json.loads(detail)["error"])
+    return out
+
+
+def _check_unreadable(unreadable: dict[str, str], n_files: int, max_fraction: float) -> None:
+    """Unreadable files are rejections; more than max_fraction of the files fails the stage."""
+    if n_files and len(unreadable) / n_files > max_fraction:
+        named = "; ".join(f"{f}: {e[:200]}" for f, e in list(unreadable.items())[:5])
+        raise ValueError(f"ingest: {len(unreadable)} of {n_files} input file(s) unreadable, over "
+                         f"max_unreadable_file_fraction={max_fraction}: {named}")
 
 
 def _reject_duplicate_ids(shard_dir: Path) -> int:

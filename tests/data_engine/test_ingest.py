@@ -67,9 +67,30 @@ def test_bad_paths_are_named(tmp_path):
     (tmp_path / "data.txt").write_text("x")
     with pytest.raises(ValueError, match="cannot tell the format"):
         resolve_files(InputSpec(path=str(tmp_path / "data.txt")))
+
+
+def test_unreadable_files_and_chunks_become_rejections(tmp_path):
+    """A file that cannot be opened, or a chunk that fails mid-read, is one rejected row naming
+    the file and the error; rows read before a failure are kept; nothing raises."""
+    cfg = IngestConfig(inputs=[InputSpec(path="x")], chunk_bytes=40)
     (tmp_path / "bad.parquet").write_text("not parquet")
-    with pytest.raises(ValueError, match="bad.parquet"):
-        plan_chunks([(str(tmp_path / "bad.parquet"), "parquet", None)], IngestConfig(inputs=[InputSpec(path="x")]))
+    [chunk] = plan_chunks([(str(tmp_path / "bad.parquet"), "parquet", "web")], cfg)
+    assert chunk.format == "unreadable" and "Parquet" in chunk.error
+    kept, rejected = read_chunk(chunk, cfg.fields)
+    [row] = rejected.to_pylist()
+    assert kept.num_rows == 0 and (row["reason"], row["line"], row["source"]) == ("unreadable_file", 0, "web")
+    assert row["file"].endswith("bad.parquet") and "Parquet" in json.loads(row["detail"])["error"]
+
+    lines = [json.dumps({"id": f"r{i}", "text": f"row number {i}"}) for i in range(6)]
+    (tmp_path / "gone.jsonl").write_text("\n".join(lines) + "\n")
+    chunks = plan_chunks([(str(tmp_path / "gone.jsonl"), "jsonl", None)], cfg)
+    assert len(chunks) > 2
+    first_kept, _ = read_chunk(chunks[0], cfg.fields)
+    (tmp_path / "gone.jsonl").unlink()  # storage lost the file between planning and reading
+    kept, rejected = read_chunk(chunks[1], cfg.fields)
+    [row] = rejected.to_pylist()
+    assert first_kept.num_rows >= 1 and kept.num_rows == 0
+    assert row["reason"] == "unreadable_chunk" and "FileNotFoundError" in json.loads(row["detail"])["error"]
 
 
 def test_jsonl_chunks_keep_line_numbers(tmp_path):

@@ -93,3 +93,18 @@ def test_wandb_offline_run_holds_metric(recipe):
     assert (run.run_group, run.job_type) == ("wb", "ingest")
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config["ingest"]["chunk_bytes"] == 1500
+
+
+def test_unreadable_file_is_a_rejection_within_its_budget_and_fails_beyond(recipe, tmp_path):
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 cut off mid-write")
+    inputs = f"ingest.inputs=[{{path: {tmp_path / 'in.jsonl'}}}, {{path: {tmp_path / 'broken.parquet'}}}]"
+    cfg = load_config(recipe, [inputs, "ingest.max_unreadable_file_fraction=0.5"])
+    [res] = run_pipeline(cfg, "bad")
+    m = res.metrics
+    assert (m["rows_in"], m["kept"], m["rejected"], m["files"]) == (101, 95, 6, 2)
+    assert m["rejected_by_reason"]["unreadable_file"] == 1
+
+    strict = load_config(recipe, [inputs])  # the default budget: 1 of 2 files is over 0.1
+    with pytest.raises(StageFailed, match=r"1 of 2 input file\(s\) unreadable.*broken\.parquet: "):
+        run_pipeline(strict, "bad")
+    assert RunStore(strict.runs_dir, "bad").stage("ingest").manifest()["status"] == "failed"
