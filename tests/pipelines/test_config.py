@@ -83,3 +83,12 @@ def test_every_registered_stage_has_a_config_section():
     from pipelines.config import PipelineConfig
     from pipelines.graph import STAGES
     assert set(STAGES) <= set(PipelineConfig.model_fields)
+
+
+@pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(recipe):
+    cfg = load_config(recipe)
+    assert cfg.stages[-1] == "pretrain"
+    if recipe.name == "cluster.yaml":  # the GPU example: joins a cluster, bf16 over NCCL
+        assert cfg.ray.address == "auto" and cfg.pretrain.gang.use_gpu
+        assert (cfg.pretrain.engine.precision, cfg.pretrain.gang.torch_backend()) == ("bf16", "nccl")
