@@ -156,6 +156,15 @@ class Doc:
         self.text = text
         self.words = text.split()
         self.nonempty = [line for line in map(str.strip, text.splitlines()) if line]
+        # the smallest n seen with no repeated word n-gram: then no longer n-gram repeats either
+        self.unique_from: int | None = None
+
+    def repeats(self, n: int) -> bool | None:
+        """False when no word n-gram can repeat (known from a shorter n); None when unknown."""
+        return False if self.unique_from is not None and n >= self.unique_from else None
+
+    def saw_unique(self, n: int) -> None:
+        self.unique_from = n if self.unique_from is None else min(n, self.unique_from)
 
     @cached_property  # two rules read it
     def bare_words(self) -> list[str]:
@@ -222,17 +231,24 @@ def _gram_chars(gram: tuple[str, ...]) -> int:
 
 def top_ngram_char_frac(doc: Doc, n: int) -> float:
     """Chars covered by the most frequent word n-gram (if it repeats) / all chars."""
+    if doc.repeats(n) is False:
+        return 0.0
     grams = Counter(_ngrams(doc, n))
     if not grams:
         return 0.0
     gram, count = grams.most_common(1)[0]
+    if count == 1:
+        doc.saw_unique(n)
     return _gram_chars(gram) * count / max(len(doc.text), 1) if count > 1 else 0.0
 
 
 def dup_ngram_char_frac(doc: Doc, n: int) -> float:
     """Chars in n-grams seen before (non-overlapping, as Gopher) / all chars."""
+    if doc.repeats(n) is False:
+        return 0.0
     grams = _ngrams(doc, n)
     if len(set(grams)) == len(grams):
+        doc.saw_unique(n)
         return 0.0  # the common case, decided without the scan below
     seen, dup_chars, i = set(), 0, 0
     while i < len(grams):

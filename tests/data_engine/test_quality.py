@@ -297,3 +297,21 @@ def test_every_secret_pattern_is_found_behind_its_literal_prefilter(secret):
     assert any(lit in secret for lit in _SECRET_LITERALS)
     start = text.index(secret)
     assert find_pii(text, "secret", QualityConfig()) == [(start, start + len(secret))]
+
+
+def test_ngram_rules_on_a_shared_doc_equal_fresh_ones():
+    """A Doc remembers the shortest n without a repeated n-gram and skips longer n; in any
+    order of n, the measures equal those of a fresh Doc per call."""
+    import random
+    from data_engine.quality import Doc, dup_ngram_char_frac, top_ngram_char_frac
+    rng = random.Random(1)
+    vocab = ["a", "bb", "the", "cat", "sat", "on", "mat", "xx"]
+    texts = [PARAGRAPH, PYTHON_FUNCTION, "", "one two", "a b a b a b a b a b a b"]
+    texts += [" ".join(rng.choice(vocab[:k]) for _ in range(rng.randint(1, 40))) for k in (2, 5, 8)
+              for _ in range(20)]
+    for text in texts:
+        for order in (range(1, 12), range(11, 0, -1), rng.sample(range(1, 12), 11)):
+            shared = Doc(text)
+            for n in order:
+                assert top_ngram_char_frac(shared, n) == top_ngram_char_frac(Doc(text), n), (text, n)
+                assert dup_ngram_char_frac(shared, n) == dup_ngram_char_frac(Doc(text), n), (text, n)
