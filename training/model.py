@@ -340,8 +340,8 @@ class MoE(nn.Module):
         # gathered so each expert's tokens are one contiguous segment; index_select's backward is
         # an index_add_, cheaper on CPU than the accumulating index_put_ of x_ND[token_M]
         xs_MD = x_ND.index_select(0, token_M)
-        if self.cfg.expert_kernel == "auto" and _fused_experts_ok(xs_MD, self.w_gate) \
-                and self.w_down.shape[2] % 8 == 0:
+        # (w_gate's widths, D and F, are also w_up's and w_down's: one check covers all three)
+        if self.cfg.expert_kernel == "auto" and _fused_experts_ok(xs_MD, self.w_gate):
             ends_E = counts_E.cumsum(0).to(torch.int32)
             mm = lambda x, w: fused_grouped_mm(x, w, ends_E)  # noqa: E731
         else:
