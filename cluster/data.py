@@ -101,18 +101,6 @@ class _ShardWorker:
         return {"result": json.dumps(stats)}
 
 
-def _map_actors(ds, worker_kwargs: dict, size: int, num_cpus: float, num_gpus: float) -> list:
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for actor restarts and warns on **kwargs.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-        return ds.map(
-            _ShardWorker, fn_constructor_kwargs=worker_kwargs,
-            compute=ray.data.ActorPoolStrategy(size=size), num_cpus=num_cpus, num_gpus=num_gpus,
-            # A dead worker fails the stage instead of being restarted and retried:
-            # the shard may be poisoned, and a rerun resumes from the finished shards.
-            max_restarts=0, max_task_retries=0).take_all()
-
-
 def _shard_task(row: dict, **worker_kwargs) -> dict:
     return _ShardWorker(**worker_kwargs)(row)
 
@@ -146,14 +134,19 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
         ds = ray.data.from_items([{"item": json.dumps(it)} for it in todo], override_num_blocks=len(todo))
         worker_kwargs = {"step_cls": step_cls, "step_kwargs": step_kwargs, "out_dir": str(out_dir),
                          "fault_prefix": fault_prefix, "fault": fault}
-        if not actors:  # no retries either: a dead task fails the stage, as with actors
-            with warnings.catch_warnings():  # max_retries, like max_restarts: see _map_actors
-                warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
-                results = ds.map(_shard_task, fn_kwargs=worker_kwargs,
-                                 compute=ray.data.TaskPoolStrategy(size=min(n, len(todo))),
-                                 num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0).take_all()
+        size = min(n, len(todo))
+        # A dead worker or task fails the stage instead of being restarted and retried: the
+        # shard may be poisoned, and a rerun resumes from the finished shards.
+        if actors:
+            how = dict(fn=_ShardWorker, fn_constructor_kwargs=worker_kwargs,
+                       compute=ray.data.ActorPoolStrategy(size=size), max_restarts=0, max_task_retries=0)
         else:
-            results = _map_actors(ds, worker_kwargs, min(n, len(todo)), num_cpus, num_gpus)
+            how = dict(fn=_shard_task, fn_kwargs=worker_kwargs,
+                       compute=ray.data.TaskPoolStrategy(size=size), max_retries=0)
+        with warnings.catch_warnings():
+            # Ray 2.60 has no named parameters for retries and restarts and warns on **kwargs.
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.*")
+            results = ds.map(**how, num_cpus=num_cpus, num_gpus=num_gpus).take_all()
         for r in results:
             stats = json.loads(r["result"])
             (errors if "error" in stats else []).append(stats)

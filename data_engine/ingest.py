@@ -171,6 +171,7 @@ def _hf_rows(path: str) -> int:
 # What a damaged or vanished file raises: pyarrow's errors are OSError / ValueError subclasses,
 # datasets raises FileNotFoundError, and a truncated JSON file a JSON or Unicode error.
 UNREADABLE = (OSError, ValueError, pa.ArrowException, EOFError)
+UNREADABLE_REASONS = ["unreadable_file", "unreadable_chunk"]
 
 
 def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:

@@ -107,7 +107,7 @@ class QualityConfig(BaseModel):
     blocklist_min_hits: int | None = Field(1, ge=1)  # safety:blocklist at this many hits; None: off
     #: PII searched for: secret, email, ip, phone
     pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
-    pii_action: PiiAction = "redact"  # redact (placeholder) or drop (reject pii:<kind>)
+    pii_action: PiiAction = "redact"  # redact (to <EMAIL>, <PHONE>, ...) or drop (reject pii:<kind>)
     #: per-kind pii_action, e.g. {secret: drop}
     pii_action_by_kind: dict[PiiKind, PiiAction] = Field(default_factory=dict)
     # Loopback, unspecified, link-local, multicast and reserved addresses
@@ -159,9 +159,9 @@ class Doc:
         # the smallest n seen with no repeated word n-gram: then no longer n-gram repeats either
         self.unique_from: int | None = None
 
-    def repeats(self, n: int) -> bool | None:
-        """False when no word n-gram can repeat (known from a shorter n); None when unknown."""
-        return False if self.unique_from is not None and n >= self.unique_from else None
+    def known_unique(self, n: int) -> bool:
+        """True when no word n-gram can repeat (known from this or a shorter n)."""
+        return self.unique_from is not None and n >= self.unique_from
 
     def saw_unique(self, n: int) -> None:
         self.unique_from = n if self.unique_from is None else min(n, self.unique_from)
@@ -231,7 +231,7 @@ def _gram_chars(gram: tuple[str, ...]) -> int:
 
 def top_ngram_char_frac(doc: Doc, n: int) -> float:
     """Chars covered by the most frequent word n-gram (if it repeats) / all chars."""
-    if doc.repeats(n) is False:
+    if doc.known_unique(n):
         return 0.0
     grams = Counter(_ngrams(doc, n))
     if not grams:
@@ -244,7 +244,7 @@ def top_ngram_char_frac(doc: Doc, n: int) -> float:
 
 def dup_ngram_char_frac(doc: Doc, n: int) -> float:
     """Chars in n-grams seen before (non-overlapping, as Gopher) / all chars."""
-    if doc.repeats(n) is False:
+    if doc.known_unique(n):
         return 0.0
     grams = _ngrams(doc, n)
     if len(set(grams)) == len(grams):

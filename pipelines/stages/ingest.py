@@ -14,7 +14,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cluster.data import run_sharded, duplicate_values, write_parquet_atomic
-from data_engine.ingest import Chunk, InputSpec, plan_chunks, read_chunk, resolve_files
+from data_engine.ingest import (UNREADABLE_REASONS, Chunk, InputSpec, plan_chunks, read_chunk,
+                                resolve_files)
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import check_budget, funnel_metrics, publish_shards
 
@@ -55,35 +56,26 @@ def run(ctx: StageContext) -> dict:
         raise RuntimeError("ingest: unreadable chunk(s): " + "; ".join(
             f"{e['item']['chunk']['file']}: {e['error']}" for e in errors[:5]))
     _reject_duplicate_ids(ctx.work / "shards")
-    reasons = Counter()
-    per_file = Counter()
+    reasons, per_file, unreadable = Counter(), Counter(), {}
     for path in sorted((ctx.work / "shards" / "rejected").glob("part-*.parquet")):
-        t = pq.read_table(path, columns=["reason", "file"])
+        t = pq.read_table(path, columns=["reason", "file", "detail"])
         reasons.update(t.column("reason").to_pylist())
         per_file.update(t.column("file").to_pylist())
+        bad = t.filter(pc.is_in(t.column("reason"), pa.array(UNREADABLE_REASONS)))
+        for f, detail in zip(bad.column("file").to_pylist(), bad.column("detail").to_pylist()):
+            unreadable.setdefault(f, json.loads(detail)["error"])
     rows_in = sum(s["kept"] + s["rejected"] for s in stats)
     metrics = funnel_metrics(rows_in, ctx.work / "shards", reasons)
     metrics.update(files=len({c.file for c in chunks}), chunks=len(chunks))
-    _check_unreadable(per_file_unreadable(ctx.work / "shards"), metrics["files"],
-                      cfg.max_unreadable_file_fraction)
+    _check_unreadable(unreadable, metrics["files"], cfg.max_unreadable_file_fraction)
     check_budget("ingest", metrics, cfg.max_reject_fraction, per_file)
     publish_shards(ctx.work / "shards", ctx.out)
     return metrics
 
 
-def per_file_unreadable(shard_dir: Path) -> dict[str, str]:
-    """{file: error} of the files (or chunks of files) that could not be read."""
-    out = {}
-    for path in sorted((shard_dir / "rejected").glob("part-*.parquet")):
-        t = pq.read_table(path, columns=["reason", "file", "detail"])
-        bad = t.filter(pc.is_in(t.column("reason"), pa.array(["unreadable_file", "unreadable_chunk"])))
-        for f, detail in zip(bad.column("file").to_pylist(), bad.column("detail").to_pylist()):
-            out.setdefault(f, json.loads(detail)["error"])
-    return out
-
-
 def _check_unreadable(unreadable: dict[str, str], n_files: int, max_fraction: float) -> None:
-    """Unreadable files are rejections; more than max_fraction of the files fails the stage."""
+    """Unreadable files ({file: error}) are rejections; more than max_fraction of the files
+    fails the stage."""
     if n_files and len(unreadable) / n_files > max_fraction:
         named = "; ".join(f"{f}: {e[:200]}" for f, e in list(unreadable.items())[:5])
         raise ValueError(f"ingest: {len(unreadable)} of {n_files} input file(s) unreadable, over "

@@ -181,10 +181,9 @@ def test_fused_expert_kernel_equals_the_loop(autocast):
     assert (g_fused[1][3] == 0).all()  # the empty expert's weight gradient is zeros
 
 
+@hopper
 def test_the_fused_path_makes_no_host_sync():
     """With the fused kernel a MoE layer's forward and backward queue without waiting for the GPU."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("torch._grouped_mm's bf16 kernel needs a Hopper GPU")
     moe = moe_on_cuda().bfloat16()
     x = torch.randn(4, 33, 32, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     moe(x)[0].sum().backward()  # warm-up: first calls may sync while loading kernels
