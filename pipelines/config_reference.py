@@ -87,7 +87,8 @@ def render() -> str:
              "Generated from `pipelines/config.py` by `python -m pipelines.config_reference`.",
              "Every section rejects unknown keys; `--set KEY=VALUE` overrides any key.", "",
              "| key | type | default | meaning |", "|---|---|---|---|"]
-    lines += [f"| `{k}` | {t} | {d} | {m} |" for k, t, d, m in rows(PipelineConfig)]
+    # "<" would open an HTML tag in rendered Markdown (pii:<kind>, <EMAIL>)
+    lines += [f"| `{k}` | {t} | {d} | {m.replace('<', '&lt;')} |" for k, t, d, m in rows(PipelineConfig)]
     return "\n".join(lines) + "\n"
 
 
