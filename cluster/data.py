@@ -158,7 +158,7 @@ def duplicate_values(paths: list[str], column: str) -> set[Any]:
     """Values of ``column`` that occur more than once across Parquet files (Ray Data groupby)."""
     if not paths:
         return set()
-    ds = ray.data.read_parquet(paths, columns=[column])
+    ds = ray.data.read_parquet(paths).select_columns([column])  # projection is pushed down
     counts = ds.groupby(column).count().map_batches(_repeated, batch_format="pyarrow")
     return {r[column] for r in counts.take_all()}
 

@@ -193,16 +193,22 @@ def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
     if chunk.format == "unreadable":
         reject(0, "unreadable_file", chunk.error or "unreadable")
     else:
-        try:
-            for line, raw, error in _raw_rows(chunk):
-                row, reason = (None, error) if error else _to_record(raw, fields, chunk)
-                if reason:
-                    reject(line, reason[0], reason[1], raw)
-                else:
-                    kept.append(row)
-        except UNREADABLE as err:
-            reject(0, "unreadable_chunk", f"{type(err).__name__}: {err} "
-                                          f"(chunk {chunk.start}..{chunk.stop} of a {chunk.format} file)")
+        rows = _raw_rows(chunk)
+        while True:
+            try:  # only reading is guarded: a bug in _to_record must crash, not pose as bad data
+                item = next(rows, None)
+            except UNREADABLE as err:
+                reject(0, "unreadable_chunk", f"{type(err).__name__}: {err} "
+                                              f"(chunk {chunk.start}..{chunk.stop} of a {chunk.format} file)")
+                break
+            if item is None:
+                break
+            line, raw, error = item
+            row, reason = (None, error) if error else _to_record(raw, fields, chunk)
+            if reason:
+                reject(line, reason[0], reason[1], raw)
+            else:
+                kept.append(row)
     return (pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
             pa.Table.from_pylist(rejected, schema=INGEST_REJECT_SCHEMA))
 

@@ -93,6 +93,20 @@ def test_unreadable_files_and_chunks_become_rejections(tmp_path):
     assert row["reason"] == "unreadable_chunk" and "FileNotFoundError" in json.loads(row["detail"])["error"]
 
 
+def test_a_bug_in_row_conversion_crashes_instead_of_posing_as_bad_data(tmp_path, monkeypatch):
+    """Only reading is guarded: a ValueError from converting a row is a bug and must surface."""
+    from data_engine import ingest
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": "r0", "text": "a row"}) + "\n")
+    cfg = IngestConfig(inputs=[InputSpec(path="x")])
+    [chunk] = plan_chunks([(str(tmp_path / "a.jsonl"), "jsonl", None)], cfg)
+
+    def broken(*_args):
+        raise ValueError("bug in _to_record")
+    monkeypatch.setattr(ingest, "_to_record", broken)
+    with pytest.raises(ValueError, match="bug in _to_record"):
+        read_chunk(chunk, cfg.fields)
+
+
 def test_jsonl_chunks_keep_line_numbers(tmp_path):
     lines = [json.dumps({"id": f"r{i}", "text": f"row {i}"}) for i in range(50)]
     lines[37] = "{broken"
