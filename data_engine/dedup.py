@@ -45,7 +45,15 @@ REMOVED_SCHEMA = pa.schema([
 ])
 EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("jaccard_est", pa.float64())])
 _EMPTY_SIG = np.uint32(0xFFFFFFFF)  # datasketch's value for a set with no shingles
-_PUNCT_RE = re.compile(r"[^\w\s]+")
+# Operators carry meaning in math and code ("2x + 3" is not "2x - 3"): they stay, as tokens of
+# their own. A hyphen that follows a word character and precedes no digit ("well-known") is
+# punctuation; any other minus ("x-3", "-5", "a - b") is an operator. Other symbols go.
+# Three plain passes (each starts on a character class, so the scan stays fast): word hyphens to
+# spaces, other punctuation to spaces, then operators padded into tokens.
+_OPERATORS = "+*/=<>^%|&~\u00d7\u00f7\u2200-\u22ff"
+_WORD_HYPHEN_RE = re.compile(r"-(?<=\w-)(?!\d)")
+_PUNCT_RE = re.compile(rf"[^\w\s{_OPERATORS}-]+")
+_OPERATOR_RE = re.compile(rf"[{_OPERATORS}-]")
 _NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the n-gram polynomial mixes every word
 
 
@@ -78,7 +86,7 @@ class DedupConfig(BaseModel):
     exact: bool = True  # the exact pass (hash of the normalised text)
     near: bool = True  # the MinHash-LSH near-duplicate pass
     lowercase: bool = True  # normalisation before hashing and shingling
-    strip_punctuation: bool = True  # punctuation becomes spaces before shingling
+    strip_punctuation: bool = True  # punctuation becomes spaces; operators (+ - = ...) stay as tokens
     unicode_nfkc: bool = True  # NFKC-normalise before hashing and shingling
     # Error budget of the dedup stage: more removed than this fraction of the
     # input fails it (a corpus that is mostly copies is usually a broken input).
@@ -135,7 +143,8 @@ def optimal_bands(threshold: float, num_perm: int, fp_weight: float = 0.5,
 # --- text -> keys and signatures -------------------------------------------------
 
 def normalize_text(text: str | None, cfg: DedupConfig) -> str:
-    """The text both passes compare: NFKC, lowercased, punctuation to spaces, one space."""
+    """The text both passes compare: NFKC, lowercased, punctuation to spaces, operators as
+    tokens of their own, one space."""
     text = text or ""
     if cfg.unicode_nfkc:
         text = unicodedata.normalize("NFKC", text)
@@ -143,7 +152,7 @@ def normalize_text(text: str | None, cfg: DedupConfig) -> str:
         text = text.lower()
     if cfg.strip_punctuation:
         # A space, not nothing: "foo.bar(x)" must not fuse into one word.
-        text = _PUNCT_RE.sub(" ", text)
+        text = _OPERATOR_RE.sub(r" \g<0> ", _PUNCT_RE.sub(" ", _WORD_HYPHEN_RE.sub(" ", text)))
     return " ".join(text.split())
 
 

@@ -110,6 +110,20 @@ def test_exact_keys_match_after_normalisation():
     assert keys.column("n_chars").to_pylist() == [14, 11, 11]
 
 
+def test_operators_are_tokens_so_math_that_differs_survives():
+    """Punctuation goes, but "2x + 3 = 7" and "2x - 3 = 7" are different problems."""
+    cfg = DedupConfig()
+    assert normalize_text("Solve 2x - 3 = 7, a well-known x-1.", cfg) == "solve 2x - 3 = 7 a well known x - 1"
+    assert normalize_text("y=x**2 (<= 4)", cfg) == "y = x * * 2 < = 4"
+    problems = {f"p{i}": f"Solve 2x {op} 3 = 7 for x, then check the answer by substitution."
+                for i, op in enumerate(["+", "-", "*", "/"])}
+    problems["p4"] = "solve 2x + 3 = 7 for x then check the answer by substitution"  # p0 again
+    kept, rejected = dedup_table(records(problems), cfg)
+    assert sorted(kept.column("id").to_pylist()) == ["p0", "p1", "p2", "p3"]
+    assert rejected.select(["id", "reason", "duplicate_of"]).to_pylist() == [
+        {"id": "p4", "reason": "exact_duplicate", "duplicate_of": "p0"}]
+
+
 def test_signatures_are_reproducible_across_processes():
     table = records({"a": edited([]), "b": "short text"})
     here = signature_batch(table, DedupConfig()).column("sig").to_pylist()
