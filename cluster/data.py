@@ -54,6 +54,24 @@ def write_parquet_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
+    _replace_synced(tmp, path)
+
+
+def _write_text_atomic(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _replace_synced(tmp, path)
+
+
+def _replace_synced(tmp: Path, path: Path) -> None:
+    """fsync, then rename into place (as pipelines.store does): after a power loss a shard or
+    marker is either absent or whole, never a renamed empty file."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
@@ -93,11 +111,7 @@ class _ShardWorker:
         maybe_fault(f"{self.fault_prefix}:after_write:{item['index']}", self.fault)
         stats = {"index": item["index"], "kept": kept.num_rows, "rejected": rejected.num_rows,
                  "counters": counters, "item": item}
-        marker = self.out / "done" / f"{name}.json"
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_name(f".{marker.name}.tmp")
-        tmp.write_text(json.dumps(stats))
-        os.replace(tmp, marker)
+        _write_text_atomic(json.dumps(stats), self.out / "done" / f"{name}.json")
         return {"result": json.dumps(stats)}
 
 
