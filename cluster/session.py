@@ -5,6 +5,7 @@ Cluster:               connect(RaySettings(address="auto" | "ray://head:10001"))
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -31,11 +32,28 @@ def connect(settings: RaySettings) -> dict:
         if settings.address:
             ray.init(address=settings.address, runtime_env=env, log_to_driver=True)
         else:
+            if not settings.include_dashboard:
+                env["worker_process_setup_hook"] = "cluster.session.quiet_local_workers"
             ray.init(num_cpus=settings.num_cpus, include_dashboard=settings.include_dashboard,
                      _node_ip_address=settings.node_ip_address, runtime_env=env,
                      configure_logging=True, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False
     return ray.cluster_resources()
+
+
+def quiet_local_workers() -> None:
+    """Worker setup hook of the embedded local cluster (no dashboard, so no State API).
+
+    Ray Train's placement-group cleaner asks the State API every second whether the controller
+    lives, and warns each time it cannot; locally the cluster dies with the driver, so there is
+    nothing for it to clean. Ray Train's workers also log every report's whole metrics dict at
+    INFO; the stage's own log line and W&B carry those metrics.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner"
+                      ).setLevel(logging.ERROR)
+    context = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution",
+                           "context.py")
+    logging.getLogger(context).setLevel(logging.WARNING)  # that module logs as getLogger(__file__)
 
 
 def shutdown() -> None:
