@@ -116,7 +116,8 @@ class QualityConfig(BaseModel):
     ip_skip_local: bool = True  # leave loopback, link-local and reserved IPs alone
     # Error budget of the quality stage: rejecting more than this fraction of
     # the rows fails it, naming the shards that lost the most.
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget: share of input rows rejected
+    #: guard against a misconfigured rule: fail above this share rejected (Gopher/C4 rules drop 30-60% of raw web text)
+    max_reject_fraction: float = Field(0.9, ge=0.0, le=1.0)
     _code: "QualityConfig" = PrivateAttr()
 
     def model_post_init(self, _context: Any) -> None:
