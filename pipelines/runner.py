@@ -118,8 +118,10 @@ def _run_stage(cfg, store, name, fp, inputs, echo, fault) -> StageResult:
 
 
 def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None = None) -> dict:
-    """The body of one stage; runs inside a Ray task. Returns the stage's metrics."""
-    from cluster.data import configure
+    """The body of one stage; runs inside a Ray task. Returns the stage's metrics.
+
+    Fault point (tests): ``<stage>:after_run``, after the stage staged its outputs."""
+    from cluster.data import configure, maybe_fault
     from pipelines.tracking import make_sink
     configure(shuffle=cfg.ray.shuffle)
     store = RunStore(cfg.runs_dir, run_id)
@@ -133,6 +135,7 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     ctx.work.mkdir(parents=True, exist_ok=True)
     try:
         metrics = stage.run(ctx)
+        maybe_fault(f"{name}:after_run", fault)
     except BaseException:
         sink.finish(exit_code=1)
         raise

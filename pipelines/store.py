@@ -8,7 +8,8 @@ crash at any point leaves a stage that is not done and will run again.
 Layout of a stage folder:
     manifest.json   status, fingerprint, inputs, outputs (+sha256), metrics, times
     .staging/       outputs being written; moved into place at publish
-    .work/          resumable partial work (finished shards), kept across crashes
+    .work/          resumable partial work (finished shards), kept across crashes until
+                    the done manifest is written; a run that is not a resume starts without it
     checkpoints/    training stages: kept across crashes for resume
     <outputs>       data/, rejected/, model/, ... once published
 """
@@ -110,6 +111,8 @@ class StageDir:
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
         resumed = bool(old) and old.get("fingerprint") == fp and old.get("status") != DONE
+        if not resumed:  # a forced rerun starts clean, even after a crash while .work was dropped
+            shutil.rmtree(self.work, ignore_errors=True)
         manifest = {"stage": self.name, "status": RUNNING, "fingerprint": fp, "inputs": inputs,
                     "config": config, "outputs": [], "metrics": {}, "started": time.time(),
                     "finished": None, "error": None, "resumed": resumed,
@@ -118,17 +121,20 @@ class StageDir:
         return manifest
 
     def publish(self, manifest: dict, metrics: dict) -> dict:
-        """Move staged outputs into place, then write the done manifest last."""
+        """Move staged outputs into place, write the done manifest, then drop .work.
+
+        .work goes after the manifest: until the stage is done, a crash anywhere here resumes
+        from its finished shards, which a half-deleted .work would no longer match."""
         for child in sorted(self.staging.iterdir()):
             target = self.root / child.name
             if target.exists():
                 shutil.rmtree(target) if target.is_dir() else target.unlink()
             os.replace(child, target)
-        shutil.rmtree(self.staging, ignore_errors=True)
-        shutil.rmtree(self.work, ignore_errors=True)
         manifest = dict(manifest, status=DONE, metrics=metrics, finished=time.time(),
                         outputs=self.list_outputs())
         write_json_atomic(self.manifest_path, manifest)
+        shutil.rmtree(self.staging, ignore_errors=True)
+        shutil.rmtree(self.work, ignore_errors=True)
         return manifest
 
     def fail(self, manifest: dict, error: str) -> None:

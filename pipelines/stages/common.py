@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -36,13 +37,24 @@ def check_budget(stage: str, metrics: dict, max_fraction: float, per_file: Count
 
 
 def publish_shards(shard_dir: Path, out: Path) -> None:
-    """Move finished data/ and rejected/ shard folders into the staging outputs."""
+    """Link the finished data/ and rejected/ shards into the staging outputs.
+
+    The shards and their done markers stay in the work folder, which the runner drops only
+    after the done manifest: a failure after this point (a W&B error, a kill) resumes from
+    them instead of from markers whose files were moved into a staging folder it discards."""
     for kind in ("data", "rejected"):
-        src = shard_dir / kind
-        if src.exists():
-            os.replace(src, out / kind)
-        else:
-            (out / kind).mkdir(parents=True, exist_ok=True)
+        (out / kind).mkdir(parents=True, exist_ok=True)
+        for src in sorted((shard_dir / kind).glob("*.parquet")):
+            link_or_copy(src, out / kind / src.name)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """A hard link (no bytes copied; shards are never rewritten in place), or a copy on a
+    filesystem without hard links."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # --- stages that map record shards one to one (dedup write-out, quality, domains, difficulty) ---

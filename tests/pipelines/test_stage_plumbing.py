@@ -1,0 +1,79 @@
+"""How data stages hand rows on: publishing, resuming after a late failure, row accounting.
+
+The runs folder lies under a folder named ``data`` on purpose: paths are built from their
+parts, never by replacing ``/data/`` in a string.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines.config import load_config
+from pipelines.runner import StageFailed, run_pipeline
+from pipelines.store import RunStore
+from tests.conftest import write_recipe
+
+N_LINES = 60
+BLANK, BAD_JSON = 20, 10
+DUPLICATES: dict[int, int] = {}
+
+
+def _corpus(path: Path) -> None:
+    """JSONL with a blank line, a malformed row and ids repeated within and across chunks."""
+    lines = []
+    for line in range(1, N_LINES + 1):
+        rid = f"r{DUPLICATES.get(line, line):02d}"
+        if line == BLANK:
+            lines.append("")
+        elif line == BAD_JSON:
+            lines.append('{"id": "broken", "text": ')
+        else:
+            lines.append(json.dumps({"id": rid, "text": f"document {line}: some words here"}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    _corpus(tmp_path / "in.jsonl")
+    return write_recipe(tmp_path / "r.yaml", f"""
+name: t
+runs_dir: {tmp_path / 'data' / 'runs'}
+stages: [ingest]
+ray: {{num_cpus: 2}}
+wandb: {{mode: disabled}}
+ingest:
+  inputs: [{{path: {tmp_path / 'in.jsonl'}}}]
+  chunk_bytes: 400
+""")
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [r for p in sorted(folder.glob("*.parquet")) for r in pq.read_table(p).to_pylist()]
+
+
+def test_failure_after_publish_resumes_from_the_finished_shards(recipe):
+    cfg = load_config(recipe)
+    [clean] = run_pipeline(cfg, "clean")
+    with pytest.raises(StageFailed):  # killed after the stage staged its outputs
+        run_pipeline(cfg, "late", fault="ingest:after_run")
+    stage = RunStore(cfg.runs_dir, "late").stage("ingest")
+    assert stage.manifest()["status"] == "failed" and not (stage.root / "data").exists()
+    markers = sorted((stage.work / "shards" / "done").glob("*.json"))
+    assert len(markers) == clean.metrics["chunks"] > 2
+    written = max(p.stat().st_mtime_ns for p in (stage.work / "shards" / "data").glob("*.parquet"))
+
+    [res] = run_pipeline(cfg, "late")
+    assert res.action == "ran" and stage.manifest()["resumed"] is True
+    assert res.metrics == clean.metrics
+    assert stage.manifest()["status"] == "done" and not stage.work.exists()
+    # every published shard is one written before the kill: none was redone
+    assert max(p.stat().st_mtime_ns for p in (stage.root / "data").glob("*.parquet")) <= written
+    assert sorted(r["id"] for r in _rows(stage.root / "data")) == \
+        sorted(r["id"] for r in _rows(RunStore(cfg.runs_dir, "clean").stage("ingest").root / "data"))
+
+    [forced] = run_pipeline(cfg, "late", force=True)  # --force redoes the work from scratch
+    assert forced.action == "ran" and forced.metrics == clean.metrics
+    assert stage.manifest()["resumed"] is False
