@@ -7,23 +7,34 @@ to the clean, prototypical reference text = ``basic``; the middle band is
 With the default quantiles (0.3, 0.6), 30% of each domain's rows are basic,
 30% advanced and 40% expert, like CCNet's head/middle/tail.
 
+Cross-fitting. A model scores the text it was trained on far lower than text
+it never saw, so grading the reference with the model trained on it would say
+"was in the reference" rather than "reads like it". Every row therefore falls
+into one of ``folds`` folds by a hash of its id; model k is trained on the
+reference rows outside fold k and scores exactly the rows of fold k. No row is
+scored by a model that saw it, and all models train on about (folds-1)/folds
+of the reference, so their perplexities are comparable and one set of cuts
+applies to all of them.
+
 The steps, each usable on its own (``cluster/`` wires them onto Ray Data):
 
-    mask = reference_mask(batch, cfg, thresholds)      # which rows train the LM
-    model = train_kenlm(texts, out_dir, cfg)           # lmplz + build_binary
-    scored = PerplexityScorer(model)(batch)            # + "ppl" (float64)
-    cuts = quantile_cuts(scored_ppl_and_domain, cfg)   # {domain: (q1, q2), "*": global}
-    graded = assign_difficulty(scored, cuts)           # + "difficulty" (string)
+    mask = fold_training_mask(batch, cfg, k, thresholds)  # rows that train model k
+    models[k] = train_kenlm(texts[mask], out_dir_k, cfg)  # lmplz + build_binary
+    scored = CrossFitScorer(models)(batch)                 # + "ppl", from each row's fold model
+    cuts = quantile_cuts(scored_ppl_and_domain, cfg)      # {domain: (q1, q2), "*": global}
+    graded = assign_difficulty(scored, cuts)              # + "difficulty" (string)
 
 One machine: ``scripts/build_kenlm.sh`` once (builds lmplz/build_binary into
-the venv), then the calls above. A cluster: the same; train_kenlm runs once
-on the driver or one worker, the scorer runs as a Ray Data callable class.
+the venv), then the calls above. A cluster: the same; the folds' train_kenlm
+calls run on the driver or one worker, the scorer runs as a Ray Data callable
+class (the models are small: every worker loads all of them).
 
 Reference subset (``DifficultyConfig.reference``):
-  top_domain_score  (default) per domain, the ``reference_fraction`` of rows
-                    with the highest domain_score: text that is clearly about
-                    its field, the closest thing a web-like corpus has to
-                    CCNet's Wikipedia reference, and every domain is present.
+  top_domain_score  (default) per domain, exactly max(1, round(reference_fraction
+                    * rows)) rows with the highest domain_score, ties broken by
+                    a hash of the id: text that is clearly about its field, the
+                    closest thing a web-like corpus has to CCNet's Wikipedia
+                    reference, and every domain is present.
   fraction          a seeded ``reference_fraction`` of rows, chosen by a hash
                     of the row id, so every Ray batch agrees without a shuffle.
   sources           rows whose ``source`` is in ``reference_sources``.
@@ -65,6 +76,8 @@ class DifficultyConfig(BaseModel):
     reference_fraction: float = Field(0.3, gt=0.0, le=1.0)
     reference_sources: list[str] = Field(default_factory=list)  # reference = sources: these `source` values
     reference_seed: int = 0  # reference = fraction: seed of the id hash
+    #: cross-fitting folds (by id hash): model k trains on the reference outside fold k, scores fold k
+    folds: int = Field(2, ge=2, le=10)  # >= 2, so no row is scored by a model that saw it
     #: perplexity cuts: basic <= q1 < advanced <= q2 < expert
     quantiles: list[float] = Field(default_factory=lambda: [0.3, 0.6])
     per_domain: bool = True  # cut each domain at its own quantiles
@@ -108,33 +121,56 @@ def normalize_text(text: str | None) -> str:
 
 # --------------------------------------------------------- reference subset
 
+def _id_hash(ids: list, salt: str) -> np.ndarray:
+    """A stable 64-bit hash per id (uint64): same row, same answer in every
+    batch and on every worker. Different salts give independent hashes."""
+    def one(value) -> int:
+        digest = hashlib.blake2b(f"{salt}\x00{value}".encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big")
+    return np.fromiter((one(v) for v in ids), np.uint64, len(ids))
+
+
 def _id_fraction(ids: list, seed: int) -> np.ndarray:
-    """A stable pseudo-random number in [0, 1) per id: same row, same answer
-    in every batch and on every worker."""
-    def one(value) -> float:
-        digest = hashlib.blake2b(f"{seed}\x00{value}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "big") / 2.0 ** 64
-    return np.fromiter((one(v) for v in ids), np.float64, len(ids))
+    """A stable pseudo-random number in [0, 1) per id."""
+    return _id_hash(ids, str(seed)) / 2.0 ** 64
 
 
-def domain_score_thresholds(table: pa.Table, cfg: DifficultyConfig) -> dict[str, float]:
-    """Per domain, the domain_score at or above which a row joins the reference
-    (its top ``reference_fraction``). Needs the domain and domain_score columns
-    of the whole corpus: two small columns, fine to collect on the driver."""
-    _require(table, ("domain", "domain_score"), "reference = 'top_domain_score'")
-    domains = np.asarray(table.column("domain").to_pylist(), dtype=object)
+def row_folds(ids: list, folds: int) -> np.ndarray:
+    """The cross-fitting fold of each row (int64 in [0, folds)), by a hash of its id
+    that is independent of the reference's own hashes."""
+    return (_id_hash(ids, "fold") % np.uint64(folds)).astype(np.int64)
+
+
+def _domain_scores(table: pa.Table) -> np.ndarray:
     scores = table.column("domain_score").to_numpy(zero_copy_only=False).astype(np.float64)
+    scores[np.isnan(scores)] = -math.inf  # a row without a score ranks last
+    return scores
+
+
+def domain_score_thresholds(table: pa.Table, cfg: DifficultyConfig) -> dict[str, tuple[float, int]]:
+    """Per domain, the (domain_score, tie key) of the last row that joins the reference.
+
+    Rows rank by domain_score, highest first; equal scores (a unanimous k-NN vote
+    gives exactly 1.0) rank by a hash of the id, so exactly max(1, round(fraction
+    * rows)) rows of each domain join, whatever the ties. Needs the id, domain
+    and domain_score columns of the whole corpus: fine to collect on the driver."""
+    _require(table, ("id", "domain", "domain_score"), "reference = 'top_domain_score'")
+    domains = np.asarray(table.column("domain").to_pylist(), dtype=object)
+    scores = _domain_scores(table)
+    ties = _id_hash(table.column("id").to_pylist(), "reference-tie")
     thresholds = {}
-    for domain in sorted(set(domains.tolist())):
-        ranked = np.sort(scores[domains == domain])[::-1]
-        keep = max(1, math.ceil(cfg.reference_fraction * len(ranked) - 1e-9))
-        thresholds[domain] = float(ranked[keep - 1])
+    for domain in sorted(set(domains.tolist()), key=str):
+        rows = domains == domain
+        ranked = np.lexsort((ties[rows], -scores[rows]))  # the last key sorts first
+        keep = max(1, round(cfg.reference_fraction * len(ranked)))
+        last = ranked[keep - 1]
+        thresholds[domain] = (float(scores[rows][last]), int(ties[rows][last]))
     return thresholds
 
 
 def reference_mask(batch: pa.Table, cfg: DifficultyConfig,
-                   thresholds: Mapping[str, float] | None = None) -> np.ndarray:
-    """Which rows of this batch train the KenLM model (bool, one per row)."""
+                   thresholds: Mapping[str, tuple[float, int]] | None = None) -> np.ndarray:
+    """Which rows of this batch are in the reference subset (bool, one per row)."""
     if cfg.reference == "sources":
         _require(batch, ("source",), "reference = 'sources'")
         return np.asarray(pc.is_in(batch.column("source"),
@@ -144,11 +180,23 @@ def reference_mask(batch: pa.Table, cfg: DifficultyConfig,
         return _id_fraction(batch.column("id").to_pylist(), cfg.reference_seed) < cfg.reference_fraction
     if thresholds is None:
         raise ValueError("reference = 'top_domain_score' needs the thresholds from domain_score_thresholds()")
-    _require(batch, ("domain", "domain_score"), "reference = 'top_domain_score'")
-    domains = batch.column("domain").to_pylist()
-    scores = batch.column("domain_score").to_pylist()
-    return np.array([d in thresholds and s is not None and s >= thresholds[d]
-                     for d, s in zip(domains, scores)], bool)
+    _require(batch, ("id", "domain", "domain_score"), "reference = 'top_domain_score'")
+    domains = np.asarray(batch.column("domain").to_pylist(), dtype=object)
+    scores = _domain_scores(batch)
+    ties = _id_hash(batch.column("id").to_pylist(), "reference-tie")
+    mask = np.zeros(batch.num_rows, bool)
+    for domain, (score, tie) in thresholds.items():
+        rows = domains == domain
+        mask[rows] = (scores[rows] > score) | ((scores[rows] == score) & (ties[rows] <= np.uint64(tie)))
+    return mask
+
+
+def fold_training_mask(batch: pa.Table, cfg: DifficultyConfig, fold: int,
+                       thresholds: Mapping[str, tuple[float, int]] | None = None) -> np.ndarray:
+    """The rows that train fold ``fold``'s model: the reference rows of the other folds."""
+    _require(batch, ("id",), "cross-fitting")
+    other = row_folds(batch.column("id").to_pylist(), cfg.folds) != fold
+    return reference_mask(batch, cfg, thresholds) & other
 
 
 def _require(table: pa.Table, columns: Iterable[str], why: str) -> None:
@@ -235,10 +283,28 @@ class PerplexityScorer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         _require(batch, ("text",), "perplexity scoring")
-        ppl = pa.array([self.perplexity(t) for t in batch.column("text").to_pylist()], pa.float64())
-        if "ppl" in batch.column_names:
-            batch = batch.drop_columns(["ppl"])
-        return batch.append_column("ppl", ppl)
+        return _with_ppl(batch, [self.perplexity(t) for t in batch.column("text").to_pylist()])
+
+
+class CrossFitScorer:
+    """Callable over a pyarrow batch with "id" and "text": adds ``ppl`` (float64),
+    each row scored by the model of its fold (row_folds). ``model_paths[k]`` must be
+    the model trained without fold k, so no row meets a model that saw it."""
+
+    def __init__(self, model_paths: list[Path | str]):
+        self.scorers = [PerplexityScorer(p) for p in model_paths]
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        _require(batch, ("id", "text"), "cross-fitted perplexity scoring")
+        folds = row_folds(batch.column("id").to_pylist(), len(self.scorers))
+        texts = batch.column("text").to_pylist()
+        return _with_ppl(batch, [self.scorers[k].perplexity(t) for k, t in zip(folds, texts)])
+
+
+def _with_ppl(batch: pa.Table, ppl: list[float]) -> pa.Table:
+    if "ppl" in batch.column_names:
+        batch = batch.drop_columns(["ppl"])
+    return batch.append_column("ppl", pa.array(ppl, pa.float64()))
 
 
 # ------------------------------------------------------------ quantile cuts

@@ -76,17 +76,18 @@ def shard_label(path: str) -> str:
 
 def map_shards(ctx, step_cls, step_kwargs: dict, items: list[dict], out_dir: Path,
                num_gpus: float = 0, concurrency: int | None = None,
-               actors: bool = True) -> list[dict]:
+               actors: bool = True, fault_name: str | None = None) -> list[dict]:
     """run_sharded over items that each carry their input ``path``; a failed shard fails the
     stage naming its file (the shards are our own upstream outputs: a failure is a bug or
-    broken storage, not bad input). ``actors=False`` for steps cheap to build."""
+    broken storage, not bad input). ``actors=False`` for steps cheap to build. Fault points
+    are ``<fault_name>:after_write:<index>``; fault_name defaults to the stage's name."""
     from cluster.data import finished_shards, run_sharded
     reused = set(finished_shards(out_dir))
     if reused:
         ctx.log(f"resuming: {len(reused)} of {len(items)} shard(s) already done")
     stats, errors = run_sharded(step_cls, step_kwargs, items, out_dir,
                                 concurrency=concurrency or ctx.data_concurrency,
-                                num_gpus=num_gpus, fault_prefix=ctx.name, fault=ctx.fault,
+                                num_gpus=num_gpus, fault_prefix=fault_name or ctx.name, fault=ctx.fault,
                                 actors=actors)
     if errors:
         raise RuntimeError(f"{ctx.name}: {len(errors)} shard(s) failed: " + "; ".join(

@@ -148,10 +148,11 @@ def test_domain_and_difficulty_columns_are_valid(run):
     assert rows and all(r["domain"] in DOMAINS and r["domain_runner_up"] in DOMAINS for r in rows)
     assert all(r["domain"] != r["domain_runner_up"] and 0 < r["domain_score"] <= 1 for r in rows)
     assert all(r["difficulty"] in DIFFICULTIES and r["ppl"] > 0 for r in rows)
-    model = _stage(run, "difficulty") / "model" / "kenlm.binary"
-    assert model.stat().st_size > 0
+    models = sorted((_stage(run, "difficulty") / "model").glob("kenlm-fold*.binary"))
+    assert [p.name for p in models] == ["kenlm-fold0.binary", "kenlm-fold1.binary"]
+    assert all(p.stat().st_size > 0 for p in models)
     outputs = {o["path"] for o in run["store"].stage("difficulty").manifest()["outputs"]}
-    assert {"model/kenlm.binary", "model/cuts.json"} <= outputs
+    assert {"model/kenlm-fold0.binary", "model/cuts.json"} <= outputs
 
 
 def test_quantile_cuts_split_every_domain_30_60(run):
