@@ -6,6 +6,7 @@ reason, file and line). Metrics: rows in, kept, rejected by reason.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.data import run_sharded, duplicate_values, write_parquet_atomic
+from cluster.data import (duplicate_values, maybe_fault, run_sharded, shard_name,
+                          write_parquet_atomic)
 from data_engine.ingest import (UNREADABLE_REASONS, Chunk, InputSpec, plan_chunks, read_chunk,
                                 resolve_files)
 from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.common import check_budget, funnel_metrics, publish_shards
+from pipelines.stages.common import check_budget, funnel_metrics, link_or_copy, publish_shards
+from pipelines.store import write_json_atomic
 
 
 class IngestStep:
@@ -55,21 +58,23 @@ def run(ctx: StageContext) -> dict:
     if errors:
         raise RuntimeError("ingest: unreadable chunk(s): " + "; ".join(
             f"{e['item']['chunk']['file']}: {e['error']}" for e in errors[:5]))
-    _reject_duplicate_ids(ctx.work / "shards")
+    unique = ctx.work / "unique"
+    _reject_duplicate_ids(ctx.work / "shards", unique, chunks, ctx.fault)
     reasons, per_file, unreadable = Counter(), Counter(), {}
-    for path in sorted((ctx.work / "shards" / "rejected").glob("part-*.parquet")):
+    for path in sorted((unique / "rejected").glob("part-*.parquet")):
         t = pq.read_table(path, columns=["reason", "file", "detail"])
         reasons.update(t.column("reason").to_pylist())
         per_file.update(t.column("file").to_pylist())
         bad = t.filter(pc.is_in(t.column("reason"), pa.array(UNREADABLE_REASONS)))
         for f, detail in zip(bad.column("file").to_pylist(), bad.column("detail").to_pylist()):
             unreadable.setdefault(f, json.loads(detail)["error"])
+    # What the reader returned for each chunk, recorded in its marker as it read it.
     rows_in = sum(s["kept"] + s["rejected"] for s in stats)
-    metrics = funnel_metrics(rows_in, ctx.work / "shards", reasons)
+    metrics = funnel_metrics(rows_in, unique, reasons)
     metrics.update(files=len({c.file for c in chunks}), chunks=len(chunks))
     _check_unreadable(unreadable, metrics["files"], cfg.max_unreadable_file_fraction)
     check_budget("ingest", metrics, cfg.max_reject_fraction, per_file)
-    publish_shards(ctx.work / "shards", ctx.out)
+    publish_shards(unique, ctx.out)
     return metrics
 
 
@@ -82,35 +87,83 @@ def _check_unreadable(unreadable: dict[str, str], n_files: int, max_fraction: fl
                          f"max_unreadable_file_fraction={max_fraction}: {named}")
 
 
-def _reject_duplicate_ids(shard_dir: Path) -> int:
-    """Rows whose id was seen before (shard order, then row order) move to rejected."""
-    data = sorted(str(p) for p in (shard_dir / "data").glob("part-*.parquet"))
-    dups = duplicate_values(data, "id")
-    if not dups:
-        return 0
-    seen, moved = set(), 0
-    for path in data:
-        table = pq.read_table(path)
-        ids = table.column("id").to_pylist()
-        drop = [i for i, rid in enumerate(ids) if rid in dups and (rid in seen or seen.add(rid))]
+def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk], fault: str | None) -> int:
+    """Rows whose id was seen before (shard order, then row order) move to rejected.
+
+    The shards run_sharded wrote are never changed: ``out`` gets a rewritten data/rejected
+    pair for each shard that holds a repeat and a link to the others, then a marker. A crash
+    before the marker rebuilds ``out`` from the untouched shards, so no row moves twice.
+    Fault point (tests): ``ingest:duplicate_ids:<index>``, after a rewritten shard."""
+    marker = out / "moved.json"
+    if marker.exists():
+        return json.loads(marker.read_text())["moved"]
+    shutil.rmtree(out, ignore_errors=True)
+    dups = duplicate_values([str(shards / "data" / f"{shard_name(i)}.parquet")
+                             for i in range(len(chunks))], "id")
+    first: dict[str, dict] = {}  # id -> where it first occurs
+    moved = 0
+    for i, chunk in enumerate(chunks):
+        name = f"{shard_name(i)}.parquet"
+        data, rejected = shards / "data" / name, shards / "rejected" / name
+        ids = pq.read_table(data, columns=["id"]).column("id").to_pylist()
+        repeats = [k for k, rid in enumerate(ids) if rid in dups]
+        lines = _kept_lines(chunk, rejected, len(ids)) if repeats else []
+        drop = {}  # row -> the first occurrence it repeats
+        for k in repeats:
+            if ids[k] in first:
+                drop[k] = first[ids[k]]
+            else:
+                first[ids[k]] = {"file": chunk.file, "line": lines[k] if lines else None}
         if not drop:
+            for src in (data, rejected):
+                link_or_copy(src, _mkdir(out / src.parent.name) / name)
             continue
-        dropped = set(drop)
-        mask = pa.array([i not in dropped for i in range(len(ids))])
-        rej_path = Path(path.replace("/data/", "/rejected/"))
-        moved_rows = table.take(drop)
-        rej = pa.table({
-            "id": moved_rows.column("id"), "text": moved_rows.column("text"),
-            "source": moved_rows.column("source"),
-            "reason": pa.array(["duplicate_id"] * len(drop)),
-            "detail": pa.array([json.dumps({"error": "id seen in an earlier row"})] * len(drop)),
-            "file": pa.array([None] * len(drop), pa.string()),
-            "line": pa.array([None] * len(drop), pa.int64())})
-        old = pq.read_table(rej_path)
-        write_parquet_atomic(pa.concat_tables([old, rej.cast(old.schema)]), rej_path)
-        write_parquet_atomic(table.filter(mask), Path(path))
+        _move_rows(data, rejected, out, drop, chunk.file, lines)
         moved += len(drop)
+        maybe_fault(f"ingest:duplicate_ids:{i}", fault)
+    write_json_atomic(marker, {"moved": moved})
     return moved
+
+
+def _move_rows(data: Path, rejected: Path, out: Path, drop: dict[int, dict], file: str,
+               lines: list[int]) -> None:
+    """Write ``data`` without the rows in ``drop`` and ``rejected`` with them, into ``out``."""
+    table, old = pq.read_table(data), pq.read_table(rejected)
+    rows = table.take(sorted(drop)).select(["id", "text", "source"]).to_pylist()
+    moved = []
+    for k, row in zip(sorted(drop), rows):
+        line, where = (lines[k] if lines else None), drop[k]
+        named = f"{where['file']}:{where['line']}" if where["line"] else \
+            f"{where['file']}, id {row['id']!r}"
+        moved.append(dict(row, reason="duplicate_id", file=file, line=line, detail=json.dumps(
+            {"file": file, "line": line, "error": f"id first seen at {named}", "first": where})))
+    keep = pa.array([k not in drop for k in range(table.num_rows)])
+    write_parquet_atomic(table.filter(keep), out / "data" / data.name)
+    write_parquet_atomic(pa.concat_tables([old, pa.Table.from_pylist(moved, schema=old.schema)]),
+                         out / "rejected" / rejected.name)
+
+
+def _kept_lines(chunk: Chunk, rejected: Path, n_kept: int) -> list[int]:
+    """The line (JSONL) or row number of each kept row of a chunk: the reader's numbering less
+    its rejected rows' lines (kept records do not carry theirs). [] when it does not add up."""
+    rejected_lines = [n for n in pq.read_table(rejected, columns=["line"]).column("line").to_pylist()
+                      if n]  # line 0 is an unreadable file or chunk, not a row
+    if chunk.format == "jsonl":  # as data_engine.ingest reads: blank lines are counted, not rows
+        with open(chunk.file, "rb") as f:
+            f.seek(chunk.start)
+            raw = f.read(chunk.stop - chunk.start).split(b"\n")
+        numbers = [chunk.first_line + k for k, line in enumerate(raw) if line.strip()]
+    else:  # rows numbered from 1 (json) or from the chunk's start (parquet, hf)
+        start = chunk.start + 1 if chunk.format in ("parquet", "hf") else 1
+        numbers = range(start, start + n_kept + len(rejected_lines))
+    skip = set(rejected_lines)
+    lines = [n for n in numbers if n not in skip]
+    return lines if len(lines) == n_kept else []
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 register(Stage("ingest", (), run, summary="read raw files into Parquet record shards"))

@@ -18,7 +18,7 @@ from tests.conftest import write_recipe
 
 N_LINES = 60
 BLANK, BAD_JSON = 20, 10
-DUPLICATES: dict[int, int] = {}
+DUPLICATES = {30: 3, 55: 3, 46: 45}  # line -> the line whose id it repeats
 
 
 def _corpus(path: Path) -> None:
@@ -33,6 +33,13 @@ def _corpus(path: Path) -> None:
         else:
             lines.append(json.dumps({"id": rid, "text": f"document {line}: some words here"}))
     path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_code_version(monkeypatch):
+    """Fingerprints hash the git commit: one made in this checkout mid-test must not turn a
+    resume into a fresh run."""
+    monkeypatch.setattr("pipelines.runner.code_version", lambda: "test")
 
 
 @pytest.fixture()
@@ -63,7 +70,7 @@ def test_failure_after_publish_resumes_from_the_finished_shards(recipe):
     assert stage.manifest()["status"] == "failed" and not (stage.root / "data").exists()
     markers = sorted((stage.work / "shards" / "done").glob("*.json"))
     assert len(markers) == clean.metrics["chunks"] > 2
-    written = max(p.stat().st_mtime_ns for p in (stage.work / "shards" / "data").glob("*.parquet"))
+    written = max(p.stat().st_mtime_ns for p in (stage.work / "unique" / "data").glob("*.parquet"))
 
     [res] = run_pipeline(cfg, "late")
     assert res.action == "ran" and stage.manifest()["resumed"] is True
@@ -77,3 +84,39 @@ def test_failure_after_publish_resumes_from_the_finished_shards(recipe):
     [forced] = run_pipeline(cfg, "late", force=True)  # --force redoes the work from scratch
     assert forced.action == "ran" and forced.metrics == clean.metrics
     assert stage.manifest()["resumed"] is False
+
+
+def test_duplicate_ids_across_shards_are_rejected_naming_the_first(recipe, tmp_path):
+    cfg = load_config(recipe)
+    [res] = run_pipeline(cfg, "dups")
+    rows = N_LINES - 1  # the blank line is no row
+    assert res.metrics["chunks"] > 5  # lines 3, 30 and 55 lie in different shards
+    assert (res.metrics["rows_in"], res.metrics["kept"], res.metrics["rejected"]) == (rows, rows - 4, 4)
+    assert res.metrics["rejected_by_reason"] == {"bad_json": 1, "duplicate_id": 3}
+    stage = RunStore(cfg.runs_dir, "dups").stage("ingest")
+    kept = {r["id"]: r["text"] for r in _rows(stage.root / "data")}
+    assert len(kept) == rows - 4 and kept["r03"].startswith("document 3:")  # the first one stays
+    corpus = str(tmp_path / "in.jsonl")
+    moved = {r["line"]: r for r in _rows(stage.root / "rejected") if r["reason"] == "duplicate_id"}
+    assert set(moved) == set(DUPLICATES)
+    for line, first in DUPLICATES.items():
+        r = moved[line]
+        assert (r["file"], r["text"]) == (corpus, f"document {line}: some words here")
+        detail = json.loads(r["detail"])
+        assert detail["first"] == {"file": corpus, "line": first}
+        assert detail["error"] == f"id first seen at {corpus}:{first}"
+
+
+def test_killed_while_moving_duplicates_resumes_without_moving_a_row_twice(recipe, tmp_path):
+    from data_engine.ingest import plan_chunks
+    cfg = load_config(recipe)
+    chunks = plan_chunks([(str(tmp_path / "in.jsonl"), "jsonl", None)], cfg.section("ingest"))
+    holding_30 = max(i for i, c in enumerate(chunks) if c.first_line <= 30)
+    with pytest.raises(StageFailed):  # killed after the first shard with a repeat is rewritten
+        run_pipeline(cfg, "dupkill", fault=f"ingest:duplicate_ids:{holding_30}")
+    stage = RunStore(cfg.runs_dir, "dupkill").stage("ingest")
+    assert (stage.work / "unique" / "rejected" / f"part-{holding_30:05d}.parquet").exists()
+    [res] = run_pipeline(cfg, "dupkill")
+    rows = N_LINES - 1
+    assert (res.metrics["rows_in"], res.metrics["kept"], res.metrics["rejected"]) == (rows, rows - 4, 4)
+    assert res.metrics["rejected_by_reason"] == {"bad_json": 1, "duplicate_id": 3}
