@@ -102,7 +102,7 @@ class QualityConfig(BaseModel):
         "lorem ipsum", "enable javascript", "javascript is disabled",
         "javascript must be enabled", "please enable cookies", "uses cookies to"])
     # Safety. blocklist_file None = data_engine/resources/blocklist.txt.
-    blocklist_file: str | None = None  # one term per line; None: the shipped list
+    blocklist_file: Path | None = None  # one term per line; None: the shipped list
     blocklist_extra: list[str] = Field(default_factory=list)  # terms added to the blocklist
     blocklist_min_hits: int | None = Field(1, ge=1)  # safety:blocklist at this many hits; None: off
     #: PII searched for: secret, email, ip, phone
@@ -335,7 +335,7 @@ def quality_verdict(text: str, cfg: QualityConfig) -> Verdict:
 # --- safety: blocklist ------------------------------------------------------------
 
 @lru_cache(maxsize=8)
-def load_blocklist(path: str | None) -> tuple[str, ...]:
+def load_blocklist(path: str | Path | None) -> tuple[str, ...]:
     """Terms from a file, one per line; '#' starts a comment."""
     if path is None:
         raw = resources.files("data_engine").joinpath("resources/blocklist.txt").read_text("utf-8")

@@ -91,7 +91,7 @@ def submit(config: str = typer.Argument(..., help="a YAML recipe inside the work
     """Submit the pipeline to a Ray cluster as a Ray job (Jobs API) and print its id."""
     from pipelines.submit import submit_job
     try:
-        load_config(config, set_ or [])  # fail here, not on the cluster
+        load_config(config, set_ or [], check_files=False)  # fail here, not on the cluster; files there
         job_id, code = submit_job(config, address=address, working_dir=working_dir,
                                   stages=stages, from_stage=from_stage, force=force,
                                   run_id=run_id, runs_dir=runs_dir, overrides=set_ or [],

@@ -8,6 +8,7 @@ and its message names the key path and the file (or the ``--set`` it came from).
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,7 +114,10 @@ class PipelineConfig(Strict):
         return value
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(path: str | Path, overrides: list[str] | None = None, *,
+                check_files: bool = True) -> PipelineConfig:
+    """The validated recipe. ``check_files=False`` (``r1pipe submit``) leaves the files it names
+    as written: they are checked where the job runs, which may see other files than here."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: no such recipe")
@@ -127,7 +131,32 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     for item in overrides or []:
         key = apply_override(raw, item)
         origins[key] = item
-    return validate(raw, str(path), origins)
+    cfg = validate(raw, str(path), origins)
+    if check_files:
+        resolve_input_files(cfg, str(path), origins)
+    return cfg
+
+
+def input_files(model: BaseModel, prefix: str = "") -> Iterator[tuple[str, BaseModel, str, Path]]:
+    """(key, owning section, field, path) for every file a config names: its Path-valued keys
+    (a blocklist, a seed set, a tokenizer). Data globs (ingest inputs) are strings, not Paths."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path):
+            yield f"{prefix}{name}", model, name, value
+        elif isinstance(value, BaseModel):
+            yield from input_files(value, f"{prefix}{name}.")
+
+
+def resolve_input_files(cfg: PipelineConfig, origin: str, overrides: dict[str, str]) -> None:
+    """Make every named file absolute (workers may run elsewhere) and check it exists now,
+    before any stage runs; relative paths are taken from the current directory."""
+    for key, section, field, path in input_files(cfg):
+        absolute = path.expanduser().absolute()
+        if not absolute.is_file():
+            where = next((f"--set {v}" for k, v in overrides.items() if key == k), origin)
+            raise ConfigError(f"{where}: {key}: no such file {str(path)!r} (resolved to {absolute})")
+        setattr(section, field, absolute)
 
 
 def validate(raw: dict, origin: str, overrides: dict[str, str] | None = None) -> PipelineConfig:

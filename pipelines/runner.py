@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Callable
 
 from cluster.session import RaySettings, connect, run_task
-from pipelines.config import ConfigError, PipelineConfig
+from pipelines.config import ConfigError, PipelineConfig, input_files
 from pipelines.graph import STAGES, StageContext, check_order
-from pipelines.store import RunStore, code_version, fingerprint
+from pipelines.store import RunStore, code_version, fingerprint, sha256_file
 
 
 class StageFailed(RuntimeError):
@@ -52,7 +52,14 @@ def select(cfg: PipelineConfig, stages: list[str] | None, from_stage: str | None
 
 
 def stage_config(cfg: PipelineConfig, name: str) -> dict:
-    return {"seed": cfg.seed, name: cfg.section(name).model_dump(mode="json")}
+    """What a stage's fingerprint covers: the seed, its section, and the contents of the files
+    the section names (editing a blocklist reruns quality; the path alone would not)."""
+    section = cfg.section(name)
+    out = {"seed": cfg.seed, name: section.model_dump(mode="json")}
+    files = {key: sha256_file(path) for key, _, _, path in input_files(section, f"{name}.")}
+    if files:
+        out["files"] = files
+    return out
 
 
 def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None = None,

@@ -1,3 +1,4 @@
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,41 @@ def test_shipped_recipes_validate(recipe):
     if recipe.name == "cluster.yaml":  # the GPU example: joins a cluster, bf16 over NCCL
         assert cfg.ray.address == "auto" and cfg.pretrain.gang.use_gpu
         assert (cfg.pretrain.engine.precision, cfg.pretrain.gang.torch_backend()) == ("bf16", "nccl")
+
+
+def test_a_named_file_must_exist_and_becomes_absolute(tmp_path, monkeypatch):
+    """Files a config names are checked before any stage runs, and made absolute, since a
+    worker may run in another directory or on another machine."""
+    with pytest.raises(ConfigError) as err:
+        load_config(DEMO, ["quality.blocklist_file=missing.txt"])
+    assert str(err.value).startswith("--set quality.blocklist_file=missing.txt: quality.blocklist_file: ")
+    assert "no such file 'missing.txt'" in str(err.value)
+    (tmp_path / "terms.txt").write_text("badword\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(DEMO, ["quality.blocklist_file=terms.txt", "domains.seed_path=terms.txt"])
+    assert cfg.quality.blocklist_file == tmp_path / "terms.txt"
+    assert cfg.domains.seed_path == tmp_path / "terms.txt"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [ingest, tokenizer]\ningest: {inputs: [{demo: {n_docs: 100}}]}\n"
+                      "tokenizer: {path: nope/tokenizer.json}\n")
+    with pytest.raises(ConfigError, match=r"r.yaml: tokenizer.path: no such file 'nope/tokenizer.json'"):
+        load_config(recipe)
+    # r1pipe submit: the files are checked where the job runs (a cluster path need not exist here)
+    assert load_config(recipe, check_files=False).tokenizer.path == Path("nope/tokenizer.json")
+
+
+def test_editing_a_named_file_changes_only_its_stages_fingerprint(tmp_path):
+    from pipelines.runner import stage_config
+    from pipelines.store import fingerprint
+    terms = tmp_path / "terms.txt"
+    terms.write_text("badword\n")
+    cfg = load_config(DEMO, [f"quality.blocklist_file={terms}"])
+
+    def fp(name):
+        return fingerprint(name, stage_config(cfg, name), {}, "code")
+    before = {name: fp(name) for name in ("dedup", "quality")}
+    assert stage_config(cfg, "quality")["files"] == {
+        "quality.blocklist_file": hashlib.sha256(b"badword\n").hexdigest()}
+    terms.write_text("badword\nworseword\n")
+    assert fp("quality") != before["quality"] and fp("dedup") == before["dedup"]
+    assert "files" not in stage_config(cfg, "dedup")  # no file named: the fingerprint is as before
