@@ -142,6 +142,7 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     ctx.work.mkdir(parents=True, exist_ok=True)
     try:
         metrics = stage.run(ctx)
+        check_rows_in(store, name, metrics)
         maybe_fault(f"{name}:after_run", fault)
     except BaseException:
         sink.finish(exit_code=1)
@@ -150,6 +151,19 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     sink.summary(metrics)
     sink.finish()
     return metrics
+
+
+def check_rows_in(store: RunStore, name: str, metrics: dict) -> None:
+    """A data stage reads exactly the rows its input stages kept. Anything else is a row lost
+    that the stage's own in = kept + rejected check cannot see: a truncated input artifact, or
+    an intermediate pass (difficulty's scoring) dropping rows before the one it counts."""
+    kept = {dep: (store.stage(dep).manifest() or {}).get("metrics", {}).get("kept")
+            for dep in STAGES[name].inputs}
+    if "rows_in" not in metrics or not kept or None in kept.values():
+        return  # not a data stage, or an input that does not count rows
+    if metrics["rows_in"] != sum(kept.values()):
+        raise RuntimeError(f"row accounting broken in {store.stage(name).root}: "
+                           f"rows_in={metrics['rows_in']}, but the input stage(s) kept {kept}")
 
 
 def _headline(metrics: dict) -> str:

@@ -16,8 +16,9 @@ def count_rows(folder: Path) -> int:
 def funnel_metrics(rows_in: int, shard_dir: Path, reasons: Counter) -> dict:
     """Counts in / kept / rejected by reason, checked against the files on disk.
 
-    ``rows_in`` comes from the shards' own counts as they read their input;
-    kept and rejected are counted from the written files, so a lost row fails here.
+    ``rows_in`` is what the stage read, never what it wrote: the row counts of its input
+    files (shard stages), or the rows ingest's reader returned. Kept and rejected are counted
+    from the written files, so a row a step dropped, or a write lost, fails here.
     """
     kept = count_rows(shard_dir / "data")
     rejected = count_rows(shard_dir / "rejected")
@@ -105,7 +106,7 @@ def shard_funnel(stage: str, stats: list[dict], shard_dir: Path, max_fraction: f
                 reasons[key[len("reject:"):]] += n
         if s["rejected"]:
             per_file[shard_label(s["item"]["path"])] += s["rejected"]
-    rows_in = sum(s["kept"] + s["rejected"] for s in stats)
+    rows_in = sum(pq.ParquetFile(s["item"]["path"]).metadata.num_rows for s in stats)
     metrics = funnel_metrics(rows_in, shard_dir, reasons)
     metrics["shards"] = len(stats)
     metrics["shards_reused"] = sum(bool(s.get("reused")) for s in stats)  # done before a crash

@@ -214,6 +214,8 @@ def test_error_budget_fails_naming_the_worst_shards(tmp_path):
     from pipelines.stages.common import shard_funnel
     stats = []
     for i, (kept, rejected) in enumerate([(9, 1), (2, 8), (5, 5)]):
+        source = _mkdir(tmp_path / "dedup" / "data") / f"part-{i:05d}.parquet"  # rows_in: read here
+        pq.write_table(pa.table({"id": [f"i{i}{j}" for j in range(kept + rejected)]}), source)
         pq.write_table(RECORD_SCHEMA.empty_table() if not kept else pa.table(
             {"id": [f"k{i}{j}" for j in range(kept)], "text": ["t"] * kept,
              "source": ["s"] * kept, "meta": ["{}"] * kept}, schema=RECORD_SCHEMA),
@@ -223,7 +225,7 @@ def test_error_budget_fails_naming_the_worst_shards(tmp_path):
                        _mkdir(tmp_path / "rejected") / f"part-{i:05d}.parquet")
         stats.append({"index": i, "kept": kept, "rejected": rejected,
                       "counters": {"reject:quality:word_count": rejected},
-                      "item": {"path": f"/runs/r/dedup/data/part-{i:05d}.parquet"}})
+                      "item": {"path": str(source)}})
     metrics = shard_funnel("quality", stats, tmp_path, max_fraction=0.5)
     assert (metrics["rows_in"], metrics["kept"], metrics["rejected"]) == (30, 16, 14)
     with pytest.raises(ValueError, match=r"max_reject_fraction=0.4; worst: "

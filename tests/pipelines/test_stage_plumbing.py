@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import load_config
-from pipelines.runner import StageFailed, run_pipeline
-from pipelines.store import RunStore
+from pipelines.graph import StageContext
+from pipelines.runner import StageFailed, check_rows_in, run_pipeline
+from pipelines.stages.quality import QualityStep
+from pipelines.store import RunStore, write_json_atomic
 from tests.conftest import write_recipe
 
 N_LINES = 60
@@ -120,3 +123,55 @@ def test_killed_while_moving_duplicates_resumes_without_moving_a_row_twice(recip
     rows = N_LINES - 1
     assert (res.metrics["rows_in"], res.metrics["kept"], res.metrics["rejected"]) == (rows, rows - 4, 4)
     assert res.metrics["rejected_by_reason"] == {"bad_json": 1, "duplicate_id": 3}
+
+
+class DroppingQualityStep(QualityStep):
+    """QualityStep with a bug: it silently loses one row of every shard."""
+
+    def __call__(self, item: dict):
+        kept, rejected, counters = super().__call__(item)
+        return (kept.slice(1), rejected, counters) if kept.num_rows else \
+            (kept, rejected.slice(1), counters)
+
+
+class _NoSink:
+    def log(self, metrics, step=None): ...
+    def table(self, key, columns, rows): ...
+    def bar(self, key, label, value, rows, title): ...
+
+
+def test_a_step_that_drops_a_row_fails_the_stage_naming_the_folder(tmp_path, monkeypatch):
+    from cluster.session import RaySettings, connect
+    from data_engine.quality import QualityConfig
+    from data_engine.schema import RECORD_SCHEMA
+    from pipelines.stages import quality
+    for i in range(2):
+        pq.write_table(pa.table({"id": [f"d{i}{j}" for j in range(3)],
+                                 "text": [f"document {i}{j}: some words here" for j in range(3)],
+                                 "source": ["s"] * 3, "meta": ["{}"] * 3}, schema=RECORD_SCHEMA),
+                       _mkdir(tmp_path / "dedup" / "data") / f"part-{i:05d}.parquet")
+    root = tmp_path / "quality"
+    ctx = StageContext(name="quality", run_id="drop", config=None, section=QualityConfig(),
+                       root=root, out=_mkdir(root / ".staging"), work=_mkdir(root / ".work"),
+                       inputs={"dedup": tmp_path / "dedup"}, metrics=_NoSink(), data_concurrency=1)
+    connect(RaySettings(num_cpus=2))
+    monkeypatch.setattr(quality, "QualityStep", DroppingQualityStep)
+    with pytest.raises(RuntimeError, match=rf"row accounting broken in {root / '.work' / 'shards'}: "
+                                           r"in=6 kept=\d+ rejected=\d+"):
+        quality.run(ctx)
+
+
+def test_rows_in_must_equal_what_the_input_stage_kept(tmp_path):
+    store = RunStore(tmp_path, "r")
+    write_json_atomic(store.stage("quality").manifest_path,
+                      {"status": "done", "metrics": {"rows_in": 12, "kept": 10}})
+    check_rows_in(store, "domains", {"rows_in": 10, "kept": 10, "rejected": 0})
+    check_rows_in(store, "tokenizer", {"vocab_size": 512})  # not a data stage: nothing to check
+    with pytest.raises(RuntimeError, match=rf"row accounting broken in {store.stage('domains').root}: "
+                                           r"rows_in=9, but the input stage\(s\) kept \{'quality': 10\}"):
+        check_rows_in(store, "domains", {"rows_in": 9, "kept": 9, "rejected": 0})
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
