@@ -79,7 +79,7 @@ class DedupConfig(BaseModel):
     seed: int = 1  # MinHash permutation seed
     #: survivor of a cluster: the smallest id, or the longest/shortest text
     keep: Literal["first_id", "longest", "shortest"] = "first_id"
-    verify: bool = True  # drop LSH candidates whose estimated Jaccard is below threshold
+    verify: bool = True  # candidates and removals need estimated Jaccard >= threshold (to the survivor too)
     # Buckets up to this size link all pairs; larger ones link a star to the
     # min id, which keeps edges linear in bucket size.
     all_pairs_max: int = Field(8, ge=2)  # bucket size up to which all pairs are linked
@@ -381,18 +381,49 @@ def choose_survivors(members: pa.Table, cfg: DedupConfig, group_col: str = "root
     ids = ordered.column("id").to_pylist()
     first = np.array([i == 0 or groups[i] != groups[i - 1] for i in range(len(ids))], bool)
     survivor_idx = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
-    removed = np.flatnonzero(~first)
     if reason == "exact_duplicate":
+        removed = np.flatnonzero(~first)
         jaccard = np.ones(len(removed))
     else:
         sigs = sig_matrix(ordered.column("sig"), cfg.num_perm)
-        jaccard = estimate_jaccard(sigs[removed], sigs[survivor_idx[removed]])
+        jaccard_all = estimate_jaccard(sigs, sigs[survivor_idx])
+        if cfg.verify:
+            _split_chains(sigs, first, survivor_idx, jaccard_all, cfg.threshold)
+        removed = np.flatnonzero(survivor_idx != np.arange(len(ids)))
+        jaccard = jaccard_all[removed]
     return pa.table({
         "id": pa.array([ids[i] for i in removed], pa.string()),
         "reason": pa.array([reason] * len(removed), pa.string()),
         "duplicate_of": pa.array([ids[i] for i in survivor_idx[removed]], pa.string()),
         "jaccard": pa.array(jaccard, pa.float64()),
     }, schema=REMOVED_SCHEMA)
+
+
+def _split_chains(sigs: np.ndarray, first: np.ndarray, survivor_idx: np.ndarray,
+                  jaccard: np.ndarray, threshold: float) -> None:
+    """Keep every removal within ``threshold`` of the row it names (in place).
+
+    A component can chain A~B~C with A and C far apart. Its first row in keep order survives
+    and takes the members close to it; among the rest, the first in keep order survives too
+    and takes those close to it, and so on. A pair at or above the threshold still loses one
+    row (the earlier one survives and takes the later, unless the later went first), so
+    recall holds while no removed row is below the threshold to its survivor.
+    """
+    far = np.flatnonzero(jaccard < threshold - 1e-12)
+    starts = np.flatnonzero(first)
+    for start in np.unique(survivor_idx[far]):
+        stop = starts[np.searchsorted(starts, start, side="right")] \
+            if start < starts[-1] else len(first)
+        pending = [i for i in range(start + 1, stop) if jaccard[i] < threshold - 1e-12]
+        while pending:
+            head, rest = pending[0], np.array(pending[1:], int)
+            survivor_idx[head], jaccard[head] = head, 1.0
+            if not len(rest):
+                break
+            est = estimate_jaccard(sigs[rest], sigs[np.full(len(rest), head)])
+            close = est >= threshold - 1e-12
+            survivor_idx[rest[close]], jaccard[rest[close]] = head, est[close]
+            pending = list(rest[~close])
 
 
 def apply_removals(batch: pa.Table, removed: pa.Table) -> tuple[pa.Table, pa.Table]:

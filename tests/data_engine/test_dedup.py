@@ -222,8 +222,10 @@ def test_near_duplicate_keep_rules(keep, survivor):
     assert rejected["duplicate_of"].to_pylist() == [survivor]
 
 
-def test_chain_is_resolved_into_one_cluster():
-    # A~B and B~C at J = 176/216 = 0.81 each; A and C share less (J = 0.66).
+def test_a_chain_removes_no_row_below_the_threshold_to_its_survivor():
+    """A~B and B~C at J = 176/216 = 0.81 each; A and C share less (J = 0.66). One component,
+    but C is not a duplicate of A: A survives and takes B, then C survives on its own. The
+    B~C pair still loses B, so recall holds."""
     a, b, c = "a", "b", "c"
     text_b = edited([10, 60, 110, 160])
     text_c = edited([35, 85, 135, 185], text_b.split(), tag="y")
@@ -234,10 +236,37 @@ def test_chain_is_resolved_into_one_cluster():
     edges = bucket_edges(band_rows(sigs, cfg), cfg, sigs=sigs)
     assert list(zip(edges["a"].to_pylist(), edges["b"].to_pylist())) == [(a, b), (b, c)]
     kept, rejected = dedup_table(table, cfg)
+    assert kept["id"].to_pylist() == [a, c]
+    assert removed_map(rejected) == {b: ("near_duplicate", a)}
+    assert rejected["jaccard"][0].as_py() >= cfg.threshold
+    # verify=False trusts the LSH candidates: the whole component goes to one survivor
+    kept, rejected = dedup_table(table, DedupConfig(verify=False))
     assert kept["id"].to_pylist() == [a]
     assert removed_map(rejected) == {b: ("near_duplicate", a), c: ("near_duplicate", a)}
-    # The reported Jaccard is to the survivor, not along the chain.
-    assert dict(zip(rejected["id"].to_pylist(), rejected["jaccard"].to_pylist()))[c] < 0.7
+
+
+def test_chain_splitting_keeps_keep_order_and_recall():
+    """A longer chain, and a component whose far members are close to each other: every
+    removed row is within the threshold of its survivor, every survivor is kept, and each
+    verified pair loses at least one row."""
+    base = edited([])
+    texts = {"p0": base}
+    prev = base
+    for i in range(1, 6):  # each link ~0.8 to the previous one, drifting away from p0
+        prev = edited([10 * i + 5 * k for k in range(4)], prev.split(), tag=f"t{i}")
+        texts[f"p{i}"] = prev
+    cfg = DedupConfig()
+    table = records(texts)
+    kept, rejected = dedup_table(table, cfg)
+    assert_partition(table, kept, rejected)
+    kept_ids = set(kept["id"].to_pylist())
+    for row in rejected.to_pylist():
+        assert row["duplicate_of"] in kept_ids and row["jaccard"] >= cfg.threshold
+    sigs = signature_batch(table, cfg)
+    edges = bucket_edges(band_rows(sigs, cfg), cfg, sigs=sigs)
+    assert edges.num_rows >= 3
+    for x, y in zip(edges["a"].to_pylist(), edges["b"].to_pylist()):
+        assert not (x in kept_ids and y in kept_ids), (x, y)
 
 
 def test_exact_then_near_and_in_equals_kept_plus_rejected():
