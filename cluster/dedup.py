@@ -52,8 +52,8 @@ import ray
 from cluster.data import write_parquet_atomic
 from data_engine.dedup import (
     KEEP_ORDER, REMOVED_SCHEMA, DedupConfig, apply_removals, attach_roots, band_rows,
-    bucket_edges, choose_survivors, connected_components, exact_keys, signature_batch,
-    verify_edges,
+    bucket_edges, choose_survivors, connected_components, exact_keys, normalized_texts,
+    signature_batch, verify_edges,
 )
 
 REMOVAL_SCHEMA = REMOVED_SCHEMA.append(pa.field("shard", pa.int32()))
@@ -77,10 +77,11 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 # --- pass 1: exact groups and LSH buckets ---------------------------------------
 
 def key_rows(batch: pa.Table, cfg: DedupConfig, shard: pa.Array, parts: int,
-             sigs: pa.Table | None = None) -> pa.Table:
+             sigs: pa.Table | None = None, normalized: list[str] | None = None) -> pa.Table:
     """KEY_ROW_SCHEMA rows of one batch of records: an exact row and B band rows per doc.
-    ``sigs`` (signature_batch of the batch) is computed here when not given."""
-    keys = exact_keys(batch, cfg)
+    ``sigs`` (signature_batch of the batch) and ``normalized`` are computed here when not given."""
+    normalized = normalized if normalized is not None else normalized_texts(batch, cfg)
+    keys = exact_keys(batch, cfg, normalized)
     exact = pa.array([bytes.fromhex(h) for h in keys.column("exact_hash").to_pylist()],
                      pa.binary(16))
     n_chars = keys.column("n_chars")
@@ -90,7 +91,7 @@ def key_rows(batch: pa.Table, cfg: DedupConfig, shard: pa.Array, parts: int,
         out.append(_key_table(np.full(len(first8), -1, np.int32), first8, exact, n_chars,
                               batch.column("id"), shard, parts))
     if cfg.near:
-        bands = band_rows(sigs if sigs is not None else signature_batch(batch, cfg), cfg)
+        bands = band_rows(sigs if sigs is not None else signature_batch(batch, cfg, normalized), cfg)
         pos = pc.index_in(bands.column("id"), value_set=batch.column("id"))
         out.append(_key_table(bands.column("band").to_numpy(), bands.column("key").to_numpy(),
                               exact.take(pos), pc.take(n_chars, pos), bands.column("id"),
@@ -130,8 +131,9 @@ def _key_rows_task(items: pa.Table, cfg: dict, parts: int, sig_dir: str) -> pa.T
     for shard, path in _shards_of(items):
         sig_tables = []
         for batch, shard_col in _records(shard, path):
-            sigs = signature_batch(batch, config) if config.near else None
-            out.append(key_rows(batch, config, shard_col, parts, sigs))
+            normalized = normalized_texts(batch, config)  # once for the exact and near keys
+            sigs = signature_batch(batch, config, normalized) if config.near else None
+            out.append(key_rows(batch, config, shard_col, parts, sigs, normalized))
             sig_tables.append(sigs)
         if config.near:
             # Same content on a retry, and atomic: a rerun task rewrites it harmlessly.

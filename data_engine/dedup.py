@@ -176,9 +176,15 @@ def _n_chars(batch: pa.Table) -> pa.Array:
     return pc.fill_null(pc.utf8_length(batch.column("text")), 0).cast(pa.int64())
 
 
-def exact_keys(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
+def normalized_texts(batch: pa.Table, cfg: DedupConfig) -> list[str]:
+    """normalize_text of every row: computed once when a batch needs both keys and signatures."""
+    return [normalize_text(t, cfg) for t in _texts(batch)]
+
+
+def exact_keys(batch: pa.Table, cfg: DedupConfig, normalized: list[str] | None = None) -> pa.Table:
     """Table(id string, exact_hash string, n_chars int64): one row per record."""
-    hashes = [exact_hash(normalize_text(t, cfg)) for t in _texts(batch)]
+    normalized = normalized if normalized is not None else normalized_texts(batch, cfg)
+    hashes = [exact_hash(t) for t in normalized]
     return pa.table({"id": batch.column("id"), "exact_hash": pa.array(hashes, pa.string()),
                      "n_chars": _n_chars(batch)})
 
@@ -210,10 +216,12 @@ def shingle_hashes(normalized: str, n: int, cache: dict[str, int] | None = None)
     return (h >> np.uint64(32)).astype(np.uint32).tolist()
 
 
-def signature_batch(batch: pa.Table, cfg: DedupConfig) -> pa.Table:
+def signature_batch(batch: pa.Table, cfg: DedupConfig,
+                    normalized: list[str] | None = None) -> pa.Table:
     """Table(id string, sig list<uint32>[num_perm], n_chars int64) via MinHash.bulk."""
     cache: dict[str, int] = {}
-    sets = [shingle_hashes(normalize_text(t, cfg), cfg.ngram, cache) for t in _texts(batch)]
+    normalized = normalized if normalized is not None else normalized_texts(batch, cfg)
+    sets = [shingle_hashes(t, cfg.ngram, cache) for t in normalized]
     # A fixed seed and scheme make the permutations, hence the signatures,
     # identical in every process. The items are already hashes: ``int`` passes them through.
     minhashes = MinHash.bulk(sets, num_perm=cfg.num_perm, seed=cfg.seed, scheme="affine32",
