@@ -110,6 +110,8 @@ class QualityConfig(BaseModel):
     pii_action: PiiAction = "redact"  # redact (to <EMAIL>, <PHONE>, ...) or drop (reject pii:<kind>)
     #: per-kind pii_action, e.g. {secret: drop}
     pii_action_by_kind: dict[PiiKind, PiiAction] = Field(default_factory=dict)
+    #: rejected/ keeps rows as they came, for audit; true: with every PII kind found redacted
+    redact_rejected: bool = False
     # Loopback, unspecified, link-local, multicast and reserved addresses
     # (127.0.0.1, 0.0.0.0, ::1, 255.255.255.0) are in every tutorial and name
     # no one's machine. Private ranges are redacted: config dumps leak them.
@@ -492,6 +494,15 @@ def scrub_pii(text: str, cfg: QualityConfig) -> tuple[str, dict[str, int], Verdi
     return text, counts, None
 
 
+def redact_all_pii(text: str, cfg: QualityConfig) -> str:
+    """Every kind in cfg.pii_kinds redacted, whatever its action: for rows going to rejected/."""
+    for kind in (k for k in PII_KINDS if k in cfg.pii_kinds):
+        spans = find_pii(text, kind, cfg)
+        if spans:
+            text = redact(text, spans, PLACEHOLDERS[kind])
+    return text
+
+
 # --- the batch step -----------------------------------------------------------------
 
 def _check_row(text: str, cfg: QualityConfig) -> tuple[str, dict[str, int], Verdict]:
@@ -529,6 +540,8 @@ def quality_batch(batch: pa.Table, cfg: QualityConfig | None = None
             counters.update({f"redact:{k}": v for k, v in redactions.items()})
             counters["redacted_rows"] += bool(redactions)
         else:
+            if cfg.redact_rejected and text:
+                text = redact_all_pii(text, cfg)
             rejected.append({"id": row_id, "text": text, "source": source,
                              "reason": verdict[0], "detail": verdict[1]})
             counters[f"reject:{verdict[0]}"] += 1

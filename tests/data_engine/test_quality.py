@@ -259,6 +259,10 @@ def test_drop_mode_rejects_rows_with_pii():
     assert rejected["reason"].to_pylist() == ["pii:email", "pii:ip"]
     assert json.loads(rejected["detail"][0].as_py()) == {"value": 1, "action": "drop"}
     assert rejected["text"][0].as_py() == table["text"][0].as_py()  # unredacted, for audit
+    _, rejected, _ = quality_batch(table, QualityConfig(pii_action="drop", redact_rejected=True))
+    assert rejected["reason"].to_pylist() == ["pii:email", "pii:ip"]
+    assert "@" not in rejected["text"][0].as_py() and "<EMAIL>" in rejected["text"][0].as_py()
+    assert rejected["text"][1].as_py().endswith("Server <IP> is down.")
 
 
 def test_per_kind_action_and_kinds_subset():
