@@ -477,8 +477,14 @@ def dedup_table(table: pa.Table, cfg: DedupConfig | None = None) -> tuple[pa.Tab
     """
     cfg = cfg or DedupConfig()
     ids = table.column("id")
-    if ids.null_count or pc.count_distinct(ids).as_py() != table.num_rows:
-        raise ValueError("dedup needs a unique, non-null `id` column")
+    if ids.null_count:
+        row = pc.index(pc.is_null(ids), True).as_py()
+        raise ValueError(f"dedup needs a unique, non-null `id` column: row {row} has none")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        counts = pc.value_counts(ids)
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+        raise ValueError("dedup needs a unique, non-null `id` column: repeated "
+                         f"{repeated.slice(0, 5).to_pylist()} ({len(repeated)} ids in all)")
     kept, rejected = table, DEDUP_REJECT_SCHEMA.empty_table()
     if cfg.exact:
         kept, rej = apply_removals(kept, exact_removals(kept, cfg))

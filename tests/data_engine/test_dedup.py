@@ -279,8 +279,12 @@ def test_exact_then_near_and_in_equals_kept_plus_rejected():
 
 
 def test_duplicate_ids_are_refused():
-    with pytest.raises(ValueError, match="unique"):
-        dedup_table(records({"a": "some text"}).take([0, 0]))
+    with pytest.raises(ValueError, match=r"unique.*repeated \['a'\] \(1 ids in all\)"):
+        dedup_table(records({"a": "some text", "b": "other"}).take([0, 1, 0]))
+    table = records({"a": "some text", "b": "other"})
+    table = table.set_column(0, "id", pa.array(["a", None]))
+    with pytest.raises(ValueError, match="row 1 has none"):
+        dedup_table(table)
 
 
 # --- the batch functions composed as a distributed executor would ----------------------
