@@ -126,18 +126,30 @@ def sig_path(sig_dir: str | Path, shard: int) -> Path:
 
 def _key_rows_task(items: pa.Table, cfg: dict, parts: int, sig_dir: str) -> pa.Table:
     """Key rows of whole shards; their signatures go to sig_dir for the cluster pass, so
-    candidates are not hashed twice and signatures never travel through the shuffle."""
+    candidates are not hashed twice and signatures never travel through the shuffle.
+
+    A shard whose signature file exists (written atomically by an earlier, killed attempt)
+    reuses it: MinHash is most of this pass, the exact keys and bands are cheap to redo."""
     config, out = DedupConfig(**cfg), []
     for shard, path in _shards_of(items):
-        sig_tables = []
+        done = sig_path(sig_dir, shard)
+        cached = pq.read_table(done) if config.near and done.exists() else None
+        sig_tables, offset = [], 0
         for batch, shard_col in _records(shard, path):
             normalized = normalized_texts(batch, config)  # once for the exact and near keys
-            sigs = signature_batch(batch, config, normalized) if config.near else None
+            sigs = None
+            if cached is not None:
+                sigs = cached.slice(offset, batch.num_rows)
+                offset += batch.num_rows
+                if not sigs.column("id").equals(batch.column("id")):
+                    cached, sigs = None, None  # not this shard's: compute and rewrite
+            if config.near and sigs is None:
+                sigs = signature_batch(batch, config, normalized)
             out.append(key_rows(batch, config, shard_col, parts, sigs, normalized))
             sig_tables.append(sigs)
-        if config.near:
+        if config.near and cached is None:
             # Same content on a retry, and atomic: a rerun task rewrites it harmlessly.
-            write_parquet_atomic(_concat(sig_tables, SIG_SCHEMA), sig_path(sig_dir, shard))
+            write_parquet_atomic(_concat(sig_tables, SIG_SCHEMA), done)
     return _concat(out, KEY_ROW_SCHEMA)
 
 
@@ -329,12 +341,13 @@ def find_removals(shards: list[str], cfg: DedupConfig, work: Path, *,
     if n_rows < 2 or not (cfg.exact or cfg.near):
         return empty, stats
     workers = min(_workers(concurrency), len(shards))
+    reused = sum(sig_path(sig_dir, i).exists() for i in range(len(shards))) if cfg.near else 0
     started = time.time()
     exact, candidates = _bucket_pass(shards, cfg, n_rows, workers, sig_dir)
     stats.update(exact_removed=exact.num_rows, candidate_pairs=candidates.num_rows,
-                 bucket_pass_s=round(time.time() - started, 2))
+                 bucket_pass_s=round(time.time() - started, 2), signatures_reused=reused)
     log(f"bucket pass: {exact.num_rows} exact copies, {candidates.num_rows} candidate pairs "
-        f"in {stats['bucket_pass_s']}s")
+        f"in {stats['bucket_pass_s']}s" + (f" ({reused} shards' signatures reused)" if reused else ""))
     near = empty
     if candidates.num_rows:
         started = time.time()

@@ -106,6 +106,28 @@ def test_ray_removals_equal_dedup_table(ray_session, shards, cfg, tmp_path):
         assert all(reasons[f"zcopy{i:02d}"] == "exact_duplicate" for i in range(12))
 
 
+def test_a_killed_bucket_pass_reuses_the_signatures_it_wrote(ray_session, shards, tmp_path):
+    """A shard's signature file is written atomically once its MinHashes are done; a rerun
+    reuses it (the file is not rewritten), recomputes the shard that had none, and finds the
+    same removals. A file that does not belong to its shard is recomputed, not trusted."""
+    from cluster.dedup import sig_path
+    _, paths = shards
+    cfg = DedupConfig()
+    first, stats = find_removals(paths, cfg, tmp_path)
+    assert stats["signatures_reused"] == 0
+    sig_dir = tmp_path / "signatures"
+    sig_path(sig_dir, 2).unlink()  # killed before shard 2's signatures were written
+    written = {i: sig_path(sig_dir, i).stat().st_mtime_ns for i in (0, 1)}
+    again, stats = find_removals(paths, cfg, tmp_path)
+    assert stats["signatures_reused"] == 2 and _removed(again) == _removed(first)
+    assert {i: sig_path(sig_dir, i).stat().st_mtime_ns for i in (0, 1)} == written
+    assert sig_path(sig_dir, 2).exists()
+    pq.write_table(pq.read_table(sig_path(sig_dir, 0)), sig_path(sig_dir, 1))  # the wrong shard's
+    again, _ = find_removals(paths, cfg, tmp_path)
+    assert _removed(again) == _removed(first)
+    assert pq.read_table(sig_path(sig_dir, 1))["id"].to_pylist() == pq.read_table(paths[1])["id"].to_pylist()
+
+
 def test_duplicate_values_across_shards(ray_session, tmp_path):
     from cluster.data import duplicate_values
     paths = []
