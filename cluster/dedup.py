@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import math
 import time
-import zlib
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -52,8 +51,8 @@ import ray
 from cluster.data import write_parquet_atomic
 from data_engine.dedup import (
     KEEP_ORDER, REMOVED_SCHEMA, DedupConfig, apply_removals, attach_roots, band_rows,
-    bucket_edges, choose_survivors, connected_components, exact_keys, normalized_texts,
-    signature_batch, verify_edges,
+    bucket_edges, choose_survivors, component_roots, connected_components, exact_keys,
+    normalized_texts, signature_batch, verify_edges,
 )
 
 REMOVAL_SCHEMA = REMOVED_SCHEMA.append(pa.field("shard", pa.int32()))
@@ -218,17 +217,19 @@ def _fetch(ref_box: list, prepare: Callable[[object], object] = lambda v: v) -> 
 
 # --- pass 2: verify candidates, components, survivors ----------------------------
 
-def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int]) -> pa.Table:
-    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge."""
-    parts = [part_of.get(i, -1) for i in sigs.column("id").to_pylist()]
-    mask = pa.array([p >= 0 for p in parts])
-    members = sigs.filter(mask)
-    return members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
-        .append_column("shard", pa.array([shard] * members.num_rows, pa.int32()))
+def member_sigs(sigs: pa.Table, shard: int, part_of: pa.Table) -> pa.Table:
+    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge.
+    ``part_of`` is Table(id, part) of every such doc."""
+    pos = pc.index_in(sigs.column("id"), value_set=part_of.column("id"))
+    hit = pc.is_valid(pos)
+    members = sigs.filter(hit)
+    parts = pc.take(part_of.column("part"), pc.filter(pos, hit))
+    return members.append_column("part", parts.cast(pa.int32())) \
+        .append_column("shard", pa.array(np.full(members.num_rows, shard, np.int32)))
 
 
 def _member_sigs_task(items: pa.Table, part_of: list, sig_dir: str) -> pa.Table:
-    lookup = _fetch(part_of)
+    lookup = _fetch(part_of)  # Table(id, part): Arrow buffers, not a dict of Python strings
     return _concat([member_sigs(pq.read_table(sig_path(sig_dir, shard)), shard, lookup)
                     for shard, _ in _shards_of(items)], MEMBER_SCHEMA)
 
@@ -260,11 +261,13 @@ def _resolve_part_task(members: pa.Table, cfg: dict, edges: list) -> pa.Table:
     return resolve_part(members.drop_columns(["part"]), part_edges, DedupConfig(**cfg))
 
 
-def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[dict[str, int], pa.Table]:
-    """Candidate components -> ({id: part}, edges with their part, sorted by part)."""
-    roots = connected_components(candidates)
-    part_of = {i: zlib.crc32(r.encode()) % n_parts for i, r in roots.items()}
-    edge_part = pa.array([part_of[a] for a in candidates.column("a").to_pylist()], pa.int32())
+def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[pa.Table, pa.Table]:
+    """Candidate components -> (Table(id, part) of every doc on an edge, edges with their
+    part, sorted by part). A component lies in one part; which one only spreads the load."""
+    roots = component_roots(candidates)
+    part = pa.array(roots.column("label").to_numpy() % n_parts, pa.int32())
+    part_of = pa.table({"id": roots.column("id"), "part": part})
+    edge_part = pc.take(part, pc.index_in(candidates.column("a"), value_set=part_of.column("id")))
     edges = candidates.select(["a", "b"]).append_column("part", edge_part)
     return part_of, edges.sort_by([("part", "ascending")])
 

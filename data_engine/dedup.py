@@ -10,7 +10,7 @@ steps run as (``cfg`` is a ``DedupConfig``):
             -> groupby(["band", "key"]) -> bucket_edges     candidate pairs
             -> verify_edges (needs the signatures of the edge endpoints only:
                filter the signature table to those ids, or join on id)
-            -> connected_components (driver; edges are few)
+            -> component_roots (driver; vectorised, a few integers per edge)
             -> attach_roots (map_batches, with the id->root dict)
             -> groupby("root") -> choose_survivors          removed ids
     both:   apply_removals(batch, removed) -> (kept, rejected)
@@ -340,25 +340,35 @@ def verify_edges(edges: pa.Table, sigs: pa.Table | None, cfg: DedupConfig) -> pa
 
 # --- clusters and survivors ----------------------------------------------------
 
+def component_roots(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:
+    """Table(id, root, label) for every id on an edge: its component's smallest id, and the
+    component's number (0..C-1, arbitrary). Vectorised: ids are dictionary-encoded to ints and
+    scipy's connected_components labels the graph, so memory is a few integers per edge, not
+    a Python dict of strings; millions of candidate pairs fit on one driver."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as label_components
+    tables = [edges] if isinstance(edges, pa.Table) else list(edges)
+    a = pa.chunked_array([c for t in tables for c in t.column("a").chunks], pa.string())
+    b = pa.chunked_array([c for t in tables for c in t.column("b").chunks], pa.string())
+    if not len(a):
+        return pa.table({"id": pa.array([], pa.string()), "root": pa.array([], pa.string()),
+                         "label": pa.array([], pa.int64())})
+    encoded = pa.concat_arrays([a.combine_chunks(), b.combine_chunks()]).dictionary_encode()
+    ids, ends = encoded.dictionary, encoded.indices.to_numpy()
+    n = len(ids)
+    graph = coo_matrix((np.ones(len(a), np.int8), (ends[:len(a)], ends[len(a):])), shape=(n, n))
+    _, labels = label_components(graph, directed=False)
+    table = pa.table({"id": ids, "label": pa.array(labels.astype(np.int64))})
+    roots = table.group_by("label").aggregate([("id", "min")])
+    root_of = pc.take(roots.column("id_min"),
+                      pc.index_in(table.column("label"), value_set=roots.column("label")))
+    return pa.table({"id": ids, "root": root_of, "label": table.column("label")})
+
+
 def connected_components(edges: pa.Table | Iterable[pa.Table]) -> dict[str, str]:
-    """Union-find over edges: {id: root} for every id on an edge; root = min id."""
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]  # path halving
-            x = parent[x]
-        return x
-
-    for table in [edges] if isinstance(edges, pa.Table) else edges:
-        for a, b in zip(table.column("a").to_pylist(), table.column("b").to_pylist()):
-            parent.setdefault(a, a)
-            parent.setdefault(b, b)
-            ra, rb = find(a), find(b)
-            if ra != rb:
-                # The smaller id becomes the root, so roots do not depend on edge order.
-                parent[max(ra, rb)] = min(ra, rb)
-    return {x: find(x) for x in parent}
+    """{id: root} for every id on an edge; root = min id of its component."""
+    roots = component_roots(edges)
+    return dict(zip(roots.column("id").to_pylist(), roots.column("root").to_pylist()))
 
 
 def attach_roots(sig_batch: pa.Table, components: dict[str, str]) -> pa.Table:

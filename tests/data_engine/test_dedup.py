@@ -166,6 +166,28 @@ def test_connected_components_roots_are_min_ids_in_any_edge_order():
     assert connected_components([edges.slice(2), edges.slice(0, 2)]) == expected
 
 
+def test_vectorised_components_match_a_union_find_on_a_random_graph():
+    """scipy labels, Arrow min per label: the same {id: root} as a plain union-find."""
+    rng = np.random.default_rng(7)
+    ids = [f"doc{i:04d}" for i in rng.permutation(3000)]
+    pairs = rng.integers(0, 3000, size=(2500, 2))  # sparse: many small components and chains
+    edges = pa.table({"a": [ids[i] for i, _ in pairs], "b": [ids[j] for _, j in pairs]})
+    parent: dict[str, str] = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+    for a, b in pairs:
+        ra, rb = find(ids[a]), find(ids[b])
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    expected = {x: find(x) for x in list(parent)}
+    assert connected_components(edges) == expected
+    assert connected_components([edges.slice(0, 1000), edges.slice(1000)]) == expected
+    assert connected_components(edges.slice(0, 0)) == {}
+
+
 @pytest.mark.parametrize("keep, survivor", [("first_id", "a"), ("longest", "c"),
                                             ("shortest", "b")])
 def test_choose_survivors_keep_rules(keep, survivor):
