@@ -182,9 +182,10 @@ def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
 
     def reject(line: int, reason: str, error: str, raw: object = None) -> None:
         text = raw.get(fields.text) if isinstance(raw, dict) else None
+        rid = _maybe_str(raw.get(fields.id)) if isinstance(raw, dict) and fields.id else None
         rejected.append({
-            "id": _maybe_str(raw.get(fields.id)) if isinstance(raw, dict) and fields.id else None,
-            "text": text if isinstance(text, str) else None,
+            "id": _storable(rid),
+            "text": _storable(text) if isinstance(text, str) else None,
             "source": chunk.source, "reason": reason,
             "detail": json.dumps({"file": chunk.file, "line": line, "error": error}),
             "file": chunk.file, "line": line,
@@ -303,8 +304,27 @@ def _to_record(raw, fields: FieldMap, chunk: Chunk):
     rid = _field(raw, fields.id)
     if rid is not None and (isinstance(rid, bool) or not isinstance(rid, (str, int))):
         return None, ("wrong_type", f"field {fields.id!r} is {type(rid).__name__}, not string")
+    for name, value in ((fields.text, text), (fields.source, source), (fields.id, rid)):
+        if isinstance(value, str) and not _encodable(value):
+            # Valid JSON ("\ud800") but not UTF-8: Arrow could not store it.
+            return None, ("not_utf8", f"field {name!r} holds a lone surrogate")
     rid = str(rid) if rid not in (None, "") else content_id(text, source)
     return {"id": rid, "text": text, "source": source, "meta": _meta(raw, fields)}, None
+
+
+def _storable(value: str | None) -> str | None:
+    """A rejected row's string as Arrow can store it: lone surrogates backslash-escaped."""
+    if value is None or _encodable(value):
+        return value
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _encodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _field(raw: dict, name: str | None):

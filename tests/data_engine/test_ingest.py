@@ -107,6 +107,22 @@ def test_a_bug_in_row_conversion_crashes_instead_of_posing_as_bad_data(tmp_path,
         read_chunk(chunk, cfg.fields)
 
 
+def test_a_lone_surrogate_is_a_rejected_row_not_a_crash(tmp_path):
+    """'\\ud800' is valid JSON but not UTF-8: the row is rejected (not_utf8, its line), in the
+    text, the id or the source, and the rejected row keeps the text with the surrogate escaped."""
+    lines = ['{"id": "ok", "text": "fine row"}', '{"text": "bad \\ud800 row"}',
+             '{"id": "i\\udc00", "text": "bad id"}', '{"id": "s", "text": "x", "source": "\\ud801"}']
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = IngestConfig(inputs=[InputSpec(path="x")])
+    [chunk] = plan_chunks([(str(tmp_path / "a.jsonl"), "jsonl", None)], cfg)
+    kept, rejected = read_chunk(chunk, cfg.fields)
+    assert kept.column("id").to_pylist() == ["ok"]
+    assert rejected.column("reason").to_pylist() == ["not_utf8"] * 3
+    assert rejected.column("line").to_pylist() == [2, 3, 4]
+    assert rejected.column("text")[0].as_py() == "bad \\ud800 row"
+    assert rejected.column("id")[1].as_py() == "i\\udc00"
+
+
 def test_jsonl_chunks_keep_line_numbers(tmp_path):
     lines = [json.dumps({"id": f"r{i}", "text": f"row {i}"}) for i in range(50)]
     lines[37] = "{broken"
