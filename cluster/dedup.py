@@ -217,19 +217,22 @@ def _fetch(ref_box: list, prepare: Callable[[object], object] = lambda v: v) -> 
 
 # --- pass 2: verify candidates, components, survivors ----------------------------
 
-def member_sigs(sigs: pa.Table, shard: int, part_of: pa.Table) -> pa.Table:
-    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge.
-    ``part_of`` is Table(id, part) of every such doc."""
-    pos = pc.index_in(sigs.column("id"), value_set=part_of.column("id"))
-    hit = pc.is_valid(pos)
-    members = sigs.filter(hit)
-    parts = pc.take(part_of.column("part"), pc.filter(pos, hit))
-    return members.append_column("part", parts.cast(pa.int32())) \
+def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int]) -> pa.Table:
+    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge."""
+    parts = [part_of.get(i, -1) for i in sigs.column("id").to_pylist()]
+    mask = pa.array([p >= 0 for p in parts])
+    members = sigs.filter(mask)
+    return members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
         .append_column("shard", pa.array(np.full(members.num_rows, shard, np.int32)))
 
 
+def _part_lookup(part_of: pa.Table) -> dict[str, int]:
+    return dict(zip(part_of.column("id").to_pylist(), part_of.column("part").to_pylist()))
+
+
 def _member_sigs_task(items: pa.Table, part_of: list, sig_dir: str) -> pa.Table:
-    lookup = _fetch(part_of)  # Table(id, part): Arrow buffers, not a dict of Python strings
+    # Table(id, part) travels as Arrow buffers; each worker builds its lookup once, not per shard.
+    lookup = _fetch(part_of, _part_lookup)
     return _concat([member_sigs(pq.read_table(sig_path(sig_dir, shard)), shard, lookup)
                     for shard, _ in _shards_of(items)], MEMBER_SCHEMA)
 
@@ -267,7 +270,8 @@ def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[pa.Table, pa.Tabl
     roots = component_roots(candidates)
     part = pa.array(roots.column("label").to_numpy() % n_parts, pa.int32())
     part_of = pa.table({"id": roots.column("id"), "part": part})
-    edge_part = pc.take(part, pc.index_in(candidates.column("a"), value_set=part_of.column("id")))
+    edge_part = pc.take(part, pc.index_in(candidates.column("a").cast(pa.large_string()),
+                                          value_set=part_of.column("id")))
     edges = candidates.select(["a", "b"]).append_column("part", edge_part)
     return part_of, edges.sort_by([("part", "ascending")])
 
@@ -344,13 +348,14 @@ def find_removals(shards: list[str], cfg: DedupConfig, work: Path, *,
     if n_rows < 2 or not (cfg.exact or cfg.near):
         return empty, stats
     workers = min(_workers(concurrency), len(shards))
-    reused = sum(sig_path(sig_dir, i).exists() for i in range(len(shards))) if cfg.near else 0
+    found = sum(sig_path(sig_dir, i).exists() for i in range(len(shards))) if cfg.near else 0
     started = time.time()
     exact, candidates = _bucket_pass(shards, cfg, n_rows, workers, sig_dir)
     stats.update(exact_removed=exact.num_rows, candidate_pairs=candidates.num_rows,
-                 bucket_pass_s=round(time.time() - started, 2), signatures_reused=reused)
+                 bucket_pass_s=round(time.time() - started, 2), signature_files_found=found)
+    earlier = f" ({found} shards' signature files from an earlier attempt)" if found else ""
     log(f"bucket pass: {exact.num_rows} exact copies, {candidates.num_rows} candidate pairs "
-        f"in {stats['bucket_pass_s']}s" + (f" ({reused} shards' signatures reused)" if reused else ""))
+        f"in {stats['bucket_pass_s']}s{earlier}")
     near = empty
     if candidates.num_rows:
         started = time.time()

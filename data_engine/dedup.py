@@ -342,18 +342,21 @@ def verify_edges(edges: pa.Table, sigs: pa.Table | None, cfg: DedupConfig) -> pa
 
 def component_roots(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:
     """Table(id, root, label) for every id on an edge: its component's smallest id, and the
-    component's number (0..C-1, arbitrary). Vectorised: ids are dictionary-encoded to ints and
-    scipy's connected_components labels the graph, so memory is a few integers per edge, not
-    a Python dict of strings; millions of candidate pairs fit on one driver."""
+    component's number (0..C-1, arbitrary); ids are large_string. Vectorised: ids are
+    dictionary-encoded to ints and scipy's connected_components labels the graph, so memory
+    is a few integers per edge, not a Python dict of strings."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components as label_components
     tables = [edges] if isinstance(edges, pa.Table) else list(edges)
     a = pa.chunked_array([c for t in tables for c in t.column("a").chunks], pa.string())
     b = pa.chunked_array([c for t in tables for c in t.column("b").chunks], pa.string())
     if not len(a):
-        return pa.table({"id": pa.array([], pa.string()), "root": pa.array([], pa.string()),
+        return pa.table({"id": pa.array([], pa.large_string()),
+                         "root": pa.array([], pa.large_string()),
                          "label": pa.array([], pa.int64())})
-    encoded = pa.concat_arrays([a.combine_chunks(), b.combine_chunks()]).dictionary_encode()
+    # large_string: 64-bit offsets, so the ends of 10^8 pairs may hold more than 2 GiB of ids
+    encoded = pa.concat_arrays([a.cast(pa.large_string()).combine_chunks(),
+                                b.cast(pa.large_string()).combine_chunks()]).dictionary_encode()
     ids, ends = encoded.dictionary, encoded.indices.to_numpy()
     n = len(ids)
     graph = coo_matrix((np.ones(len(a), np.int8), (ends[:len(a)], ends[len(a):])), shape=(n, n))

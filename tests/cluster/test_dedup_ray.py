@@ -114,12 +114,12 @@ def test_a_killed_bucket_pass_reuses_the_signatures_it_wrote(ray_session, shards
     _, paths = shards
     cfg = DedupConfig()
     first, stats = find_removals(paths, cfg, tmp_path)
-    assert stats["signatures_reused"] == 0
+    assert stats["signature_files_found"] == 0
     sig_dir = tmp_path / "signatures"
     sig_path(sig_dir, 2).unlink()  # killed before shard 2's signatures were written
     written = {i: sig_path(sig_dir, i).stat().st_mtime_ns for i in (0, 1)}
     again, stats = find_removals(paths, cfg, tmp_path)
-    assert stats["signatures_reused"] == 2 and _removed(again) == _removed(first)
+    assert stats["signature_files_found"] == 2 and _removed(again) == _removed(first)
     assert {i: sig_path(sig_dir, i).stat().st_mtime_ns for i in (0, 1)} == written
     assert sig_path(sig_dir, 2).exists()
     pq.write_table(pq.read_table(sig_path(sig_dir, 0)), sig_path(sig_dir, 1))  # the wrong shard's
