@@ -153,7 +153,7 @@ def resolve_input_files(cfg: PipelineConfig, origin: str, overrides: dict[str, s
     before any stage runs; relative paths are taken from the current directory."""
     for key, section, field, path in input_files(cfg):
         absolute = path.expanduser().absolute()
-        if not absolute.is_file():
+        if not absolute.exists():  # a file, or a folder where the key takes one (tokenizer.path)
             where = next((f"--set {v}" for k, v in overrides.items() if key == k), origin)
             raise ConfigError(f"{where}: {key}: no such file {str(path)!r} (resolved to {absolute})")
         setattr(section, field, absolute)

@@ -9,6 +9,7 @@ version, so a changed config reruns that stage and everything downstream.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -55,11 +56,28 @@ def stage_config(cfg: PipelineConfig, name: str) -> dict:
     """What a stage's fingerprint covers: the seed, its section, and the contents of the files
     the section names (editing a blocklist reruns quality; the path alone would not)."""
     section = cfg.section(name)
-    out = {"seed": cfg.seed, name: section.model_dump(mode="json")}
-    files = {key: sha256_file(path) for key, _, _, path in input_files(section, f"{name}.")}
+    dump = section.model_dump(mode="json")
+    files = {}
+    for key, _, _, path in input_files(section):
+        *parents, leaf = key.split(".")
+        node = dump
+        for part in parents:
+            node = node[part]
+        node[leaf] = "<file>"  # the contents count, not where the file lies (a moved checkout)
+        files[f"{name}.{key}"] = _content_hash(path)
+    out = {"seed": cfg.seed, name: dump}
     if files:
         out["files"] = files
     return out
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file, or of a folder's files (relative names and contents)."""
+    if path.is_file():
+        return sha256_file(path)
+    lines = [f"{p.relative_to(path).as_posix()} {sha256_file(p)}"
+             for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None = None,

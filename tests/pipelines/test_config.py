@@ -131,3 +131,21 @@ def test_editing_a_named_file_changes_only_its_stages_fingerprint(tmp_path):
     terms.write_text("badword\nworseword\n")
     assert fp("quality") != before["quality"] and fp("dedup") == before["dedup"]
     assert "files" not in stage_config(cfg, "dedup")  # no file named: the fingerprint is as before
+    # Where the file lies does not count, only what it holds (a moved checkout reruns nothing).
+    (tmp_path / "moved").mkdir()
+    (tmp_path / "moved" / "terms.txt").write_text(terms.read_text())
+    moved = load_config(DEMO, [f"quality.blocklist_file={tmp_path / 'moved' / 'terms.txt'}"])
+    assert fingerprint("quality", stage_config(moved, "quality"), {}, "code") == fp("quality")
+
+
+def test_a_tokenizer_folder_is_accepted_and_hashed_by_its_files(tmp_path):
+    from pipelines.runner import stage_config
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    (folder / "tokenizer.json").write_text("{}")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [ingest, tokenizer]\ningest: {inputs: [{demo: {n_docs: 100}}]}\n"
+                      f"tokenizer: {{path: {folder}}}\n")
+    before = stage_config(load_config(recipe), "tokenizer")["files"]["tokenizer.path"]
+    (folder / "tokenizer.json").write_text('{"changed": true}')
+    assert stage_config(load_config(recipe), "tokenizer")["files"]["tokenizer.path"] != before
