@@ -378,7 +378,7 @@ def write_removals(removals: pa.Table, n_shards: int, folder: Path) -> list[Path
     paths = []
     for i in range(n_shards):
         path = folder / f"part-{i:05d}.parquet"
-        pq.write_table(ordered.slice(bounds[i], bounds[i + 1] - bounds[i]), path)
+        write_parquet_atomic(ordered.slice(bounds[i], bounds[i + 1] - bounds[i]), path)  # fsynced
         paths.append(path)
     return paths
 

@@ -336,15 +336,23 @@ def quality_verdict(text: str, cfg: QualityConfig) -> Verdict:
 
 # --- safety: blocklist ------------------------------------------------------------
 
-@lru_cache(maxsize=8)
 def load_blocklist(path: str | Path | None) -> tuple[str, ...]:
-    """Terms from a file, one per line; '#' starts a comment."""
+    """Terms from a file, one per line; '#' starts a comment. Cached per (path, mtime, size),
+    so a long-lived worker picks up an edited file."""
+    if path is None:
+        return _blocklist_terms(None, 0, 0)
+    if not Path(path).is_file():
+        raise ValueError(f"quality.blocklist_file: no such file {str(path)!r}")
+    stat = Path(path).stat()
+    return _blocklist_terms(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=8)
+def _blocklist_terms(path: str | None, _mtime_ns: int, _size: int) -> tuple[str, ...]:
     if path is None:
         raw = resources.files("data_engine").joinpath("resources/blocklist.txt").read_text("utf-8")
-    elif Path(path).is_file():
-        raw = Path(path).read_text("utf-8")
     else:
-        raise ValueError(f"quality.blocklist_file: no such file {path!r}")
+        raw = Path(path).read_text("utf-8")
     terms = (line.split("#", 1)[0].strip() for line in raw.splitlines())
     return tuple(t for t in terms if t)
 

@@ -1,6 +1,7 @@
 """Pieces every data stage shares: the funnel metrics, the error budget, publishing."""
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections import Counter
@@ -49,12 +50,17 @@ def publish_shards(shard_dir: Path, out: Path) -> None:
             link_or_copy(src, out / kind / src.name)
 
 
+_NO_HARD_LINKS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def link_or_copy(src: Path, dst: Path) -> None:
     """A hard link (no bytes copied; shards are never rewritten in place), or a copy on a
     filesystem without hard links."""
     try:
         os.link(src, dst)
-    except OSError:
+    except OSError as err:
+        if err.errno not in _NO_HARD_LINKS:
+            raise  # a real I/O error, or dst already there: not a reason to copy
         shutil.copy2(src, dst)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -127,6 +128,11 @@ def _fold_models(ctx: StageContext, shards: list[str], thresholds, per_fold: lis
         if marker.exists():
             ctx.log(f"KenLM fold {fold}: model cached from an earlier attempt")
         else:
+            if not sum(per_fold):
+                raise ValueError(
+                    f"difficulty: the reference is empty (difficulty.reference="
+                    f"{ctx.section.reference!r}); check difficulty.reference_sources against the "
+                    f"rows' `source` values, or difficulty.reference_fraction")
             if sum(per_fold) == per_fold[fold]:
                 raise ValueError(f"difficulty: all {per_fold[fold]} reference rows fall in fold "
                                  f"{fold}, so its model has nothing to train on; lower "
@@ -145,6 +151,8 @@ def _train_fold(ctx: StageContext, shards: list[str], fold: int, thresholds, fol
     with open(folder / "reference.txt", "rb") as f:
         lines = sum(1 for _ in f)
     (folder / "reference.txt").unlink()  # normalised copies of corpus rows: not an artifact
+    with open(model, "rb") as f:
+        os.fsync(f.fileno())  # on disk before the fold's marker vouches for it
     ctx.log(f"KenLM fold {fold}: order {cfg.order} trained on {lines} reference rows of other folds")
     return {"train_rows": lines, "kenlm_bytes": model.stat().st_size}
 

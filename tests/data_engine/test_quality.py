@@ -198,6 +198,8 @@ def test_blocklist_matches_words_case_insensitively_on_boundaries(tmp_path):
     cfg = QualityConfig(blocklist_file=str(custom), blocklist_extra=["worse"])
     assert blocklist_verdict("A BAD  phrase and worse.", cfg)[1]["terms"] == ["bad phrase", "worse"]
     assert blocklist_verdict("free porn", cfg) is None  # the default list is replaced
+    custom.write_text("# comment\nbad phrase\nnew term\n")  # edited: a live worker sees it
+    assert blocklist_verdict("a new term", cfg)[1]["terms"] == ["new term"]
 
 
 def test_config_errors_name_the_key(tmp_path):
