@@ -10,8 +10,9 @@ and writes per shard:
     <out>/rejected/part-NNNNN.parquet   rejected rows
     <out>/done/part-NNNNN.json          completion marker with the counters
 
-The marker is written last, atomically. A rerun after a crash skips shards
-whose marker exists, so finished work is never redone.
+The marker is written last, atomically, with the work item. A rerun after a
+crash skips shards whose marker names the same item, so finished work is never
+redone; a marker for another item (the plan changed) is dropped with its files.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
     Returns (stats of every finished shard, errors of shards that failed).
     """
     out_dir = Path(out_dir)
-    done = finished_shards(out_dir)
+    done = _current_shards(out_dir, items)
     todo = [it for it in items if it["index"] not in done]
     errors = []
     if todo:
@@ -166,6 +167,28 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
             (errors if "error" in stats else []).append(stats)
         done = finished_shards(out_dir)
     return [done[i] for i in sorted(done)], errors
+
+
+def _current_shards(out_dir: Path, items: list[dict]) -> dict[int, dict]:
+    """The finished shards whose marker names the same work item as now.
+
+    A marker from an earlier attempt whose item differs (the inputs changed between a crash
+    and the resume, so the plan did too), or whose index is no longer planned, is stale: its
+    shard files go first, then the marker, and the shard is redone.
+    """
+    wanted = {it["index"]: json.loads(json.dumps(it)) for it in items}
+    done = finished_shards(out_dir)
+    for index, stats in list(done.items()):
+        if wanted.get(index) != stats.get("item"):
+            for kind in ("data", "rejected"):
+                (out_dir / kind / f"{shard_name(index)}.parquet").unlink(missing_ok=True)
+            (out_dir / "done" / f"{shard_name(index)}.json").unlink()
+            del done[index]
+    for kind in ("data", "rejected"):  # files a crash left before their marker, beyond the plan
+        for path in (out_dir / kind).glob("part-*.parquet"):
+            if int(path.stem.split("-")[1]) not in wanted:
+                path.unlink()
+    return done
 
 
 def duplicate_values(paths: list[str], column: str) -> set[Any]:

@@ -5,6 +5,7 @@ reason, file and line). Metrics: rows in, kept, rejected by reason.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -95,8 +96,9 @@ def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk], fault: s
     before the marker rebuilds ``out`` from the untouched shards, so no row moves twice.
     Fault point (tests): ``ingest:duplicate_ids:<index>``, after a rewritten shard."""
     marker = out / "moved.json"
-    if marker.exists():
-        return json.loads(marker.read_text())["moved"]
+    plan = hashlib.sha256(json.dumps([c.to_dict() for c in chunks], sort_keys=True).encode()).hexdigest()
+    if marker.exists() and json.loads(marker.read_text()).get("plan") == plan:
+        return json.loads(marker.read_text())["moved"]  # else: built from another plan's shards
     shutil.rmtree(out, ignore_errors=True)
     dups = duplicate_values([str(shards / "data" / f"{shard_name(i)}.parquet")
                              for i in range(len(chunks))], "id")
@@ -121,7 +123,7 @@ def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk], fault: s
         _move_rows(data, rejected, out, drop, chunk.file, lines)
         moved += len(drop)
         maybe_fault(f"ingest:duplicate_ids:{i}", fault)
-    write_json_atomic(marker, {"moved": moved})
+    write_json_atomic(marker, {"moved": moved, "plan": plan})
     return moved
 
 
