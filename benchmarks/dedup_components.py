@@ -37,7 +37,7 @@ with open("/proc/self/clear_refs", "w") as f:
 base = status("VmRSS")
 t0 = time.process_time()
 if method == "vectorised":
-    out = component_roots(edges)  # what the cluster pass keeps: Arrow columns, no dict
+    out = component_roots(edges)  # Arrow columns, no dict (the cluster pass needs only the labels)
     cpu, peak = time.process_time() - t0, status("VmHWM")
     roots = dict(zip(out.column("id").to_pylist(), out.column("root").to_pylist()))
 else:

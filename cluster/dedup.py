@@ -51,7 +51,7 @@ import ray
 from cluster.data import write_parquet_atomic
 from data_engine.dedup import (
     KEEP_ORDER, REMOVED_SCHEMA, DedupConfig, apply_removals, attach_roots, band_rows,
-    bucket_edges, choose_survivors, component_roots, connected_components, exact_keys,
+    bucket_edges, choose_survivors, component_labels, connected_components, exact_keys,
     normalized_texts, signature_batch, verify_edges,
 )
 
@@ -267,9 +267,9 @@ def _resolve_part_task(members: pa.Table, cfg: dict, edges: list) -> pa.Table:
 def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[pa.Table, pa.Table]:
     """Candidate components -> (Table(id, part) of every doc on an edge, edges with their
     part, sorted by part). A component lies in one part; which one only spreads the load."""
-    roots = component_roots(candidates)
-    part = pa.array(roots.column("label").to_numpy() % n_parts, pa.int32())
-    part_of = pa.table({"id": roots.column("id"), "part": part})
+    labels = component_labels(candidates)  # the roots are found per part, on the workers
+    part = pa.array(labels.column("label").to_numpy() % n_parts, pa.int32())
+    part_of = pa.table({"id": labels.column("id"), "part": part})
     edge_part = pc.take(part, pc.index_in(candidates.column("a").cast(pa.large_string()),
                                           value_set=part_of.column("id")))
     edges = candidates.select(["a", "b"]).append_column("part", edge_part)

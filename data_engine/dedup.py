@@ -340,20 +340,18 @@ def verify_edges(edges: pa.Table, sigs: pa.Table | None, cfg: DedupConfig) -> pa
 
 # --- clusters and survivors ----------------------------------------------------
 
-def component_roots(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:
-    """Table(id, root, label) for every id on an edge: its component's smallest id, and the
-    component's number (0..C-1, arbitrary); ids are large_string. Vectorised: ids are
-    dictionary-encoded to ints and scipy's connected_components labels the graph, so memory
-    is a few integers per edge, not a Python dict of strings."""
+def component_labels(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:
+    """Table(id, label) for every id on an edge: its component's number (0..C-1, arbitrary);
+    ids are large_string. Vectorised: ids are dictionary-encoded to ints and scipy's
+    connected_components labels the graph, so memory is a few integers per edge, not a
+    Python dict of strings."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components as label_components
     tables = [edges] if isinstance(edges, pa.Table) else list(edges)
     a = pa.chunked_array([c for t in tables for c in t.column("a").chunks], pa.string())
     b = pa.chunked_array([c for t in tables for c in t.column("b").chunks], pa.string())
     if not len(a):
-        return pa.table({"id": pa.array([], pa.large_string()),
-                         "root": pa.array([], pa.large_string()),
-                         "label": pa.array([], pa.int64())})
+        return pa.table({"id": pa.array([], pa.large_string()), "label": pa.array([], pa.int64())})
     # large_string: 64-bit offsets, so the ends of 10^8 pairs may hold more than 2 GiB of ids
     encoded = pa.concat_arrays([a.cast(pa.large_string()).combine_chunks(),
                                 b.cast(pa.large_string()).combine_chunks()]).dictionary_encode()
@@ -361,11 +359,14 @@ def component_roots(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:
     n = len(ids)
     graph = coo_matrix((np.ones(len(a), np.int8), (ends[:len(a)], ends[len(a):])), shape=(n, n))
     _, labels = label_components(graph, directed=False)
-    table = pa.table({"id": ids, "label": pa.array(labels.astype(np.int64))})
-    roots = table.group_by("label").aggregate([("id", "min")])
-    root_of = pc.take(roots.column("id_min"),
-                      pc.index_in(table.column("label"), value_set=roots.column("label")))
-    return pa.table({"id": ids, "root": root_of, "label": table.column("label")})
+    return pa.table({"id": ids, "label": pa.array(labels.astype(np.int64))})
+
+
+def component_roots(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:
+    """component_labels plus ``root``, each component's smallest id."""
+    table = component_labels(edges)
+    roots = table.group_by("label").aggregate([("id", "min")]).sort_by("label")
+    return table.append_column("root", pc.take(roots.column("id_min"), table.column("label")))
 
 
 def connected_components(edges: pa.Table | Iterable[pa.Table]) -> dict[str, str]:

@@ -367,10 +367,15 @@ def _blocklist_regex(terms: tuple[str, ...]) -> re.Pattern | None:
     return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
 
 
-def blocklist_verdict(text: str, cfg: QualityConfig) -> Verdict:
+def blocklist_pattern(cfg: QualityConfig) -> re.Pattern | None:
+    """The compiled blocklist (cached); quality_batch looks it up once per batch, not per row."""
+    return _blocklist_regex(load_blocklist(cfg.blocklist_file) + tuple(cfg.blocklist_extra))
+
+
+def blocklist_verdict(text: str, cfg: QualityConfig, regex: re.Pattern | None = None) -> Verdict:
     if cfg.blocklist_min_hits is None:
         return None
-    regex = _blocklist_regex(load_blocklist(cfg.blocklist_file) + tuple(cfg.blocklist_extra))
+    regex = regex or blocklist_pattern(cfg)
     hits = regex.findall(text) if regex else []
     if len(hits) < cfg.blocklist_min_hits:
         return None
@@ -513,12 +518,15 @@ def redact_all_pii(text: str, cfg: QualityConfig) -> str:
 
 # --- the batch step -----------------------------------------------------------------
 
-def _check_row(text: str, cfg: QualityConfig) -> tuple[str, dict[str, int], Verdict]:
+def _check_row(text: str, cfg: QualityConfig, blocklist: re.Pattern | None
+               ) -> tuple[str, dict[str, int], Verdict]:
     """(text to keep, redactions per kind, (reason, detail) if rejected)."""
-    for prefix, check in (("quality", quality_verdict), ("safety", blocklist_verdict)):
-        verdict = check(text, cfg)
-        if verdict:
-            return text, {}, (f"{prefix}:{verdict[0]}", verdict[1])
+    verdict = quality_verdict(text, cfg)
+    if verdict:
+        return text, {}, (f"quality:{verdict[0]}", verdict[1])
+    verdict = blocklist_verdict(text, cfg, blocklist)
+    if verdict:
+        return text, {}, (f"safety:{verdict[0]}", verdict[1])
     redacted, counts, verdict = scrub_pii(text, cfg)
     if verdict:
         return text, {}, (f"pii:{verdict[0]}", verdict[1])
@@ -539,9 +547,10 @@ def quality_batch(batch: pa.Table, cfg: QualityConfig | None = None
     ids, texts = batch.column("id").to_pylist(), batch.column("text").to_pylist()
     sources = batch["source"].to_pylist() if "source" in batch.column_names else [None] * len(ids)
     counters: Counter = Counter(rows_in=batch.num_rows)
+    blocklist = blocklist_pattern(cfg) if cfg.blocklist_min_hits is not None else None
     new_texts, keep, rejected = [], [], []
     for row_id, text, source in zip(ids, texts, sources):
-        out, redactions, verdict = _check_row(text or "", cfg)
+        out, redactions, verdict = _check_row(text or "", cfg, blocklist)
         keep.append(verdict is None)
         if verdict is None:
             new_texts.append(out)

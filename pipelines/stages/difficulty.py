@@ -122,21 +122,22 @@ def _fold_models(ctx: StageContext, shards: list[str], thresholds, per_fold: lis
     """Model k in .work/kenlm/fold<k>/, complete once fold<k>.json exists: the marker
     is written after build_binary, so a restart reuses finished folds and retrains
     a fold that crashed half-way."""
+    if not sum(per_fold):
+        raise ValueError(
+            f"difficulty: the reference is empty (difficulty.reference={ctx.section.reference!r}); "
+            f"check difficulty.reference_sources against the rows' `source` values, or "
+            f"difficulty.reference_fraction")
+    for fold, n in enumerate(per_fold):
+        if n == sum(per_fold):
+            raise ValueError(f"difficulty: all {n} reference rows fall in fold {fold}, so its model "
+                             f"has nothing to train on; lower difficulty.folds or raise "
+                             f"difficulty.reference_fraction")
     models, infos = [], []
     for fold in range(ctx.section.folds):
         folder, marker = ctx.work / "kenlm" / f"fold{fold}", ctx.work / "kenlm" / f"fold{fold}.json"
         if marker.exists():
             ctx.log(f"KenLM fold {fold}: model cached from an earlier attempt")
         else:
-            if not sum(per_fold):
-                raise ValueError(
-                    f"difficulty: the reference is empty (difficulty.reference="
-                    f"{ctx.section.reference!r}); check difficulty.reference_sources against the "
-                    f"rows' `source` values, or difficulty.reference_fraction")
-            if sum(per_fold) == per_fold[fold]:
-                raise ValueError(f"difficulty: all {per_fold[fold]} reference rows fall in fold "
-                                 f"{fold}, so its model has nothing to train on; lower "
-                                 f"difficulty.folds or raise difficulty.reference_fraction")
             write_json_atomic(marker, _train_fold(ctx, shards, fold, thresholds, folder))
             maybe_fault(f"{ctx.name}:kenlm:{fold}", ctx.fault)
         models.append(folder / "model.binary")

@@ -97,8 +97,9 @@ def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk], fault: s
     Fault point (tests): ``ingest:duplicate_ids:<index>``, after a rewritten shard."""
     marker = out / "moved.json"
     plan = hashlib.sha256(json.dumps([c.to_dict() for c in chunks], sort_keys=True).encode()).hexdigest()
-    if marker.exists() and json.loads(marker.read_text()).get("plan") == plan:
-        return json.loads(marker.read_text())["moved"]  # else: built from another plan's shards
+    done = json.loads(marker.read_text()) if marker.exists() else {}
+    if done.get("plan") == plan:
+        return done["moved"]  # else: none yet, or built from another plan's shards
     shutil.rmtree(out, ignore_errors=True)
     dups = duplicate_values([str(shards / "data" / f"{shard_name(i)}.parquet")
                              for i in range(len(chunks))], "id")
