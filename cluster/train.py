@@ -1,8 +1,13 @@
 """Training gangs: a Ray Train TorchTrainer (V2) of DeepSpeed workers with elastic checkpoints.
 
-One machine:  run_pretrain(cfg, GangConfig(num_workers=2), paths, seed=0)   # CPU, gloo
+Every training stage (pretrain, SFT, DPO, RL) runs through ``run_gang``: it takes the stage's
+worker function, ``fn(payload, hooks) -> summary``, importable on the workers (a module-level
+function of training/ or rl/), and a JSON-able payload.
+
+One machine:  run_gang(training.sft.worker, payload, GangConfig(num_workers=2), checkpoints=..., work=...)
+              run_pretrain(cfg, GangConfig(num_workers=2), paths, seed=0)   # CPU, gloo
 A cluster:    the same with GangConfig(num_workers=8, use_gpu=True)         # NCCL
-              (paths.checkpoints must then be on a filesystem every node mounts)
+              (checkpoints must then be on a filesystem every node mounts)
 
 The gang starts only once every worker is placed; a gang the cluster can never hold is
 a ValueError before launch (Ray Train would retry forever, NOTES.md). Checkpoints live in
@@ -11,11 +16,12 @@ name), and are reported with NO_UPLOAD: Ray registers them where the workers wro
 ``FailureConfig(max_failures)`` restarts a broken gang from the newest one, and a rerun
 of the whole pipeline finds them there too. ``training.pretrain`` picks the newest intact
 checkpoint, falls back past a damaged one and converts to a universal checkpoint when the
-number of workers changed.
+number of workers changed (training/loop.py). A worker function that raises NonFiniteLoss
+ends the run without a restart (a restart would replay the same non-finite steps).
 
-Fault injection (tests): ``fault="pretrain:worker1:step7"`` makes the worker of rank 1
-exit once 7 steps are done, once per stage run (a marker file keeps the restarted gang
-from dying again at the same step); ``...=hang`` makes it hang there instead.
+Fault injection (tests): ``fault="pretrain:worker1:step7"`` makes the worker of rank 1 of the
+gang named ``pretrain`` exit once 7 steps are done, once per stage run (a marker file keeps
+the restarted gang from dying again at the same step); ``...=hang`` makes it hang there instead.
 """
 from __future__ import annotations
 
@@ -35,18 +41,22 @@ from ray.util.queue import Empty, Queue
 
 from cluster.gang import GangConfig, check_fits
 from training.config import PretrainConfig
-from training.pretrain import Hooks, NonFiniteLoss, Paths, pretrain
+from training.loop import Hooks, NonFiniteLoss
+from training.pretrain import Paths
 
 
 # ----------------------------------------------------------------------------- inside a worker
 
 
-def fault_hook(fault: str | None, rank: int, marker_dir: Path) -> Callable:
+def fault_hook(fault: str | None, rank: int, marker_dir: Path, name: str | None = None) -> Callable:
     """The on_step hook for "STAGE:worker<rank>:step<n>[=hang]": this worker exits (or hangs,
-    so a test can kill the whole pipeline mid-stage) once n steps are done, once per stage run."""
+    so a test can kill the whole pipeline mid-stage) once n steps are done, once per stage run.
+    With a gang name, only a fault whose STAGE is that name fires."""
     point, _, mode = (fault or "").partition("=")
     parts = point.split(":")
     if len(parts) != 3 or parts[1] != f"worker{rank}" or not parts[2].startswith("step"):
+        return lambda step, model: None
+    if name is not None and parts[0] != name:
         return lambda step, model: None
     at, marker = int(parts[2][4:]), Path(marker_dir) / f"fault-{point.replace(':', '_')}"
 
@@ -69,19 +79,18 @@ def _report_checkpoint(path: Path, metrics: dict) -> None:
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
-def _pretrain_worker(payload: dict) -> None:
+def _gang_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
-    events: Queue = payload["events"]
+    events: Queue = config["events"]
     # metrics are sent without waiting (ordered per caller); the summary below waits
     hooks = Hooks(on_metrics=lambda metrics, step: events.actor.put_nowait.remote(("metrics", metrics)),
                   on_checkpoint=_report_checkpoint,
-                  on_step=fault_hook(payload["fault"], rank, Path(payload["marker_dir"])))
+                  on_step=fault_hook(config["fault"], rank, Path(config["marker_dir"]), config["name"]))
     start = ray.train.get_checkpoint()
     if rank == 0 and start is not None:
-        print(f"[pretrain] Ray's latest registered checkpoint: {start.path}", flush=True)
-    paths = Paths(**{k: [Path(f) for f in v] if k == "data_files" else Path(v) for k, v in payload["paths"].items()})
+        print(f"[{config['name']}] Ray's latest registered checkpoint: {start.path}", flush=True)
     try:
-        summary = pretrain(PretrainConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks)
+        summary = config["fn"](config["payload"], hooks)
     except NonFiniteLoss as err:
         # returned, not raised: Ray would restart the gang into the same non-finite steps
         if rank == 0:
@@ -106,26 +115,26 @@ def _exit_without_teardown() -> None:
 # ----------------------------------------------------------------------------- the driver side
 
 
-def run_pretrain(cfg: PretrainConfig, gang: GangConfig, paths: Paths, *, seed: int,
-                 on_metrics: Callable[[dict], None] = lambda m: None, fault: str | None = None,
-                 key: str = "pretrain.gang") -> dict:
-    """Train on a gang; blocks until done and returns rank 0's summary.
+def run_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig, *, checkpoints: Path,
+             work: Path, on_metrics: Callable[[dict], None] = lambda m: None, fault: str | None = None,
+             name: str = "train", key: str | None = None) -> dict:
+    """Run fn(payload, hooks) on every worker of a gang; blocks until done, returns rank 0's summary.
 
-    Raises NonFiniteLoss when the run aborted on non-finite losses, and Ray's
+    checkpoints is the stage's checkpoint folder (Ray Train's experiment folder); work holds the
+    fault markers. Raises NonFiniteLoss when the run aborted on non-finite losses, and Ray's
     TrainingFailedError when the gang failed more than gang.max_failures times.
     """
-    check_fits(gang, key)
+    check_fits(gang, key or f"{name}.gang")
     events = Queue(actor_options={"num_cpus": 0})
-    payload = {"config": cfg.model_dump(mode="json"), "seed": seed, "fault": fault, "events": events,
-               "marker_dir": str(paths.work), "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v)
-                                                         for k, v in vars(paths).items()}}
+    config = {"fn": fn, "payload": payload, "fault": fault, "events": events, "name": name,
+              "marker_dir": str(work)}
     trainer = TorchTrainer(
-        _pretrain_worker, train_loop_config=payload,
+        _gang_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=gang.num_workers, use_gpu=gang.use_gpu,
                                      resources_per_worker=gang.worker_resources(),
                                      placement_strategy=gang.placement_strategy),
         torch_config=TorchConfig(backend=gang.torch_backend()),
-        run_config=RunConfig(name=paths.checkpoints.name, storage_path=str(paths.checkpoints.parent),
+        run_config=RunConfig(name=Path(checkpoints).name, storage_path=str(Path(checkpoints).parent),
                              failure_config=FailureConfig(max_failures=gang.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None)))
     try:
@@ -135,8 +144,20 @@ def run_pretrain(cfg: PretrainConfig, gang: GangConfig, paths: Paths, *, seed: i
     if "abort" in outcome:
         raise NonFiniteLoss(outcome["abort"])
     if "summary" not in outcome:
-        raise RuntimeError("the training gang finished without a summary from rank 0")
+        raise RuntimeError(f"the {name} gang finished without a summary from rank 0")
     return outcome["summary"]
+
+
+def run_pretrain(cfg: PretrainConfig, gang: GangConfig, paths: Paths, *, seed: int,
+                 on_metrics: Callable[[dict], None] = lambda m: None, fault: str | None = None,
+                 key: str = "pretrain.gang") -> dict:
+    """Pretrain on a gang (training.pretrain.worker); see run_gang."""
+    from training import pretrain
+    payload = {"config": cfg.model_dump(mode="json"), "seed": seed,
+               "paths": {k: [str(f) for f in v] if isinstance(v, list) else None if v is None else str(v)
+                         for k, v in vars(paths).items()}}
+    return run_gang(pretrain.worker, payload, gang, checkpoints=paths.checkpoints, work=paths.work,
+                    on_metrics=on_metrics, fault=fault, name="pretrain", key=key)
 
 
 def _fit_while_draining(trainer: TorchTrainer, events: Queue, on_metrics: Callable[[dict], None]) -> dict:

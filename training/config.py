@@ -1,5 +1,8 @@
 """Typed config of the training stages: engine, data/curriculum, checkpoints, the pretrain run.
 
+``TrainConfig`` holds what every training stage shares (steps, engine, checkpoints, evaluation
+cadence, non-finite limit); ``PretrainConfig`` and the SFT config (training/sft.py) extend it.
+
 Plain pydantic, no torch or DeepSpeed at import, so loading a recipe stays cheap; the
 pipeline's config tree (pipelines/config.py) nests these as the `pretrain:` section.
 
@@ -110,17 +113,23 @@ class CheckpointConfig(Strict):
     keep: int = Field(2, ge=1)  # newest checkpoints kept
 
 
-class PretrainConfig(Strict):
-    """One pretraining run: model, engine, data, checkpoints, evaluation, safety limits."""
+class TrainConfig(Strict):
+    """What every training stage shares: steps, engine, checkpoints, evaluation, safety limits."""
 
-    steps: int = Field(200, ge=1)  # optimizer steps (the curriculum's budget)
-    model: ModelSection = Field(default_factory=ModelSection)  # built lazily: torch only when used
+    steps: int = Field(200, ge=1)  # optimizer steps
     engine: EngineConfig = EngineConfig()
-    data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval_every: int = Field(50, ge=1)  # steps between validation passes; one more at the end
     max_nonfinite: int = Field(5, ge=1)  # abort after this many non-finite steps in a row
     peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None on CPU = measured
+
+
+class PretrainConfig(TrainConfig):
+    """One pretraining run: model, engine, data, checkpoints, evaluation, safety limits."""
+
+    steps: int = Field(200, ge=1)  # optimizer steps (the curriculum's budget)
+    model: ModelSection = Field(default_factory=ModelSection)  # built lazily: torch only when used
+    data: DataConfig = DataConfig()
 
     @model_validator(mode="after")
     def _fits(self) -> "PretrainConfig":

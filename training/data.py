@@ -38,13 +38,16 @@ _NO_DOMAIN = "all"
 # ----------------------------------------------------------------------------- tokenize + cache
 
 
-def cache_key(files: list[Path], tokenizer_file: Path, val_fraction: float, text_column: str) -> str:
-    """Changes when the corpus, the tokenizer or the split changes."""
+def cache_key(files: list[Path], tokenizer_file: Path, val_fraction: float, text_column: str,
+              exclude_ids: set[str] | None = None) -> str:
+    """Changes when the corpus, the tokenizer, the split or the excluded documents change."""
     h = hashlib.sha256(Path(tokenizer_file).read_bytes())
     for f in files:
         st = Path(f).stat()
         h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(f"{val_fraction}|{text_column}".encode())
+    if exclude_ids:
+        h.update(("\n".join(sorted(exclude_ids))).encode())
     return h.hexdigest()[:16]
 
 
@@ -75,16 +78,18 @@ def _doc_keys(rows: dict, path: Path, text_column: str) -> list[tuple[str, str, 
 
 
 def build_token_cache(files: list[Path], tokenizer_file: Path, cache_root: Path, *,
-                      val_fraction: float, text_column: str = "text") -> Path:
+                      val_fraction: float, text_column: str = "text", exclude_ids: set[str] | None = None) -> Path:
     """Tokenize the corpus once into per-pool .npy streams; returns the cache folder.
 
-    Reused while the files, tokenizer and split are unchanged; written to a temporary
-    folder and renamed, so a crash never leaves half a cache.
+    Documents whose id is in exclude_ids are left out (the tasks stage's decontamination:
+    documents that contain a held-out evaluation prompt). Reused while the files, tokenizer,
+    split and exclusions are unchanged; written to a temporary folder and renamed, so a crash
+    never leaves half a cache.
     """
     files = sorted(Path(f) for f in files)
     if not files:
         raise ValueError("no Parquet files to pretrain on")
-    folder = Path(cache_root) / cache_key(files, tokenizer_file, val_fraction, text_column)
+    folder = Path(cache_root) / cache_key(files, tokenizer_file, val_fraction, text_column, exclude_ids)
     if (folder / "pools.json").is_file():
         return folder
     tok = load_tokenizer(tokenizer_file)
@@ -95,6 +100,8 @@ def build_token_cache(files: list[Path], tokenizer_file: Path, cache_root: Path,
         rows = _read_table(path, text_column)
         encoded = tok.encode_batch([t or "" for t in rows[text_column]], add_special_tokens=False)
         for (doc_id, domain, level), enc in zip(_doc_keys(rows, path, text_column), encoded):
+            if exclude_ids and str(doc_id) in exclude_ids:
+                continue
             split = "val" if is_validation(str(doc_id), val_fraction) else "train"
             key = (split, domain, level)
             streams.setdefault(key, []).append(np.asarray([bos, *enc.ids, eos], dtype=np.uint32))

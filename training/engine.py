@@ -4,14 +4,23 @@ Our typed ``EngineConfig`` becomes a DeepSpeed config dict; ``Engine`` wraps the
 DeepSpeed engine with the few calls a training loop needs (OpenRLHF's strategy
 object, smaller): ``train_step`` (micro-batches -> one optimizer step, with a
 non-finite loss skipping the step), ``evaluate_batch``, ``save``/``load``, and
-``full_state_dict`` for the final model.
+``full_state_dict`` for the final model. ``FrozenModel`` is the same seam for a model
+that never trains (a DPO or RL reference, a reward model): no optimizer, no gradients,
+eval mode, its weights sharded under ZeRO-3 like a trained model's.
 
     cfg = EngineConfig(zero_stage=2, precision="bf16")
     engine = Engine(model, cfg, micro_batch=4, global_batch=32, total_steps=1000)
-    result = engine.train_step([(x_BT, y_BT), ...])      # one list per optimizer step
+    result = engine.train_step([(x_BT, y_BT), ...])      # one list per optimizer step; LM + aux loss
+    result = engine.train_step(batches, loss_fn=my_loss)  # any loss: my_loss(model, batch) -> (loss, metrics)
     engine.save("ckpt/step_000100")                       # every rank calls it
     engine.load("ckpt/step_000100")                       # same world size
     to_universal("ckpt/step_000100", zero_stage=2)        # then Engine(..., load_universal=True)
+    ref = FrozenModel.from_folder("runs/r1/sft/model", cfg)  # ref(ids_BT).logits, no grad
+
+The loss and its metrics are averaged over micro-batches and ranks, DeepSpeed's own
+convention (it divides each backward by the accumulation steps and averages gradients over
+ranks). A loss that must be normalised by a count over the whole global batch (response
+tokens in SFT) scales itself: ``sum / global_count * micro_batches_per_step * world``.
 
 The MoE decision. Our experts are stacked ``nn.Parameter``s of ``training.model.MoE``
 (one (E, D, F) tensor per projection), not DeepSpeed's native MoE layer. To DeepSpeed
@@ -38,8 +47,9 @@ import os
 import socket
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import deepspeed
 import torch
@@ -49,6 +59,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from training.config import EngineConfig, OptimizerConfig
+from training.distributed import collective_device  # noqa: F401 - part of the seam's API
 
 DS_TAG = "ds"              # DeepSpeed's own tag folder inside one checkpoint folder
 UNIVERSAL = "universal"    # ds_to_universal's output, beside DS_TAG
@@ -104,6 +115,12 @@ def lr_at(step: int, cfg: OptimizerConfig, total_steps: int) -> float:
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.min_lr_ratio
     return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _scalar(value: torch.Tensor | float) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().double().cpu().reshape(())
+    return torch.tensor(float(value), dtype=torch.float64)
 
 
 class _SkipFlag:
@@ -164,13 +181,6 @@ def ensure_process_group() -> None:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
 
 
-def collective_device() -> torch.device:
-    """Where a tensor for a torch.distributed call must live: NCCL takes CUDA tensors only."""
-    if dist.is_initialized() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -189,18 +199,53 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
         block.forward = lambda *args, _f=forward: torch_checkpoint(_f, *args, use_reentrant=False)
 
 
+Batch = Any  # whatever a loss function takes: a tuple of tensors, a dict, a dataclass
+LossFn = Callable[[nn.Module, Batch], "tuple[torch.Tensor, dict[str, torch.Tensor | float]]"]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Pretraining's loss: next-token cross-entropy plus the MoE balance loss."""
+    x, y = batch
+    out = model(x, y)
+    return out.loss + out.aux_loss, {"lm_loss": out.loss, "aux_loss": out.aux_loss}
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """Every tensor of a (nested) tuple, list or dict batch moved to device."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
 @dataclass
 class StepResult:
-    loss: float            # mean over micro-batches and ranks (LM + aux)
-    lm_loss: float
-    aux_loss: float
+    loss: float            # mean over micro-batches and ranks
     grad_norm: float | None
     lr: float
     skipped: bool          # the loss was not finite somewhere: no update happened
+    metrics: dict[str, float] = field(default_factory=dict)  # the loss function's, same means
 
 
-class Engine:
-    """One DeepSpeed engine around a model whose forward(x, y) returns .loss and .aux_loss."""
+class _Wrapped:
+    """What both wrappers expose of their DeepSpeed engine (``self.ds``)."""
+
+    ds: Any
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.ds.device
+
+
+class Engine(_Wrapped):
+    """One DeepSpeed engine around a model; the loss is a function of the model and a batch."""
 
     def __init__(self, model: nn.Module, cfg: EngineConfig, *, micro_batch: int, global_batch: int,
                  total_steps: int, load_universal: bool = False):
@@ -222,42 +267,40 @@ class Engine:
         self.gas = ds_config["gradient_accumulation_steps"]
 
     @property
-    def module(self) -> nn.Module:
-        return self.ds.module
-
-    @property
-    def device(self) -> torch.device:
-        return self.ds.device
-
-    @property
     def lr(self) -> float:
         return self.ds.get_lr()[0]
 
-    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        """Forward/backward every micro-batch, then one optimizer step (or a skip)."""
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn = lm_loss) -> StepResult:
+        """Forward/backward every micro-batch through loss_fn, then one optimizer step (or a skip).
+
+        loss_fn(model, batch) returns the scalar loss to minimise and a dict of scalar metrics;
+        the model is the DeepSpeed engine (call it like the module)."""
         if len(micro_batches) != self.gas:
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches; the config needs {self.gas}")
         self.module.train()
-        stats = torch.zeros(4, dtype=torch.float64)  # loss, lm, aux, non-finite count
+        names: list[str] | None = None
+        stats = None  # loss, metrics..., non-finite count
         lr = self.lr
-        for i, (x, y) in enumerate(micro_batches):
-            out = self.ds(x.to(self.device), y.to(self.device))
-            loss = out.loss + out.aux_loss
-            stats += torch.stack([loss.detach().double().cpu(), out.loss.detach().double().cpu(),
-                                  out.aux_loss.detach().double().cpu(),
-                                  (~torch.isfinite(loss.detach())).double().cpu()])
+        for i, batch in enumerate(micro_batches):
+            loss, metrics = loss_fn(self.ds, to_device(batch, self.device))
+            names = names if names is not None else list(metrics)
+            if list(metrics) != names:
+                raise ValueError(f"loss_fn returned metrics {list(metrics)}, then {names}: keep them the same")
+            row = torch.stack([_scalar(loss), *(_scalar(metrics[k]) for k in names),
+                               (~torch.isfinite(loss.detach())).double().cpu()])
+            stats = row if stats is None else stats + row
             self.ds.backward(loss)
             if i == len(micro_batches) - 1:
                 stats = self._all_reduce(stats)
-                self._skip.value = bool(stats[3] > 0)
+                self._skip.value = bool(stats[-1] > 0)
                 grad_norm = self._zero0_grad_norm()
             self.ds.step()
         skipped = self._skip.value or not self.ds.was_step_applied()
         self._skip.value = False
         n = len(micro_batches) * self.world_size
         norm = grad_norm if grad_norm is not None else self.ds.get_global_grad_norm()
-        return StepResult(loss=float(stats[0] / n), lm_loss=float(stats[1] / n), aux_loss=float(stats[2] / n),
-                          grad_norm=None if norm is None else float(norm), lr=lr, skipped=skipped)
+        return StepResult(loss=float(stats[0] / n), grad_norm=None if norm is None else float(norm), lr=lr,
+                          skipped=skipped, metrics={k: float(stats[1 + j] / n) for j, k in enumerate(names)})
 
     @torch.no_grad()
     def evaluate_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -306,6 +349,56 @@ class Engine:
             if self.rank != 0:
                 return None
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
+
+
+class FrozenModel(_Wrapped):
+    """A model that never trains, under the same seam: no optimizer, no gradients, eval mode.
+
+    With ``cfg.zero_stage == 3`` DeepSpeed partitions its weights over the ranks like a trained
+    model's (ZeRO-Offload's inference path: each forward gathers a layer's weights, then frees
+    them), so a reference or reward model costs 1/world of its size per rank; every rank must
+    then call it the same number of times. Other stages keep one whole copy per rank (ZeRO
+    stages 1-2 shard optimizer state and gradients, which a frozen model has none of). bf16
+    precision casts the weights, since there are no fp32 master weights to keep.
+    """
+
+    def __init__(self, model: nn.Module, cfg: EngineConfig, *, micro_batch: int = 1):
+        ensure_process_group()
+        model.requires_grad_(False)
+        model.eval()
+        sharded = cfg.zero_stage == 3
+        zero: dict = {"stage": 3 if sharded else 0}
+        if sharded:
+            zero["stage3_param_persistence_threshold"] = 0  # whole stacked expert tensors
+            if cfg.offload_params:
+                zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        bf16 = cfg.precision == "bf16"
+        if bf16 and not sharded:
+            model = model.to(torch.bfloat16)
+        config = {"train_micro_batch_size_per_gpu": micro_batch, "gradient_accumulation_steps": 1,
+                  "train_batch_size": micro_batch * dist.get_world_size(),
+                  "zero_optimization": zero, "bf16": {"enabled": bf16 and sharded},
+                  "steps_per_print": _QUIET, "wall_clock_breakdown": False}
+        self.ds, _, _, _ = deepspeed.initialize(model=model, config=config)
+        self.ds.eval()
+        self.cfg = cfg
+        self.sharded = sharded
+
+    @classmethod
+    def from_folder(cls, model_dir: str | Path, cfg: EngineConfig, *, micro_batch: int = 1) -> "FrozenModel":
+        """A model folder written by a training stage (model.safetensors + config.json)."""
+        from training.export import load_model
+        return cls(load_model(model_dir), cfg, micro_batch=micro_batch)
+
+    @torch.no_grad()
+    def __call__(self, *args, **kwargs):
+        """The model's forward, tensors moved to its device, never recording a graph."""
+        return self.ds(*to_device(args, self.device), **to_device(kwargs, self.device))
+
+    def local_numel(self) -> int:
+        """Weights this rank holds: the whole model, or its 1/world shard under ZeRO-3."""
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+                   for p in self.module.parameters())
 
 
 def needs_universal(zero_stage: int, precision: str, saved_world: int, world: int) -> bool:

@@ -1,0 +1,71 @@
+"""Collectives every training loop shares: rank and world, broadcast, barrier, sums, rank-0 work.
+
+Plain torch.distributed; each call is a no-op in a group of one, so the same loop runs in
+one process, on a Ray Train gang of CPU workers (gloo) and on GPUs (NCCL).
+
+    rank, world = rank_world()
+    folders = broadcast(list_checkpoints(root) if rank == 0 else None)
+    on_rank0(lambda: write_model(...))      # every rank raises if rank 0 failed
+    total, = all_sum([local_count])
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world() -> tuple[int, int]:
+    return dist.get_rank(), dist.get_world_size()
+
+
+def collective_device() -> torch.device:
+    """Where a tensor for a torch.distributed call must live: NCCL takes CUDA tensors only."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def broadcast(obj: Any) -> Any:
+    """Rank 0's object on every rank."""
+    box = [obj]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def on_rank0(fn: Callable[[], Any]) -> None:
+    """Run fn on rank 0 only; if it fails, every rank raises (instead of waiting forever)."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(err).__name__}: {err}"
+    error = broadcast(error)
+    if error:
+        raise RuntimeError(f"rank 0 failed: {error}")
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Element-wise sums over ranks, in float64."""
+    t = torch.tensor(values, dtype=torch.float64, device=collective_device())
+    if dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's object, in rank order, on every rank."""
+    gathered = [None] * dist.get_world_size()
+    if len(gathered) > 1:
+        dist.all_gather_object(gathered, obj)
+    else:
+        gathered[0] = obj
+    return gathered
