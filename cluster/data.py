@@ -202,3 +202,17 @@ def duplicate_values(paths: list[str], column: str) -> set[Any]:
 
 def _repeated(counts: pa.Table) -> pa.Table:
     return counts.filter(pc.greater(counts.column("count()"), 1))
+
+
+def map_files(fn, paths: list[str], columns: list[str], *, num_cpus: float = 1) -> pa.Table:
+    """fn(table) -> Table over the given columns of each Parquet file, one Ray task per file,
+    results concatenated in file order. For a read-only pass whose output is small (the tasks
+    stage's scan of the corpus for held-out prompts); fn is shipped once to the object store."""
+    fn_ref = ray.put(fn)
+
+    @ray.remote(num_cpus=num_cpus, max_retries=0)
+    def one(path: str, f) -> pa.Table:
+        return f(pq.read_table(path, columns=columns))
+
+    tables = ray.get([one.remote(p, fn_ref) for p in paths])
+    return pa.concat_tables(tables) if tables else pa.table({})

@@ -338,6 +338,21 @@ def verify_edges(edges: pa.Table, sigs: pa.Table | None, cfg: DedupConfig) -> pa
     return scored.filter(pa.array(est >= cfg.threshold - 1e-12))
 
 
+def cross_edges(left: pa.Table, right: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Near-duplicate pairs *between* two tables of (id, text), none within one: Table(a, b,
+    jaccard_est) with a from left and b from right, found by the same LSH bands and verified
+    like dedup's own edges (the tasks stage: held-out prompts against training prompts)."""
+    sigs_l, sigs_r = signature_batch(left, cfg), signature_batch(right, cfg)
+    bands_l, bands_r = band_rows(sigs_l, cfg), band_rows(sigs_r, cfg)
+    joined = bands_l.join(bands_r, keys=["band", "key"], join_type="inner", left_suffix="_a", right_suffix="_b")
+    pairs = joined.group_by(["id_a", "id_b"]).aggregate([]).sort_by([("id_a", "ascending"), ("id_b", "ascending")])
+    a, b = pairs.column("id_a"), pairs.column("id_b")
+    est = estimate_jaccard(_lookup_sigs(a, sigs_l, cfg.num_perm), _lookup_sigs(b, sigs_r, cfg.num_perm))
+    scored = pa.table({"a": a.cast(pa.string()), "b": b.cast(pa.string()),
+                       "jaccard_est": pa.array(est, pa.float64())}, schema=EDGE_SCHEMA)
+    return scored.filter(pa.array(est >= cfg.threshold - 1e-12)) if cfg.verify else scored
+
+
 # --- clusters and survivors ----------------------------------------------------
 
 def component_labels(edges: pa.Table | Iterable[pa.Table]) -> pa.Table:

@@ -214,6 +214,26 @@ def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
             pa.Table.from_pylist(rejected, schema=INGEST_REJECT_SCHEMA))
 
 
+def file_rows(path: str, fmt: str, source: str | None = None) -> Iterator[tuple[int, object, tuple[str, str] | None]]:
+    """Every row of one file, in process: (line or row number, raw record, error), where error is
+    (reason, message) for a row, chunk or file that could not be read (line 0 for the latter two).
+    For readers of small side inputs (the tasks stage's user files); corpora go through chunks."""
+    for chunk in plan_chunks([(path, fmt, source)], IngestConfig(inputs=[InputSpec(path=path)])):
+        if chunk.format == "unreadable":
+            yield 0, None, ("unreadable_file", chunk.error or "unreadable")
+            continue
+        rows = _raw_rows(chunk)
+        while True:
+            try:
+                item = next(rows, None)
+            except UNREADABLE as err:
+                yield 0, None, ("unreadable_chunk", f"{type(err).__name__}: {err}")
+                break
+            if item is None:
+                break
+            yield item
+
+
 def _raw_rows(chunk: Chunk) -> Iterator[tuple[int, object, tuple[str, str] | None]]:
     """Yield (line or row number, raw record, error) for every row of a chunk."""
     if chunk.format == "jsonl":

@@ -171,6 +171,26 @@ def check_answer(task_or_answer, completion: str) -> bool:
     return bool(given) and same_answer(expected, given)
 
 
+def exact_answer(expected: str, completion: str) -> bool:
+    """The completion's ``<answer>`` text equals the expected text exactly (after stripping)."""
+    _require_str("expected", expected)
+    given = extract_answer(completion)
+    return given is not None and given == expected.strip()
+
+
+# name -> checker(expected answer, completion): what a task's `checker` column names. Checkers
+# read the completion as text; none of them ever executes it (python_* tasks are checked
+# against their known answer).
+CHECKERS = {"answer": check_answer, "exact": exact_answer}
+
+
+def check(checker: str, expected: str, completion: str) -> bool:
+    """Score a completion with the named checker."""
+    if checker not in CHECKERS:
+        raise ValueError(f"unknown checker {checker!r}; known: {sorted(CHECKERS)}")
+    return CHECKERS[checker](expected, completion)
+
+
 def same_answer(expected: str, given: str) -> bool:
     """Compare two answer texts: numbers within tolerance, lists item by item, text normalised."""
     _require_str("expected", expected)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cluster.gang import GangConfig
 from data_engine.dedup import DedupConfig
@@ -21,7 +21,10 @@ from data_engine.difficulty import DifficultyConfig
 from data_engine.domains import DomainsConfig
 from data_engine.ingest import IngestConfig
 from data_engine.quality import QualityConfig
+from data_engine.task_data import TasksConfig
+from rl.config import EvalConfig
 from training.config import PretrainConfig
+from training.config import SftConfig
 from training.tokenizer import TokenizerConfig
 
 
@@ -64,6 +67,15 @@ class PretrainSection(PretrainConfig):
     """Curriculum pretraining on a DeepSpeed gang; `gang` says how many workers and where."""
 
     gang: GangConfig = GangConfig()
+    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end (with a tasks stage)
+
+
+class SftSection(SftConfig):
+    """Supervised fine-tuning on the tasks stage's worked solutions, on a DeepSpeed gang."""
+
+    init_model: Path | None = None  # a model folder to start from; None: the pretrain stage's model/
+    gang: GangConfig = GangConfig()
+    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end
 
 
 class DomainsSection(DomainsConfig):
@@ -93,7 +105,9 @@ class PipelineConfig(Strict):
     domains: DomainsSection | None = None
     difficulty: DifficultySection | None = None
     tokenizer: TokenizerSection | None = None
+    tasks: TasksConfig | None = None
     pretrain: PretrainSection | None = None
+    sft: SftSection | None = None
 
     @field_validator("stages")
     @classmethod
@@ -105,6 +119,13 @@ class PipelineConfig(Strict):
         if len(set(stages)) != len(stages):
             raise ValueError("a stage is listed twice")
         return stages
+
+    @model_validator(mode="after")
+    def _sft_has_a_start(self) -> "PipelineConfig":
+        if "sft" in self.stages and self.sft is not None and self.sft.init_model is None \
+                and "pretrain" not in self.stages:
+            raise ValueError("sft.init_model: give a model folder to start from, or put `pretrain` in stages")
+        return self
 
     def section(self, stage: str) -> Any:
         """The config section a stage runs with; error if the recipe lacks it."""

@@ -26,10 +26,11 @@ class StageContext:
     root: Path                  # <run>/<stage>
     out: Path                   # staging folder; becomes the stage folder's outputs
     work: Path                  # resumable partial work of this fingerprint
-    inputs: dict[str, Path]     # upstream stage name -> its folder
+    inputs: dict[str, Path]     # upstream stage name -> its folder (optional inputs only when in the recipe)
     metrics: MetricsSink
     data_concurrency: int | None = None
     fault: str | None = None    # fault injection for tests (cluster.data.maybe_fault)
+    resumed: bool = False       # this run continues a crashed run of the same fingerprint
 
     def log(self, message: str) -> None:
         print(f"[{self.name}] {message}", flush=True)
@@ -43,6 +44,12 @@ class Stage:
     # Resources of the stage's own driver task; its Ray Data / Ray Train workers ask for theirs.
     resources: dict = field(default_factory=lambda: {"num_cpus": 0})
     summary: str = ""
+    # Inputs used when the recipe has them (pretrain evaluates on `tasks` if there is one)
+    optional: tuple[str, ...] = ()
+
+    def deps(self, order: list[str]) -> tuple[str, ...]:
+        """The stages this one reads in a recipe whose stages are `order`."""
+        return self.inputs + tuple(d for d in self.optional if d in order)
 
 
 STAGES: dict[str, Stage] = {}
@@ -59,7 +66,7 @@ def check_order(order: list[str]) -> None:
     """Every stage's inputs must come before it in the recipe's stage list."""
     seen: set[str] = set()
     for name in order:
-        for dep in STAGES[name].inputs:
+        for dep in STAGES[name].deps(order):
             if dep not in order:
                 raise ValueError(f"stage {name!r} needs {dep!r}, which the recipe's `stages` lacks")
             if dep not in seen:
@@ -71,7 +78,7 @@ def _load_stages() -> None:
     # Registering by import keeps each stage's wiring in its own small module.
     from pipelines.stages import ingest  # noqa: F401
     from pipelines.stages import dedup, quality, domains, difficulty  # noqa: F401
-    from pipelines.stages import tokenizer, pretrain  # noqa: F401
+    from pipelines.stages import tokenizer, tasks, pretrain, sft  # noqa: F401
 
 
 _load_stages()

@@ -91,10 +91,10 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
     results = []
     for name in cfg.stages:
         stage_dir = store.stage(name)
-        inputs = {dep: fps[dep] for dep in STAGES[name].inputs}
+        inputs = {dep: fps[dep] for dep in STAGES[name].deps(cfg.stages)}
         fp = fingerprint(name, stage_config(cfg, name), inputs, code)
         if name not in selected:
-            fps[name] = _upstream_fingerprint(store, name, fp, selected, echo)
+            fps[name] = _upstream_fingerprint(store, name, fp, selected, cfg.stages, echo)
             continue
         fps[name] = fp
         if not force and stage_dir.is_done(fp) and not stage_dir.verify():
@@ -106,13 +106,13 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
 
 
 def _upstream_fingerprint(store: RunStore, name: str, expected: str, selected: list[str],
-                          echo) -> str:
+                          order: list[str], echo) -> str:
     """An unselected stage is used as it is on disk, if a selected stage needs it."""
-    needed = any(name in STAGES[s].inputs for s in selected)
+    needed = any(name in STAGES[s].deps(order) for s in selected)
     manifest = store.stage(name).manifest() or {}
     if manifest.get("status") != "done":
         if needed:
-            users = [s for s in selected if name in STAGES[s].inputs]
+            users = [s for s in selected if name in STAGES[s].deps(order)]
             raise ConfigError(f"stage {users[0]!r} needs {name!r}, which is not done in run "
                               f"{store.run_id!r}: run it first (r1pipe run ... --stages {name})")
         return expected
@@ -155,8 +155,9 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     sink = make_sink(cfg.wandb, store.root, run_id, name, stage_config(cfg, name))
     ctx = StageContext(name=name, run_id=run_id, config=cfg, section=cfg.section(name),
                        root=stage_dir.root, out=stage_dir.staging, work=stage_dir.work,
-                       inputs={d: store.stage(d).root for d in stage.inputs}, metrics=sink,
-                       data_concurrency=cfg.ray.data_concurrency, fault=fault)
+                       inputs={d: store.stage(d).root for d in stage.deps(cfg.stages)}, metrics=sink,
+                       data_concurrency=cfg.ray.data_concurrency, fault=fault,
+                       resumed=bool((stage_dir.manifest() or {}).get("resumed")))
     ctx.work.mkdir(parents=True, exist_ok=True)
     try:
         metrics = stage.run(ctx)

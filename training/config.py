@@ -140,3 +140,49 @@ class PretrainConfig(TrainConfig):
             raise ValueError(f"data.global_batch={self.data.global_batch} must be a multiple of "
                              f"data.micro_batch={self.data.micro_batch}")
         return self
+
+
+_LORA_PATTERNS = {"attention": r".*\.attn\.(wq|wk|wv|wo)",
+                  "dense": r".*\.ffn(\.shared)?\.(w_gate|w_up|w_down)"}
+
+
+class LoraConfig(Strict):
+    """Low-rank adapters instead of full fine-tuning; merged into the saved model."""
+
+    enabled: bool = False  # true: train LoRA adapters only (peft), merged into the saved model
+    r: int = Field(16, ge=1)  # adapter rank
+    alpha: float = Field(32.0, gt=0)  # scale alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
+    #: attention: wq/wk/wv/wo; dense: dense-layer and shared-expert SwiGLU (routed experts stay frozen)
+    targets: list[Literal["attention", "dense"]] = Field(default_factory=lambda: ["attention", "dense"], min_length=1)
+
+    def target_regex(self) -> str:
+        return "(" + "|".join(_LORA_PATTERNS[t] for t in self.targets) + ")$"
+
+
+class SftDataConfig(Strict):
+    """Sequences, batches, packing, the family mixture and the difficulty curriculum."""
+
+    seq_len: int = Field(512, ge=8)  # tokens per packed row; longer examples are left out (counted)
+    micro_batch: int = Field(8, ge=1)  # sequences per worker per forward
+    global_batch: int = Field(32, ge=1)  # sequences per optimizer step, all workers together
+    packing: bool = True  # whole examples packed into rows (block-diagonal mask); false: padded batches
+    family_weights: dict[str, float] = Field(default_factory=dict)  # relative; {} = example shares
+    curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in pretraining
+    val_max_examples: int = Field(64, ge=0)  # held-out examples (eval split) for the validation loss
+
+
+class SftConfig(TrainConfig):
+    """One SFT run: steps, engine, data, LoRA, checkpoints, evaluation cadence, safety limits."""
+
+    steps: int = Field(300, ge=1)
+    engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-3, warmup_steps=10))
+    data: SftDataConfig = SftDataConfig()
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _batches(self) -> "SftConfig":
+        if self.data.global_batch % self.data.micro_batch:
+            raise ValueError(f"data.global_batch={self.data.global_batch} must be a multiple of "
+                             f"data.micro_batch={self.data.micro_batch}")
+        return self

@@ -181,8 +181,14 @@ def shard(ids: list, rank: int, world: int) -> list:
 class CurriculumSampler:
     """Global batches of (pool, sequence) ids: domain mixture x curriculum phase x seed."""
 
-    def __init__(self, corpus: PackedCorpus, cfg: DataConfig, total_steps: int, seed: int):
+    def __init__(self, corpus: PackedCorpus, cfg: DataConfig, total_steps: int, seed: int, *,
+                 weights: dict[str, float] | None = None, weights_key: str = "data.domain_weights"):
+        """corpus: anything with `train` pools (each with n, domain, difficulty, name); cfg: anything
+        with global_batch and curriculum. SFT groups its pools by task family and passes its
+        family weights as `weights` (else cfg.domain_weights)."""
         self.pools, self.cfg, self.total, self.seed = corpus.train, cfg, total_steps, seed
+        self.weights = cfg.domain_weights if weights is None else weights
+        self.weights_key = weights_key
         self._check_domains()
         self.step = 0
         self.cursors = [0] * len(self.pools)
@@ -193,7 +199,7 @@ class CurriculumSampler:
     def _check_domains(self) -> None:
         have = {p.domain for p in self.pools}
         cur = self.cfg.curriculum
-        for key, names in (("data.domain_weights", list(self.cfg.domain_weights)),
+        for key, names in ((self.weights_key, list(self.weights)),
                            ("data.curriculum.early_domains", cur.early_domains or [])):
             missing = sorted(set(names) - have)
             if missing:
@@ -216,7 +222,7 @@ class CurriculumSampler:
 
     def _phase_probs(self, phase: int) -> np.ndarray:
         """P(pool) = P(domain) * P(difficulty | domain): domain weights, then sequence counts."""
-        weights = self.cfg.domain_weights
+        weights = self.weights
         allowed = np.array([self._allowed(p, phase) for p in self.pools])
         sizes = np.array([p.n for p in self.pools], dtype=np.float64) * allowed
         probs = np.zeros(len(self.pools))

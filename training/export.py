@@ -44,15 +44,21 @@ def save_model(model: Transformer, out_dir: str | Path) -> Path:
     return out
 
 
-def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
-    """Rebuild a Transformer from save_model's folder; reads safetensors only."""
+def load_model_config(model_dir: str | Path) -> ModelConfig:
+    """The ModelConfig of save_model's folder, without reading the weights."""
     folder = Path(model_dir)
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         raise ValueError(f"model folder {str(folder)!r}: needs {WEIGHTS} and {CONFIG}")
     raw = json.loads((folder / CONFIG).read_text())
     if "model_type" in raw:
         raise ValueError(f"model folder {str(folder)!r} holds a transformers export, not an r1pipe model")
-    model = Transformer(ModelConfig.model_validate(raw))
+    return ModelConfig.model_validate(raw)
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> Transformer:
+    """Rebuild a Transformer from save_model's folder; reads safetensors only."""
+    folder = Path(model_dir)
+    model = Transformer(load_model_config(folder))
     model.load_state_dict(load_file(str(folder / WEIGHTS), device=str(device)), strict=True)
     return model.to(device)
 
@@ -197,3 +203,88 @@ def export_folder(model_dir: str | Path, out_dir: str | Path,
         tokenizer_path = model_dir
     tokenizer = load_tokenizer(tokenizer_path) if tokenizer_path is not None else None
     return export_hf(load_model(model_dir), out_dir, tokenizer)
+
+
+# ----------------------------------------------------------------------------- back from Qwen2-MoE
+
+
+def config_from_hf(hf: dict) -> ModelConfig:
+    """Our ModelConfig for a Qwen2-MoE config.json that export_hf wrote."""
+    dense = hf.get("mlp_only_layers") or []
+    if dense != list(range(len(dense))) or hf.get("decoder_sparse_step", 1) != 1:
+        raise ValueError("config.json: only leading dense layers (mlp_only_layers = 0..k-1) and "
+                         "decoder_sparse_step = 1 map onto r1pipe's model")
+    shared = hf.get("shared_expert_intermediate_size", 0)
+    if shared % hf["moe_intermediate_size"]:
+        raise ValueError("config.json: shared_expert_intermediate_size is not a multiple of moe_intermediate_size")
+    rope = hf.get("rope_parameters") or {}
+    return ModelConfig(
+        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+        n_heads=hf["num_attention_heads"], n_kv_heads=hf.get("num_key_value_heads"),
+        max_seq_len=hf["max_position_embeddings"], rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        norm_eps=hf["rms_norm_eps"], init_std=hf.get("initializer_range", 0.02), n_dense_layers=len(dense),
+        dense_hidden=hf["intermediate_size"], n_experts=hf["num_experts"], top_k=hf["num_experts_per_tok"],
+        expert_hidden=hf["moe_intermediate_size"], n_shared_experts=shared // hf["moe_intermediate_size"],
+        norm_topk_prob=hf.get("norm_topk_prob", True), aux_loss_coef=hf.get("router_aux_loss_coef", 0.0))
+
+
+def load_hf(folder: str | Path) -> Transformer:
+    """A folder written by export_hf, back as our Transformer (the inverse of hf_state_dict), so a
+    model that left the pipeline is evaluated by the very same code. Refuses what export_hf never
+    writes: q/k/v biases or a shared-expert gate that are not zero."""
+    folder = Path(folder)
+    cfg = config_from_hf(json.loads((folder / CONFIG).read_text()))
+    hf = load_file(str(folder / WEIGHTS))
+    model = Transformer(cfg)
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("expert_bias")}
+    template = hf_state_dict(model)  # the names and shapes export_hf gives each of our tensors
+    missing = sorted(set(template) - set(hf))
+    if missing:
+        raise ValueError(f"{folder}/{WEIGHTS}: not an r1pipe export; missing {missing[:3]}")
+    for name in template:
+        if (name.endswith(("_proj.bias", "shared_expert_gate.weight"))) and hf[name].abs().max() > 0:
+            raise ValueError(f"{folder}: {name} is not zero; r1pipe's model has no such term")
+    state = {}
+    for i, blk in enumerate(model.blocks):
+        p = f"model.layers.{i}"
+        state.update(_attention_from(p, i, hf))
+        if isinstance(blk.ffn, MoE):
+            state.update(_moe_from(f"{p}.mlp", i, hf, cfg))
+        else:
+            state.update({f"blocks.{i}.ffn.{ours_}": hf[f"{p}.mlp.{theirs}.weight"]
+                          for ours_, theirs in (("w_gate.weight", "gate_proj"), ("w_up.weight", "up_proj"),
+                                                ("w_down.weight", "down_proj"))})
+    state.update({"embed.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+                  "lm_head.weight": hf["lm_head.weight"]})
+    model.load_state_dict({**{k: v for k, v in model.state_dict().items() if k.endswith("expert_bias")},
+                           **{k: state[k].to(ours[k].dtype) for k in ours}}, strict=True)
+    return model
+
+
+def _attention_from(p: str, i: int, hf: dict) -> dict[str, torch.Tensor]:
+    b = f"blocks.{i}"
+    return {f"{b}.attn_norm.weight": hf[f"{p}.input_layernorm.weight"],
+            f"{b}.ffn_norm.weight": hf[f"{p}.post_attention_layernorm.weight"],
+            f"{b}.attn.wq.weight": hf[f"{p}.self_attn.q_proj.weight"], f"{b}.attn.wk.weight": hf[f"{p}.self_attn.k_proj.weight"],
+            f"{b}.attn.wv.weight": hf[f"{p}.self_attn.v_proj.weight"], f"{b}.attn.wo.weight": hf[f"{p}.self_attn.o_proj.weight"]}
+
+
+def _moe_from(p: str, i: int, hf: dict, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    b = f"blocks.{i}.ffn"
+    out = {f"{b}.router.weight": hf[f"{p}.gate.weight"]}
+    for ours, theirs in (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj")):
+        out[f"{b}.{ours}"] = torch.stack([hf[f"{p}.experts.{e}.{theirs}.weight"].T for e in range(cfg.n_experts)])
+    if cfg.n_shared_experts:
+        out[f"{b}.shared.w_gate.weight"] = hf[f"{p}.shared_expert.gate_proj.weight"]
+        out[f"{b}.shared.w_up.weight"] = hf[f"{p}.shared_expert.up_proj.weight"]
+        out[f"{b}.shared.w_down.weight"] = hf[f"{p}.shared_expert.down_proj.weight"] / 2.0  # export doubled it
+    return out
+
+
+def load_any(folder: str | Path) -> Transformer:
+    """Our model folder or a transformers export of one."""
+    folder = Path(folder)
+    if not (folder / CONFIG).is_file():
+        raise ValueError(f"{folder}: no {CONFIG}; expected a model folder (a stage's model/ or an export)")
+    is_hf = "model_type" in json.loads((folder / CONFIG).read_text())
+    return load_hf(folder) if is_hf else load_model(folder)

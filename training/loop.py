@@ -33,6 +33,7 @@ from training.config import TrainConfig
 from training.distributed import all_gather, all_sum, barrier, broadcast, on_rank0, rank_world
 from training.engine import Engine, LossFn, StepResult, ensure_process_group, needs_universal, to_universal
 from training.export import save_model
+from training.model import Transformer
 from training.tokenizer import save_tokenizer
 
 log = logging.getLogger("r1pipe.train")
@@ -85,6 +86,24 @@ class Job(Protocol):
 
     def final_model(self, weights: dict[str, torch.Tensor]) -> nn.Module:
         """The model to save from the gathered weights (LoRA merges its adapters here)."""
+
+
+class SamplerJob:
+    """What jobs share whose data position is a sampler's and whose model is a Transformer."""
+
+    sampler: Any
+    model_cfg: Any
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+    def final_model(self, weights: dict[str, torch.Tensor]) -> nn.Module:
+        model = Transformer(self.model_cfg)
+        model.load_state_dict(weights)
+        return model
 
 
 # ----------------------------------------------------------------------------- resume

@@ -418,14 +418,16 @@ class Transformer(nn.Module):
             last = module.wo if isinstance(module, Attention) else module.w_down
             nn.init.normal_(last.weight, std=out_std)
 
-    def forward(self, idx_BT, targets_BT=None, *, positions_BT=None, key_mask_BS=None,
+    def forward(self, idx_BT, targets_BT=None, *, positions_BT=None, key_mask_BS=None, doc_ids_BT=None,
                 cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
         """idx_BT token ids; targets_BT next-token ids (-100 = ignore).
 
         positions_BT and key_mask_BS (True = a real token, over cached + new keys) are for
-        left-padded batches; cache appends this call's keys/values and advances. last_only
-        returns logits (B, 1, V) of the last position: decoding needs no more, and the lm_head
-        over every position would dominate a small model's step.
+        left-padded batches; cache appends this call's keys/values and advances. doc_ids_BT
+        packs several sequences into a row: a token attends only to earlier tokens of its own
+        document (a block-diagonal causal mask; pass positions that restart at each document).
+        last_only returns logits (B, 1, V) of the last position: decoding needs no more, and the
+        lm_head over every position would dominate a small model's step.
         """
         B, T = idx_BT.shape
         if last_only and targets_BT is not None:
@@ -437,7 +439,9 @@ class Transformer(nn.Module):
             positions_BT = torch.arange(past, past + T, device=idx_BT.device).expand(B, T)
         x_BTD = self.embed(idx_BT)
         cos, sin = rope_cos_sin(positions_BT, self.cfg, x_BTD.dtype)
-        mask = self.attention_mask(T, past, key_mask_BS, idx_BT.device)
+        if doc_ids_BT is not None and (cache is not None or key_mask_BS is not None):
+            raise ValueError("doc_ids_BT (packed rows) cannot be combined with a KV cache or key_mask_BS")
+        mask = self.attention_mask(T, past, key_mask_BS, idx_BT.device, doc_ids_BT)
         aux = x_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
             x_BTD, layer_aux = block(x_BTD, cos, sin, mask, cache)
@@ -453,8 +457,12 @@ class Transformer(nn.Module):
         return ModelOutput(logits_BTV, aux, loss)
 
     @staticmethod
-    def attention_mask(T: int, past: int, key_mask_BS, device):
+    def attention_mask(T: int, past: int, key_mask_BS, device, doc_ids_BT=None):
         """None means plain causal (SDPA's fast path); else a bool (B|1, 1, T, S) mask."""
+        if doc_ids_BT is not None:
+            causal_TT = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+            same_BTT = doc_ids_BT[:, :, None] == doc_ids_BT[:, None, :]
+            return (same_BTT & causal_TT)[:, None]  # every token sees itself: no empty row
         if past == 0 and key_mask_BS is None:
             return None
         S = past + T

@@ -27,7 +27,7 @@ from training.config import DataConfig, PretrainConfig
 from training.data import PHASES, CurriculumSampler, PackedCorpus, build_token_cache, shard
 from training.distributed import all_sum, on_rank0, rank_world
 from training.engine import Engine, StepResult, ensure_process_group, lm_loss
-from training.loop import Hooks, NonFiniteLoss, choose_checkpoint, train  # noqa: F401 - re-exported
+from training.loop import Hooks, NonFiniteLoss, SamplerJob, choose_checkpoint, train  # noqa: F401 - re-exported
 from training.model import Transformer, flops_per_token
 from training.tokenizer import load_tokenizer
 
@@ -88,7 +88,7 @@ def _group_losses(corpus: PackedCorpus, sums: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- the job
 
 
-class PretrainJob:
+class PretrainJob(SamplerJob):
     """Curriculum batches of packed sequences, LM + balance loss, router bias after each step."""
 
     summary_keys = ("lm_loss",)
@@ -114,16 +114,6 @@ class PretrainJob:
     def evaluate(self, engine: Engine) -> dict:
         return evaluate(engine, self.corpus, self.cfg.data)
 
-    def state_dict(self) -> dict:
-        return self.sampler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.load_state_dict(state)
-
-    def final_model(self, weights: dict) -> Transformer:
-        model = Transformer(self.model_cfg)
-        model.load_state_dict(weights)
-        return model
 
 
 # ----------------------------------------------------------------------------- the run

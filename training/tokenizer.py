@@ -33,6 +33,8 @@ class TokenizerConfig(BaseModel):
 
     vocab_size: int = Field(8192, description="including the byte alphabet and special tokens")
     min_frequency: int = Field(2, ge=1, description="merges seen fewer times are not learned")
+    split_digits: bool = Field(False, description="every digit its own token (as LLaMA's tokenizer): "
+                                                  "numbers are spelled the same way wherever they occur")
     path: Path | None = Field(None, description="an existing tokenizer.json to use instead of training")
 
     @model_validator(mode="after")
@@ -47,6 +49,9 @@ def train_tokenizer(texts: Iterable[str], cfg: TokenizerConfig) -> Tokenizer:
     """Learn BPE merges over bytes, so no text is ever out of vocabulary."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if cfg.split_digits:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -89,15 +94,18 @@ def special_token_ids(tok: Tokenizer) -> dict[str, int]:
 
 
 def save_tokenizer(tok: Tokenizer, out_dir: str | Path, model_max_length: int | None = None) -> Path:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into out_dir."""
+    """Write tokenizer.json, tokenizer_config.json (with the chat template) and
+    special_tokens_map.json into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     extra = [t for t in SPECIAL_TOKENS if t not in (PAD, BOS, EOS)]
     special_map = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "additional_special_tokens": extra}
+    from training.template import CHAT_TEMPLATE  # the one template (training/template.py)
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         **special_map,
+        "chat_template": CHAT_TEMPLATE,
         "extra_special_tokens": extra,  # the name transformers 5 reads; 4.x reads additional_*
         "clean_up_tokenization_spaces": False,  # byte-level decoding is already exact
         "add_bos_token": False,

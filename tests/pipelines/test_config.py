@@ -89,10 +89,12 @@ def test_every_registered_stage_has_a_config_section():
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_recipes_validate(recipe):
     cfg = load_config(recipe)
-    assert cfg.stages[-1] == "pretrain"
+    assert cfg.stages[-3:] == ["tasks", "pretrain", "sft"] or cfg.stages[-2:] == ["pretrain", "sft"]
     if recipe.name == "cluster.yaml":  # the GPU example: joins a cluster, bf16 over NCCL
-        assert cfg.ray.address == "auto" and cfg.pretrain.gang.use_gpu
-        assert (cfg.pretrain.engine.precision, cfg.pretrain.gang.torch_backend()) == ("bf16", "nccl")
+        assert cfg.ray.address == "auto" and cfg.pretrain.gang.use_gpu and cfg.sft.gang.use_gpu
+        for section in (cfg.pretrain, cfg.sft):
+            assert (section.engine.precision, section.gang.torch_backend()) == ("bf16", "nccl")
+            assert section.eval.use_gpu
 
 
 def test_a_named_file_must_exist_and_becomes_absolute(tmp_path, monkeypatch):

@@ -1,0 +1,52 @@
+"""Evaluation on Ray: the work items of rl/eval.py spread over Ray tasks, each loading the model once.
+
+One machine:  evaluate_on_ray("runs/demo/sft/model", tasks, EvalConfig(), seed=0)   # one task per CPU
+A cluster:    the same with EvalConfig(use_gpu=True, workers=8): one GPU per task, thousands of prompts
+
+The items (and their sampling seeds) are planned on the driver from the tasks alone, so the
+figures are the same whatever the number of workers; records come back in task order.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from rl.config import EvalConfig
+from rl.eval import EvalTask, aggregate, plan_batches, spread
+
+
+def _run_items(model_dir: str, items: list[dict], cfg_json: dict, seed: int, threads: int, use_gpu: bool) -> list[dict]:
+    import torch
+    from rl.eval import run_item
+    from training.export import load_any
+    from training.tokenizer import load_tokenizer
+    torch.set_num_threads(max(1, threads))
+    cfg = EvalConfig.model_validate(cfg_json)
+    model = load_any(model_dir).eval()
+    if use_gpu:
+        model = model.to("cuda")
+    tok = load_tokenizer(model_dir)
+    return [rec | {"item": item["index"]} for item in items for rec in run_item(model, tok, item, cfg, seed)]
+
+
+def evaluate_on_ray(model_dir: str | Path, tasks: list[EvalTask], cfg: EvalConfig, *, seed: int) -> tuple[dict, list[dict]]:
+    """Figures and per-task records of a model folder (ours or a transformers export, with its
+    tokenizer.json) on held-out tasks."""
+    items = plan_batches(spread(tasks, cfg.max_tasks), cfg)
+    resource = "GPU" if cfg.use_gpu else "CPU"
+    available = int(ray.cluster_resources().get(resource, 0))
+    if available < 1:
+        raise ValueError(f"eval: the Ray cluster has no {resource} for evaluation workers (eval.use_gpu={cfg.use_gpu})")
+    workers = max(1, min(cfg.workers or available, len(items)))
+    threads = 1 if cfg.use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+    remote = ray.remote(_run_items).options(num_cpus=0 if cfg.use_gpu else threads,
+                                            num_gpus=1 if cfg.use_gpu else 0, max_retries=1)
+    # greedy items first in each worker's share, largest work (pass@k) spread evenly
+    shares = [items[w::workers] for w in range(workers)]
+    refs = [remote.remote(str(model_dir), share, cfg.model_dump(mode="json"), seed, threads, cfg.use_gpu)
+            for share in shares if share]
+    records = [r for part in ray.get(refs) for r in part]
+    order = {t.id: i for i, t in enumerate(tasks)}
+    records.sort(key=lambda r: (r["samples"] > 1, order.get(r["id"], 0)))
+    return aggregate(records, cfg), records

@@ -1,0 +1,66 @@
+"""`sft`: supervised fine-tuning on the tasks stage's worked solutions, then held-out evaluation.
+
+Inputs: `tasks` (train split to learn, eval split for the validation loss and the evaluation);
+`pretrain` when the recipe has it, whose model/ is the starting point unless `sft.init_model`
+names another model folder. Runs on a Ray Train gang of DeepSpeed workers, like pretrain.
+Writes into the stage folder:
+  model/                  model.safetensors + config.json + tokenizer files (LoRA merged in); r1pipe export reads it
+  train_log.jsonl         one line of metrics per step (loss, LM and aux loss, LR, grad norm, tokens/s,
+                          MFU, packing efficiency, validation loss per family)
+  eval_completions.jsonl  the held-out tasks' completions and scores
+  checkpoints/            elastic checkpoints, kept across crashes: a rerun resumes from the newest
+Metrics: final losses, validation loss, tokens/s, MFU, examples (too long ones counted), where
+it resumed from, and the held-out accuracy, format rate and length (eval/*).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipelines.graph import Stage, StageContext, register
+from pipelines.stages.train_common import (TASKS_STAGE, TrainLog, evaluate_stage, fresh_start_clears_checkpoints,
+                                           log_tables)
+
+
+def init_model(ctx: StageContext) -> Path:
+    """The model folder SFT starts from: sft.init_model, else the pretrain stage's model/."""
+    if ctx.section.init_model is not None:
+        return Path(ctx.section.init_model)
+    if "pretrain" not in ctx.inputs:
+        raise ValueError("sft: set sft.init_model to a model folder, or put `pretrain` before `sft` in stages")
+    return ctx.inputs["pretrain"] / "model"
+
+
+def split_files(ctx: StageContext, split: str) -> list[Path]:
+    files = sorted((ctx.inputs[TASKS_STAGE] / split).glob("*.parquet"))
+    if not files:
+        raise ValueError(f"sft: the tasks stage has no {split}/ Parquet files at {ctx.inputs[TASKS_STAGE] / split}")
+    return files
+
+
+def run(ctx: StageContext) -> dict:
+    from cluster.train import run_gang
+    from training import sft as sft_lib
+    from training.sft_data import build_sft_cache
+    section = ctx.section
+    fresh_start_clears_checkpoints(ctx)
+    cfg = sft_lib.SftConfig.model_validate(section.model_dump(exclude={"gang", "eval", "init_model"}))
+    paths = sft_lib.SftPaths(train_files=split_files(ctx, "train"), val_files=split_files(ctx, "eval"),
+                             init_model=init_model(ctx), work=ctx.work / "examples",
+                             checkpoints=ctx.root / "checkpoints", out=ctx.out)
+    # tokenize here, once, so the gang's workers find the cache instead of waiting on rank 0
+    build_sft_cache(paths.train_files, paths.init_model, paths.work, seq_len=cfg.data.seq_len)
+    payload = {"config": cfg.model_dump(mode="json"), "seed": ctx.config.seed,
+               "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()}}
+    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics)
+    summary = run_gang(sft_lib.worker, payload, section.gang, checkpoints=paths.checkpoints, work=paths.work,
+                       on_metrics=log.add, fault=ctx.fault, name="sft", key="sft.gang")
+    rows = log.publish(ctx.out)
+    log_tables(ctx, rows)
+    ctx.log(f"{summary['steps']} steps on {summary['examples']} examples, val loss "
+            f"{summary.get('val/loss', float('nan')):.4f}"
+            + (f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""))
+    return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
+
+
+register(Stage("sft", (TASKS_STAGE,), run, optional=("pretrain",),
+               summary="supervised fine-tuning on worked solutions (prompt masked), then held-out evaluation"))

@@ -1,0 +1,139 @@
+"""`tasks`: verifiable reasoning tasks as a train split and a held-out eval split.
+
+Inputs: none required; the curated corpus (`difficulty`) when the recipe has it, to find the
+pretraining documents that contain a held-out prompt. Writes into the stage folder:
+  train/part-00000.parquet      SFT / DPO / RL rows (TASK_SCHEMA: prompt, response, answer, checker, ...)
+  eval/part-00000.parquet       held-out rows every training stage is evaluated on
+  rejected/part-00000.parquet   user rows that cannot be used (reason, file, line), duplicate ids,
+                                and training rows that pose an eval problem (overlaps_eval)
+  corpus_excluded.json          ids of corpus documents pretraining leaves out (they hold an eval prompt)
+  contamination.parquet         which document holds which eval prompt, and how much of it
+Metrics: the funnel (in = kept + rejected), rows per split, family and difficulty, overlaps by
+kind, cells the generator could not fill, corpus documents excluded.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow as pa
+
+from pipelines.graph import Stage, StageContext, register
+from pipelines.stages.tokenizer import CORPUS_STAGE, corpus_files
+
+TRAIN, EVAL = "train", "eval"
+
+
+def run(ctx: StageContext) -> dict:
+    from data_engine.task_data import (ContaminationIndex, Overlaps, generated_split, generated_train,
+                                       read_task_files)
+    cfg, gen = ctx.section, ctx.section.generator
+    seed = gen.seed if gen.seed is not None else ctx.config.seed
+    user, rejected = read_task_files(cfg.files)
+    n_user = len(user) + len(rejected)
+    gen_eval = generated_split(gen, EVAL, seed) if gen.enabled else []
+    eval_rows, dup = _unique(gen_eval + [r for r in user if r["split"] == EVAL])
+    rejected += dup
+    overlaps = Overlaps(eval_rows, cfg.decontamination)
+    gen_train, overlap_rejects, short = generated_train(gen, seed, overlaps) if gen.enabled else ([], [], {})
+    user_train, more_rejects = _drop_user_overlaps([r for r in user if r["split"] == TRAIN], overlaps)
+    train_rows, dup = _unique(gen_train + user_train, taken={r["id"] for r in eval_rows})
+    rejected += overlap_rejects + more_rejects + dup
+    _write(ctx, train_rows, eval_rows, rejected)
+    n_generated = len(gen_eval) + len(gen_train) + len(overlap_rejects)
+    metrics = _funnel(n_generated + n_user, train_rows, eval_rows, rejected)
+    _check_budget(cfg, rejected, n_user)
+    metrics.update(_decontaminate_corpus(ctx, eval_rows, ContaminationIndex))
+    metrics["train_shortfall"] = short
+    metrics["tables"] = {"tasks by family and difficulty": _cell_table(train_rows, eval_rows)}
+    ctx.metrics.table("tasks_by_cell", *_table_args(metrics["tables"]["tasks by family and difficulty"]))
+    ctx.log(f"{len(train_rows)} train and {len(eval_rows)} eval tasks; {len(rejected)} rejected "
+            f"({dict(Counter(r['reason'] for r in rejected))})")
+    return metrics
+
+
+def _unique(rows: list[dict], taken: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
+    """Rows with a new id, and rejections of the repeats naming the first holder of the id."""
+    from data_engine.task_data import row_reject
+    seen, kept, dropped = set(taken), [], []
+    for r in rows:
+        if r["id"] in seen:
+            dropped.append(row_reject(r, "duplicate_id", {"id": r["id"], "first": "an earlier row (eval rows first)"}))
+        else:
+            seen.add(r["id"])
+            kept.append(r)
+    return kept, dropped
+
+
+def _drop_user_overlaps(rows: list[dict], overlaps) -> tuple[list[dict], list[dict]]:
+    from data_engine.task_data import row_reject
+    found = overlaps.find(rows) if rows else {}
+    kept = [r for r in rows if r["id"] not in found]
+    dropped = [row_reject(r, "overlaps_eval", {"kind": found[r["id"]][0], "eval_id": found[r["id"]][1],
+                                                "score": round(found[r["id"]][2], 4)})
+               for r in rows if r["id"] in found]
+    return kept, dropped
+
+
+def _write(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], rejected: list[dict]) -> None:
+    from cluster.data import write_parquet_atomic
+    from data_engine.task_data import TASK_REJECT_SCHEMA, TASK_SCHEMA
+    for folder, rows in ((TRAIN, train_rows), (EVAL, eval_rows)):
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=TASK_SCHEMA), ctx.out / folder / "part-00000.parquet")
+    write_parquet_atomic(pa.Table.from_pylist(rejected, schema=TASK_REJECT_SCHEMA),
+                         ctx.out / "rejected" / "part-00000.parquet")
+
+
+def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejected: list[dict]) -> dict:
+    kept = len(train_rows) + len(eval_rows)
+    if rows_in != kept + len(rejected):
+        raise RuntimeError(f"tasks: row accounting broken: in={rows_in} kept={kept} rejected={len(rejected)}")
+    by_kind = Counter(json.loads(r["detail"])["kind"] for r in rejected if r["reason"] == "overlaps_eval")
+    return {"rows_in": rows_in, "kept": kept, "rejected": len(rejected),
+            "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+            "train": len(train_rows), "eval": len(eval_rows), "overlaps_by_kind": dict(sorted(by_kind.items())),
+            "train_with_response": sum(r["response"] is not None for r in train_rows),
+            "train_with_answer": sum(r["answer"] is not None for r in train_rows)}
+
+
+def _check_budget(cfg, rejected: list[dict], n_user: int) -> None:
+    """The error budget covers user-file rows only: overlaps with the eval split are by design."""
+    bad = [r for r in rejected if r["reason"] != "overlaps_eval" and r["file"] is not None]
+    if n_user and len(bad) / n_user > cfg.max_reject_fraction:
+        worst = Counter(r["file"] for r in bad).most_common(5)
+        raise ValueError(f"tasks: {len(bad)} of {n_user} rows of the user files rejected, over the error budget "
+                         f"tasks.max_reject_fraction={cfg.max_reject_fraction}; worst: "
+                         + ", ".join(f"{f} ({n} rows)" for f, n in worst))
+
+
+def _decontaminate_corpus(ctx: StageContext, eval_rows: list[dict], index_cls) -> dict:
+    """Corpus documents that contain a held-out prompt: listed for pretraining to leave out."""
+    if CORPUS_STAGE not in ctx.inputs or not eval_rows:
+        (ctx.out / "corpus_excluded.json").write_text("[]\n")
+        return {"corpus_docs_excluded": 0, "eval_tasks_in_corpus": 0}
+    from cluster.data import map_files, write_parquet_atomic
+    index = index_cls(eval_rows, ctx.section.decontamination)
+    files = [str(p) for p in corpus_files(ctx.inputs[CORPUS_STAGE])]
+    hits = map_files(index.contaminated, files, ["id", "text"])
+    if hits.num_rows == 0:
+        hits = index.contaminated(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}))
+    write_parquet_atomic(hits, ctx.out / "contamination.parquet")
+    docs = sorted(set(hits.column("doc_id").to_pylist()))
+    (ctx.out / "corpus_excluded.json").write_text(json.dumps(docs) + "\n")
+    return {"corpus_docs_excluded": len(docs), "eval_tasks_in_corpus": len(set(hits.column("task_id").to_pylist()))}
+
+
+def _cell_table(train_rows: list[dict], eval_rows: list[dict]) -> dict:
+    counts = {split: Counter((r["family"], r["difficulty"] or "-") for r in rows)
+              for split, rows in ((TRAIN, train_rows), (EVAL, eval_rows))}
+    cells = sorted(set(counts[TRAIN]) | set(counts[EVAL]))
+    return {"columns": ["family", "difficulty", "train", "eval"],
+            "rows": [[f, d, counts[TRAIN][(f, d)], counts[EVAL][(f, d)]] for f, d in cells]}
+
+
+def _table_args(table: dict) -> tuple[list, list]:
+    return table["columns"], table["rows"]
+
+
+register(Stage("tasks", (), run, optional=(CORPUS_STAGE,),
+               summary="verifiable tasks: train split and a held-out eval split, decontaminated"))

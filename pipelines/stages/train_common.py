@@ -1,0 +1,73 @@
+"""What every training stage's wiring shares: the training log, a fresh start, W&B tables, and
+the held-out evaluation that ends each training stage."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from pipelines.graph import StageContext
+
+TASKS_STAGE = "tasks"
+
+
+class TrainLog:
+    """Rank 0's metrics as they arrive: to W&B and to a log that survives a crashed run."""
+
+    def __init__(self, path: Path, sink):
+        self.path, self.sink = path, sink
+
+    def add(self, metrics: dict) -> None:
+        self.sink.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
+        with open(self.path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+
+    def publish(self, out: Path) -> list[dict]:
+        """The log without steps replayed after a restart (the latest record of a step wins)."""
+        rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+        by_step = {r["step"]: r for r in rows}
+        ordered = [by_step[s] for s in sorted(by_step)]
+        (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ordered))
+        return ordered
+
+
+def fresh_start_clears_checkpoints(ctx: StageContext) -> None:
+    """Resume only what a crashed run of this fingerprint left; a forced rerun of a done
+    stage (the runner's `resumed` is false then) trains from step 0 again."""
+    if not ctx.resumed:
+        shutil.rmtree(ctx.root / "checkpoints", ignore_errors=True)
+        (ctx.work / "train_log.jsonl").unlink(missing_ok=True)
+
+
+def log_tables(ctx: StageContext, rows: list[dict]) -> None:
+    """Validation loss over steps and the final expert loads, as W&B tables."""
+    val = [[r["step"], r["val/loss"]] for r in rows if "val/loss" in r]
+    if val:
+        ctx.metrics.table("val_loss_by_step", ["step", "val_loss"], val)
+    last = rows[-1] if rows else {}
+    loads = [[k.split("/")[1], k.split("/")[2], v] for k, v in last.items()
+             if k.startswith("experts/") and not k.endswith("imbalance")]
+    if loads:
+        ctx.metrics.table("expert_load", ["layer", "expert", "share"], loads)
+
+
+def evaluate_stage(ctx: StageContext, model_dir: Path, cfg) -> dict:
+    """The held-out evaluation of a stage's final model (rl/eval.py on Ray): figures for the
+    manifest and W&B, completions into eval_completions.jsonl. Nothing without a tasks stage."""
+    if not cfg.enabled:
+        return {}
+    if TASKS_STAGE not in ctx.inputs:
+        ctx.log("no held-out evaluation: the recipe has no `tasks` stage")
+        return {}
+    from cluster.eval import evaluate_on_ray
+    from rl.eval import load_tasks
+    tasks = load_tasks(ctx.inputs[TASKS_STAGE] / "eval")
+    figures, records = evaluate_on_ray(model_dir, tasks, cfg, seed=ctx.config.seed)
+    with open(ctx.out / "eval_completions.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    table = figures["tables"]["eval by family and difficulty"]
+    ctx.metrics.table("eval_by_family", table["columns"], table["rows"])
+    ctx.metrics.log({k: v for k, v in figures.items() if k != "tables"})
+    ctx.log(f"held-out accuracy {figures['eval/accuracy']:.3f}, format {figures['eval/format_rate']:.3f}, "
+            f"mean length {figures['eval/mean_length']:.0f} tokens ({figures['eval/n']} tasks)")
+    return figures
