@@ -44,6 +44,15 @@ def bench_config(recipe: Path, steps: int, zero_stage: int | None = None) -> Pre
                                   "checkpoint": cfg.checkpoint.model_copy(update={"every": steps})})
 
 
+def bare_optimizer(model: torch.nn.Module, o, steps: int):
+    """The engine's AdamW (decay on matrices only) and warmup-cosine schedule, in plain torch."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=o.lr, betas=o.betas, eps=o.eps)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, steps) / o.lr)
+
+
 def bare_loop(cfg: PretrainConfig, paths: Paths, seed: int) -> list[dict]:
     """The same training, written as plainly as torch allows, in this process."""
     cache = build_token_cache(paths.data_files, paths.tokenizer_dir / "tokenizer.json", paths.work,
@@ -53,12 +62,7 @@ def bare_loop(cfg: PretrainConfig, paths: Paths, seed: int) -> list[dict]:
     vocab = load_tokenizer(paths.tokenizer_dir).get_vocab_size()
     torch.manual_seed(seed)
     model = Transformer(cfg.model.build(vocab_size=(vocab + 63) // 64 * 64))
-    o = cfg.engine.optimizer
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=o.lr, betas=o.betas, eps=o.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, o, cfg.steps) / o.lr)
+    opt, sched = bare_optimizer(model, cfg.engine.optimizer, cfg.steps)
     gas = cfg.data.global_batch // cfg.data.micro_batch
     rows = []
     for step in range(1, cfg.steps + 1):

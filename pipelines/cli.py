@@ -4,6 +4,7 @@
     r1pipe run recipes/demo.yaml --stages ingest       # one stage
     r1pipe run recipes/demo.yaml --from dedup --force  # a stage and all after it
     r1pipe status [RUN_ID] [--json]
+    r1pipe eval runs/demo/sft [--tasks FILE] [--seed N --n N] [--json]
     r1pipe submit recipes/cluster.yaml --address http://HEAD:8265 --follow
 """
 from __future__ import annotations
@@ -119,6 +120,43 @@ def export(stage_folder: str = typer.Argument(..., help="a training stage folder
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     console.print(f"exported {stage_folder} -> {path}")
+
+
+@app.command("eval")
+def eval_(model_dir: str = typer.Argument(..., help="a training stage folder, its model/ folder, or an export"),
+          tasks: Optional[str] = typer.Option(None, help="held-out tasks: a tasks stage's eval split or a JSONL"),
+          seed: int = typer.Option(0, help="sampling seed (and the generator's, without --tasks)"),
+          n: int = typer.Option(260, help="tasks to generate when there is no --tasks and no run"),
+          max_new_tokens: int = typer.Option(384, help="per completion"),
+          pass_k: int = typer.Option(8, help="the k of pass@k"),
+          pass_k_tasks: int = typer.Option(64, help="tasks sampled for pass@k (0: off)"),
+          workers: Optional[int] = typer.Option(None, help="Ray tasks (default: one per CPU)"),
+          as_json: bool = typer.Option(False, "--json", help="print JSON instead of tables")) -> None:
+    """Evaluate a model on held-out tasks: greedy accuracy (overall, by family and difficulty),
+    well-formed answers, mean length, pass@k."""
+    from pipelines.evaluate import evaluate_folder
+    from rl.config import EvalConfig
+    try:
+        cfg = EvalConfig(max_new_tokens=max_new_tokens, workers=workers,
+                         pass_at_k={"k": pass_k, "tasks": pass_k_tasks})
+        report = evaluate_folder(model_dir, tasks=tasks, seed=seed, n=n, cfg=cfg)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    finally:
+        from cluster.session import shutdown
+        shutdown()
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+        return
+    from pipelines.status import _table
+    console.print(f"{report['model']} on {report['eval/n']} tasks from {report['tasks']}")
+    pass_k_key = f"eval/pass@{pass_k}"
+    console.print(f"accuracy {report['eval/accuracy']:.4f}   format {report['eval/format_rate']:.4f}   "
+                  f"mean length {report['eval/mean_length']:.1f}"
+                  + (f"   pass@{pass_k} {report[pass_k_key]:.4f}" if pass_k_key in report else ""))
+    for name, t in report.get("tables", {}).items():
+        console.print(_table(name, t["columns"], t["rows"]))
 
 
 def main() -> None:

@@ -2,6 +2,8 @@
 
 Stages may put tables into their metrics as ``{"tables": {name: {"columns":
 [...], "rows": [[...], ...]}}}``; status prints them under the stage table.
+Training stages that ended with a held-out evaluation (``eval/*`` metrics) get one
+row each in the evaluation table: stage x accuracy / format / length / pass@k.
 """
 from __future__ import annotations
 
@@ -50,13 +52,15 @@ def render(report: dict, console: Console) -> None:
         table.add_row(s["stage"], f"[{colour.get(s['status'], 'white')}]{s['status']}[/]", dur, key)
     console.print(table)
     _render_funnel(report, console)
+    _render_evaluation(report, console)
     for s in report["stages"]:
         for name, t in s["metrics"].get("tables", {}).items():
             console.print(_table(f"{s['stage']}: {name}", t["columns"], t["rows"]))
 
 
 def _key_metrics(metrics: dict, limit: int = 6) -> str:
-    items = [(k, v) for k, v in metrics.items() if isinstance(v, _SCALARS)][:limit]
+    # the evaluation has a table of its own; its per-family figures would crowd out the rest
+    items = [(k, v) for k, v in metrics.items() if isinstance(v, _SCALARS) and not k.startswith("eval/")][:limit]
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in items)
 
 
@@ -71,6 +75,26 @@ def _render_funnel(report: dict, console: Console) -> None:
         reasons = ", ".join(f"{k}={v}" for k, v in m.get("rejected_by_reason", {}).items())
         table.add_row(stage, str(m["rows_in"]), str(m["kept"]), str(m["rejected"]), reasons)
     console.print(table)
+
+
+def evaluation_rows(report: dict) -> list[list]:
+    """[stage, tasks, accuracy, format rate, mean length, pass@k] per evaluated stage, in run order."""
+    rows = []
+    for s in report["stages"]:
+        m = s["metrics"]
+        if "eval/accuracy" in m:
+            pass_k = next((f"{k.removeprefix('eval/')}={v:.3f}" for k, v in m.items() if k.startswith("eval/pass@")
+                           and not k.endswith("_sampled")), "-")
+            rows.append([s["stage"], m.get("eval/n"), m["eval/accuracy"], m["eval/format_rate"],
+                         m["eval/mean_length"], pass_k])
+    return rows
+
+
+def _render_evaluation(report: dict, console: Console) -> None:
+    rows = evaluation_rows(report)
+    if rows:
+        console.print(_table("held-out evaluation", ["stage", "tasks", "accuracy", "format", "mean length", "pass@k"],
+                             rows))
 
 
 def _table(title: str, columns: list, rows: list) -> Table:

@@ -136,13 +136,16 @@ def run_item(model, tok, item: dict, cfg: EvalConfig, seed: int) -> list[dict]:
     from training.template import encode_prompt
     from training.tokenizer import EOS, PAD, special_token_ids
     ids = special_token_ids(tok)
-    tasks, n = item["tasks"], item["samples"]
-    prompts = [encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context])
-               for t in tasks]
+    n = item["samples"]
+    encoded = [(t, encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context]))
+               for t in item["tasks"]]
+    # a prompt that leaves no room to answer is scored as a failure, never a crash of the stage
+    too_long = [_unanswered(t, n) for t, p in encoded if len(p) >= model.cfg.max_seq_len]
+    encoded = [(t, p) for t, p in encoded if len(p) < model.cfg.max_seq_len]
+    if not encoded:
+        return too_long
+    tasks, prompts = [t for t, _ in encoded], [p for _, p in encoded]
     room = model.cfg.max_seq_len - max(len(p) for p in prompts)
-    if room < 1:
-        raise ValueError(f"a prompt of {max(len(p) for p in prompts)} tokens leaves no room to answer "
-                         f"(max_seq_len={model.cfg.max_seq_len}): task {tasks[0].id}...")
     gen = torch.Generator().manual_seed(seed * 1_000_003 + item["index"])
     out = generate(model, [p for p in prompts for _ in range(n)], max_new_tokens=min(cfg.max_new_tokens, room),
                    stop_ids=[ids[EOS], ids["</answer>"]], pad_id=ids[PAD],
@@ -160,7 +163,12 @@ def run_item(model, tok, item: dict, cfg: EvalConfig, seed: int) -> list[dict]:
         else:
             rec.update(n=n, c=sum(correct))
         records.append(rec)
-    return records
+    return records + too_long
+
+
+def _unanswered(task: EvalTask, n: int) -> dict:
+    rec = {"id": task.id, "family": task.family, "difficulty": task.difficulty, "samples": n, "prompt_too_long": True}
+    return rec | ({"correct": False, "format_ok": False, "length": 0, "completion": ""} if n == 1 else {"n": n, "c": 0})
 
 
 def completion_text(tok, token_ids: list[int]) -> str:
@@ -176,7 +184,8 @@ def aggregate(records: list[dict], cfg: EvalConfig) -> dict:
     if not greedy:
         return {}
     out = {"eval/accuracy": _mean(r["correct"] for r in greedy), "eval/format_rate": _mean(r["format_ok"] for r in greedy),
-           "eval/mean_length": _mean(r["length"] for r in greedy), "eval/n": len(greedy)}
+           "eval/mean_length": _mean(r["length"] for r in greedy), "eval/n": len(greedy),
+           "eval/prompts_too_long": sum(bool(r.get("prompt_too_long")) for r in greedy)}
     for key, name in (("family", "eval/accuracy/{}"), ("difficulty", "eval/difficulty/{}/accuracy")):
         groups = defaultdict(list)
         for r in greedy:

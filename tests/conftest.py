@@ -47,3 +47,35 @@ def write_jsonl_with_malformed(path: Path, n: int = 100) -> dict[int, str]:
 def write_recipe(path: Path, body: str) -> Path:
     path.write_text(body)
     return path
+
+
+def wait_for(path: Path, proc, timeout: float = 400) -> None:
+    import time
+    deadline = time.time() + timeout
+    while not path.exists():
+        if proc.poll() is not None or time.time() > deadline:
+            raise AssertionError(f"{path} never appeared (exit code {proc.poll()})")
+        time.sleep(0.2)
+
+
+def kill_pipeline_when(marker: Path, recipe: Path, run_id: str, stage: str, fault: str) -> None:
+    """Run `r1pipe run --stages STAGE` in its own process group with a fault that hangs a worker,
+    and kill the whole group (driver, embedded Ray, gang) once the fault's marker file appears."""
+    import signal
+    import subprocess
+    env = dict(os.environ, R1PIPE_FAULT=fault, WANDB_MODE="disabled")
+    proc = subprocess.Popen([str(VENV_BIN / "r1pipe"), "run", str(recipe), "--run-id", run_id, "--stages", stage],
+                            cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(marker, proc)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def reasoner(tmp_path_factory):
+    """A tiny model trained once per session on an easy task family (tests/reasoner.py)."""
+    from tests.reasoner import train_reasoner
+    return train_reasoner(tmp_path_factory.mktemp("reasoner"))

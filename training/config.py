@@ -163,10 +163,12 @@ class LoraConfig(Strict):
 class SftDataConfig(Strict):
     """Sequences, batches, packing, the family mixture and the difficulty curriculum."""
 
-    seq_len: int = Field(512, ge=8)  # tokens per packed row; longer examples are left out (counted)
+    seq_len: int = Field(512, ge=8)  # longest example (the packed row's length); longer ones are left out (counted)
     micro_batch: int = Field(8, ge=1)  # sequences per worker per forward
     global_batch: int = Field(32, ge=1)  # sequences per optimizer step, all workers together
-    packing: bool = True  # whole examples packed into rows (block-diagonal mask); false: padded batches
+    #: true: whole examples packed into rows (block-diagonal mask); false: padded micro-batches
+    #: (sorted by length within each rank's share). Packing: 1.9x the tokens/s (BENCHMARKS.md)
+    packing: bool = True
     family_weights: dict[str, float] = Field(default_factory=dict)  # relative; {} = example shares
     curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in pretraining
     val_max_examples: int = Field(64, ge=0)  # held-out examples (eval split) for the validation loss

@@ -69,12 +69,15 @@ class SftJob(SamplerJob):
         ids = self.sampler.next_batch()  # the same global batch on every rank
         train = self.corpus.train
         scale = self.gas * self.world / max(1, self.corpus.n_targets(train, ids))
-        micro = self.corpus.micro_batches(shard(ids, self.rank, self.world), self.cfg.data.micro_batch)
+        mine = shard(ids, self.rank, self.world)
+        if not self.cfg.data.packing:  # this rank's examples by length: less padding, same global batch
+            mine = sorted(mine, key=lambda ps: self.corpus.n_tokens(train, [ps]))
+        micro = self.corpus.micro_batches(mine, self.cfg.data.micro_batch)
         for m in micro:
             m["scale"] = scale
-        mine = self.corpus.n_tokens(train, shard(ids, self.rank, self.world))
         padded = sum(m["x"].numel() for m in micro)
-        return micro, {"tokens": self.corpus.n_tokens(train, ids), "packing_efficiency": mine / padded,
+        return micro, {"tokens": self.corpus.n_tokens(train, ids),
+                       "packing_efficiency": self.corpus.n_tokens(train, mine) / padded,
                        "phase": phase}
 
     def after_step(self, engine: Engine, result: StepResult) -> dict:

@@ -7,15 +7,11 @@ mid-stage; rerunning resumes from the stage's checkpoint, not from step 0, and t
 validation loss goes down. The stage folder ends with model, tokenizer and training log.
 """
 import json
-import os
-import signal
-import subprocess
-import time
 
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
 from pipelines.store import write_json_atomic
-from tests.conftest import REPO, VENV_BIN, write_recipe
+from tests.conftest import kill_pipeline_when, write_recipe
 from tests.pretrain_corpus import write_corpus
 
 RECIPE = """
@@ -49,14 +45,6 @@ def curated_corpus(run_dir):
                       {"stage": "difficulty", "status": "done", "fingerprint": "curated-by-test", "metrics": {}})
 
 
-def wait_for(path, proc, timeout=400):
-    deadline = time.time() + timeout
-    while not path.exists():
-        if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"{path} never appeared (exit code {proc.poll()})")
-        time.sleep(0.2)
-
-
 def test_pipeline_killed_mid_stage_resumes_from_checkpoint(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(runs=tmp_path / "runs"))
     cfg = load_config(recipe)
@@ -66,15 +54,8 @@ def test_pipeline_killed_mid_stage_resumes_from_checkpoint(tmp_path):
     stage = tmp_path / "runs" / "r" / "pretrain"
 
     # the whole pipeline dies while its gang is at step 6 (rank 0 hangs there until killed)
-    env = dict(os.environ, R1PIPE_FAULT="pretrain:worker0:step6=hang", WANDB_MODE="disabled")
-    proc = subprocess.Popen([str(VENV_BIN / "r1pipe"), "run", str(recipe), "--run-id", "r", "--stages", "pretrain"],
-                            cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_for(stage / ".work" / "tokens" / "fault-pretrain_worker0_step6", proc)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_pipeline_when(stage / ".work" / "tokens" / "fault-pretrain_worker0_step6", recipe, "r", "pretrain",
+                       "pretrain:worker0:step6=hang")
     assert json.loads((stage / "manifest.json").read_text())["status"] == "running"
     assert [c.name for c in (stage / "checkpoints").glob("step_*")] == ["step_00000004"]
 

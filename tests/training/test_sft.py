@@ -130,3 +130,40 @@ def test_lora_trains_adapters_only_and_saves_a_merged_model(data):
     assert changed and all(".attn." in n or ".ffn." in n for n in changed)
     assert not any(n.endswith(("embed.weight", "lm_head.weight")) or "router" in n for n in changed)
     assert not any(n.endswith(("ffn.w_gate", "ffn.w_up", "ffn.w_down")) for n in changed)  # routed experts frozen
+
+
+def test_nonfinite_steps_are_skipped_then_abort(data):
+    from tests.training.test_engine import poison
+    from training.loop import NonFiniteLoss
+    rows, step = [], {"now": None}
+
+    def on_step(s, model):
+        if step["now"] is None:
+            poison(model, lambda: step["now"] in {1, 5, 6, 7})
+        step["now"] = s
+    with pytest.raises(NonFiniteLoss, match="3 non-finite losses in a row.*step_00000004"):
+        sft(cfg(max_nonfinite=3), paths(data, "nan"), seed=0,
+            hooks=Hooks(on_metrics=lambda m, s: rows.append(m), on_step=on_step))
+    assert [r["skipped"] for r in rows] == [False, True, False, False, False, True, True]
+
+
+def test_difficulty_curriculum_draws_basic_examples_first(tmp_path):
+    from training.config import SftDataConfig
+    from training.data import CurriculumSampler
+    from training.sft_data import SftCorpus
+    root = tmp_path / "tasks"
+    rows = [task_row(t, "train") for t in generate_tasks(60, 3, families=["modular", "gcd_lcm"])]
+    (root / "train").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=TASK_SCHEMA), root / "train" / "p.parquet")
+    tok = train_tokenizer([r["prompt"] + r["response"] for r in rows], TokenizerConfig(vocab_size=300))
+    save_tokenizer(tok, tmp_path / "tok")
+    c = SftCorpus(build_sft_cache([root / "train" / "p.parquet"], tmp_path / "tok", tmp_path / "cache", seq_len=512),
+                  512, packing=False)
+    data = SftDataConfig(global_batch=8, micro_batch=8, family_weights={"modular": 3.0, "gcd_lcm": 1.0},
+                         curriculum={"enabled": True, "boundaries": [0.5, 0.75]})
+    sampler = CurriculumSampler(c, data, total_steps=8, seed=0, weights=data.family_weights)
+    levels = [{c.train[p].difficulty for p, _ in sampler.next_batch()} for _ in range(8)]
+    assert levels[:4] == [{"basic"}] * 4 and all(lv <= {"basic", "advanced"} for lv in levels[4:6])
+    assert "expert" in set().union(*levels[6:])
+    with pytest.raises(ValueError, match="data.family_weights: no training data for domain"):
+        CurriculumSampler(c, data, 8, 0, weights={"algebra": 1.0}, weights_key="data.family_weights")
