@@ -141,11 +141,15 @@ def test_killed_stage_resumes_without_retraining_or_rescoring(runs):
     # 2. fold 0 reused (same file), fold 1 trained; scoring killed after shard 1 was written
     assert after_score["models"]["fold0/model.binary"] == after_kenlm["models"]["fold0/model.binary"]
     assert after_score["markers"] == ["fold0.json", "fold1.json"]
-    assert after_score["scored_done"] == ["part-00000.json"]
-    # 3. no model retrained, scored shard 0 kept, shard 1 (written, no marker) rescored;
+    # Ray Data usually scores shard 0 before shard 1, but does not promise it: the shards that
+    # finished before the kill are whichever have a marker, and shard 1 never has one
+    finished = after_score["scored_done"]
+    assert "part-00001.json" not in finished and set(finished) <= {f"part-{k:05d}.json" for k in range(SHARDS)}
+    # 3. no model retrained, finished scored shards kept, shard 1 (written, no marker) rescored;
     #    grading (its own fault point) killed after its shard 0 was written
     assert after_grade["models"] == after_score["models"]
-    assert after_grade["scored"]["part-00000.parquet"] == after_score["scored"]["part-00000.parquet"]
+    for name in (f.replace(".json", ".parquet") for f in finished):
+        assert after_grade["scored"][name] == after_score["scored"][name]
     assert after_grade["scored"]["part-00001.parquet"] > after_score["scored"]["part-00001.parquet"]
     assert after_grade["scored_done"] == [f"part-{k:05d}.json" for k in range(SHARDS)]
     assert after_grade["graded_done"] == []
