@@ -139,6 +139,7 @@ class DecontaminationConfig(_Strict):
     same_numbers: bool = True  # same family + numbers in order + answer = the same problem
     #: a corpus document holding at least this share of an eval prompt's n-grams is left out of pretraining
     corpus_containment: float = Field(0.8, gt=0, le=1)
+    corpus_text_column: str = "text"  # the corpus column scanned for eval prompts (pretrain's data.text_column)
 
     def dedup(self) -> DedupConfig:
         return DedupConfig(ngram=self.ngram, num_perm=self.num_perm, threshold=self.threshold)
@@ -157,6 +158,11 @@ class TasksConfig(_Strict):
         if not self.generator.enabled and not self.files:
             raise ValueError("tasks: the generator is disabled and no `files` are given: nothing to write")
         return self
+
+    def fingerprint_files(self) -> list[Path]:
+        """The user files this section reads (globs resolved): their contents are part of the stage's
+        fingerprint, so editing an SFT file reruns tasks and what follows."""
+        return [Path(f) for spec in self.files for f, _ in resolve_files(InputSpec(path=spec.path, format=spec.format))]
 
 
 # ---------------------------------------------------------------- generated tasks
@@ -263,30 +269,38 @@ class Overlaps:
 
 
 class ContaminationIndex:
-    """Eval prompts by their n-gram hashes: which pretraining documents contain one of them."""
+    """Eval prompts by their n-gram hashes: which pretraining documents contain one of them.
+
+    A prompt shorter than `ngram` words is one shingle of its own length, so documents are
+    shingled at that length too (one extra pass per distinct short length)."""
 
     def __init__(self, eval_rows: list[dict], cfg: DecontaminationConfig):
         self.cfg, self.dedup_cfg = cfg, cfg.dedup()
         self.ids = [r["id"] for r in eval_rows]
-        self.sizes, self.index = [], {}
+        self.sizes: list[int] = []
+        self.index: dict[int, dict[int, list[int]]] = {}  # shingle length -> hash -> prompt indices
         for i, r in enumerate(eval_rows):
-            hashes = set(shingle_hashes(normalize_text(r["prompt"], self.dedup_cfg), cfg.ngram))
+            words = normalize_text(r["prompt"], self.dedup_cfg).split()
+            n = min(cfg.ngram, len(words))
+            hashes = set(shingle_hashes(" ".join(words), n)) if n else set()
             self.sizes.append(len(hashes))
             for h in hashes:
-                self.index.setdefault(h, []).append(i)
+                self.index.setdefault(n, {}).setdefault(h, []).append(i)
 
-    def contaminated(self, batch: pa.Table) -> pa.Table:
-        """Table(doc_id, task_id, containment): documents of a (id, text) batch that hold at least
+    def contaminated(self, batch: pa.Table, text_column: str = "text") -> pa.Table:
+        """Table(doc_id, task_id, containment): documents of an (id, text) batch that hold at least
         corpus_containment of an eval prompt's n-grams, one row per (document, prompt)."""
         out = {"doc_id": [], "task_id": [], "containment": []}
         cache: dict[str, int] = {}
-        for doc_id, text in zip(batch.column("id").to_pylist(), batch.column("text").to_pylist()):
+        for doc_id, text in zip(batch.column("id").to_pylist(), batch.column(text_column).to_pylist()):
+            normal = normalize_text(text, self.dedup_cfg)
             hits: Counter = Counter()
-            for h in set(shingle_hashes(normalize_text(text, self.dedup_cfg), self.cfg.ngram, cache)):
-                for i in self.index.get(h, ()):
-                    hits[i] += 1
-            for i, n in sorted(hits.items()):
-                share = n / self.sizes[i]
+            for n, table in self.index.items():
+                for h in set(shingle_hashes(normal, n, cache)):
+                    for i in table.get(h, ()):
+                        hits[i] += 1
+            for i, k in sorted(hits.items()):
+                share = k / self.sizes[i]
                 if share >= self.cfg.corpus_containment:
                     out["doc_id"].append(str(doc_id))
                     out["task_id"].append(self.ids[i])

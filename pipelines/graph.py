@@ -46,6 +46,9 @@ class Stage:
     summary: str = ""
     # Inputs used when the recipe has them (pretrain evaluates on `tasks` if there is one)
     optional: tuple[str, ...] = ()
+    # input -> a metric of its manifest that stands for it in this stage's fingerprint, when the
+    # stage reads only part of that input (pretrain: tasks' eval_digest)
+    views: dict = field(default_factory=dict)
 
     def deps(self, order: list[str]) -> tuple[str, ...]:
         """The stages this one reads in a recipe whose stages are `order`."""

@@ -65,6 +65,8 @@ def stage_config(cfg: PipelineConfig, name: str) -> dict:
             node = node[part]
         node[leaf] = "<file>"  # the contents count, not where the file lies (a moved checkout)
         files[f"{name}.{key}"] = _content_hash(path)
+    for i, path in enumerate(getattr(section, "fingerprint_files", lambda: [])()):
+        files[f"{name}.data[{i}]"] = _content_hash(path)  # data files a section reads (tasks' user files)
     out = {"seed": cfg.seed, name: dump}
     if files:
         out["files"] = files
@@ -91,7 +93,7 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
     results = []
     for name in cfg.stages:
         stage_dir = store.stage(name)
-        inputs = {dep: fps[dep] for dep in STAGES[name].deps(cfg.stages)}
+        inputs = {dep: input_fingerprint(store, name, dep, fps) for dep in STAGES[name].deps(cfg.stages)}
         fp = fingerprint(name, stage_config(cfg, name), inputs, code)
         if name not in selected:
             fps[name] = _upstream_fingerprint(store, name, fp, selected, cfg.stages, echo)
@@ -103,6 +105,18 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
             continue
         results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault))
     return results
+
+
+def input_fingerprint(store: RunStore, stage: str, dep: str, fps: dict[str, str]) -> str:
+    """What stands for an input in a stage's fingerprint: the input's own fingerprint, or, where the
+    stage reads only part of it (pretrain reads tasks' eval split), the digest of that part, so a
+    change elsewhere in the input (SFT data) does not rerun the stage."""
+    key = STAGES[stage].views.get(dep)
+    if key:
+        digest = ((store.stage(dep).manifest() or {}).get("metrics") or {}).get(key)
+        if digest is not None:
+            return f"{key}:{digest}"
+    return fps[dep]
 
 
 def _upstream_fingerprint(store: RunStore, name: str, expected: str, selected: list[str],

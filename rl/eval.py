@@ -146,7 +146,8 @@ def run_item(model, tok, item: dict, cfg: EvalConfig, seed: int) -> list[dict]:
         return too_long
     tasks, prompts = [t for t, _ in encoded], [p for _, p in encoded]
     room = model.cfg.max_seq_len - max(len(p) for p in prompts)
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + item["index"])
+    device = next(model.parameters()).device  # sampling on a GPU needs a generator there
+    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + item["index"])
     out = generate(model, [p for p in prompts for _ in range(n)], max_new_tokens=min(cfg.max_new_tokens, room),
                    stop_ids=[ids[EOS], ids["</answer>"]], pad_id=ids[PAD],
                    temperature=0.0 if n == 1 else cfg.pass_at_k.temperature,

@@ -285,7 +285,8 @@ class Engine(_Wrapped):
             loss, metrics = loss_fn(self.ds, to_device(batch, self.device))
             names = names if names is not None else list(metrics)
             if list(metrics) != names:
-                raise ValueError(f"loss_fn returned metrics {list(metrics)}, then {names}: keep them the same")
+                raise ValueError(f"loss_fn returned metrics {names} on the first micro-batch, then {list(metrics)}: "
+                                 "keep them the same")
             row = torch.stack([_scalar(loss), *(_scalar(metrics[k]) for k in names),
                                (~torch.isfinite(loss.detach())).double().cpu()])
             stats = row if stats is None else stats + row

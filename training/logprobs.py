@@ -6,9 +6,10 @@
 
 Shape legend: B batch, T positions, V vocabulary.
 
-``token_logprobs`` is one gather minus one logsumexp, in fp32, in chunks of rows so the
-(B, T, V) fp32 copy of bf16 logits is never whole in memory: the same numbers as
-``log_softmax(logits).gather(targets)``, without its (B, T, V) output.
+``token_logprobs`` is one gather minus one logsumexp, in fp32, in chunks of rows: the same
+numbers as ``log_softmax(logits).gather(targets)`` without its (B, T, V) output. Under no_grad
+(a frozen reference) the fp32 copy of bf16 logits is then never whole in memory; with gradients
+autograd keeps each chunk's copy for the backward pass.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def token_logprobs(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, chunk_row
         picked = rows.gather(1, safe_N[lo:lo + chunk_rows, None]).squeeze(1)
         out.append(picked - rows.logsumexp(-1))
     logp_N = torch.cat(out) if out else flat_NV.new_zeros(0, dtype=torch.float32)
-    return (logp_N * keep_N).view(targets_BT.shape)
+    # where, not a product: a -inf logit at a masked position must give 0, not NaN
+    return torch.where(keep_N, logp_N, torch.zeros_like(logp_N)).view(targets_BT.shape)
 
 
 def shift_targets(ids_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

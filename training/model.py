@@ -266,14 +266,19 @@ def fused_grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tens
     return torch._grouped_mm(x_MI.to(torch.bfloat16), w_EIO.to(torch.bfloat16), offs=ends_E)
 
 
-def switch_aux_loss(probs_NE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def switch_aux_loss(probs_NE: torch.Tensor, counts_E: torch.Tensor, real_N: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss E * sum_e f_e * P_e.
 
     f_e is the fraction of (token, slot) assignments sent to expert e, P_e its mean router
-    probability; the value is 1.0 at perfect balance whatever E and K are.
+    probability (over the real tokens when real_N marks padding); the value is 1.0 at perfect
+    balance whatever E and K are.
     """
     f_E = counts_E.float() / counts_E.sum().clamp(min=1)
-    return probs_NE.shape[-1] * (f_E * probs_NE.mean(0)).sum()
+    if real_N is None:
+        P_E = probs_NE.mean(0)
+    else:  # a weighted mean, not probs_NE[real_N]: boolean indexing would sync a GPU with the host
+        P_E = (probs_NE * real_N[:, None]).sum(0) / real_N.sum().clamp(min=1)
+    return probs_NE.shape[-1] * (f_E * P_E).sum()
 
 
 class MoE(nn.Module):
@@ -305,21 +310,26 @@ class MoE(nn.Module):
         self.expert_bias = self.expert_bias.float()
         return self
 
-    def forward(self, x_BTD: torch.Tensor):
+    def forward(self, x_BTD: torch.Tensor, real_BT: torch.Tensor | None = None):
+        """real_BT marks real tokens in a padded batch: padding is routed (its output is never
+        used) but not counted in the load, the balance loss or the bias, and loses capacity first."""
         x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
         probs_NE = (self.router(x_ND) / self.cfg.router_temperature).float().softmax(-1)
         idx_NK, gates_NK = self.route(probs_NE)
         # scatter_add, not bincount: on CUDA bincount reads the max index back to the host (a sync)
         flat_M = idx_NK.flatten()
         counts_E = torch.zeros(self.cfg.n_experts, dtype=torch.long, device=flat_M.device)
-        counts_E.scatter_add_(0, flat_M, torch.ones_like(flat_M))
-        self.last_load = counts_E.detach()
+        counts_E.scatter_add_(0, flat_M, torch.ones_like(flat_M))  # every assignment: the segments
+        real_N = None if real_BT is None else real_BT.reshape(-1).to(probs_NE.dtype)
+        load_E = counts_E if real_N is None else torch.zeros_like(counts_E).scatter_add_(
+            0, flat_M, real_N.long().repeat_interleave(idx_NK.shape[1]))
+        self.last_load = load_E.detach()
         if self.training:
-            self.load_since_update += counts_E.detach()
-        y_ND = self.dispatch(x_ND, idx_NK, gates_NK.to(x_ND.dtype), counts_E)
+            self.load_since_update += load_E.detach()
+        y_ND = self.dispatch(x_ND, idx_NK, gates_NK.to(x_ND.dtype), counts_E, real_N)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
-        return y_ND.view_as(x_BTD), self.aux_loss(probs_NE, counts_E)
+        return y_ND.view_as(x_BTD), self.aux_loss(probs_NE, load_E, real_N)
 
     def route(self, probs_NE):
         select_NE = probs_NE + self.expert_bias if self.cfg.balance == "bias" else probs_NE
@@ -329,11 +339,13 @@ class MoE(nn.Module):
             gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True)
         return idx_NK, gates_NK
 
-    def dispatch(self, x_ND, idx_NK, gates_NK, counts_E):
+    def dispatch(self, x_ND, idx_NK, gates_NK, counts_E, real_N=None):
         """Sort assignments by expert, one matmul per expert segment, scatter back weighted."""
         K = idx_NK.shape[1]
         expert_M = idx_NK.flatten()
-        order_M = expert_M.argsort(stable=True)  # stable: earlier tokens win when capacity is short
+        # stable: earlier tokens win when capacity is short; padding sorts after real tokens
+        key_M = expert_M if real_N is None else 2 * expert_M + (1 - real_N.long()).repeat_interleave(K)
+        order_M = key_M.argsort(stable=True)
         token_M, gate_M = order_M // K, gates_NK.flatten()[order_M]
         if self.training and self.cfg.capacity_factor is not None:
             token_M, gate_M, counts_E = self.apply_capacity(expert_M[order_M], token_M, gate_M, counts_E)
@@ -359,10 +371,10 @@ class MoE(nn.Module):
         keep_M = rank_M < cap
         return token_M[keep_M], gate_M[keep_M], counts_E.clamp(max=cap)
 
-    def aux_loss(self, probs_NE, counts_E) -> torch.Tensor:
+    def aux_loss(self, probs_NE, counts_E, real_N=None) -> torch.Tensor:
         if self.cfg.balance != "aux_loss" or self.cfg.aux_loss_coef == 0:
             return probs_NE.new_zeros(())
-        return self.cfg.aux_loss_coef * switch_aux_loss(probs_NE, counts_E)
+        return self.cfg.aux_loss_coef * switch_aux_loss(probs_NE, counts_E, real_N)
 
     @torch.no_grad()
     def apply_bias_update(self, load_E: torch.Tensor) -> None:
@@ -384,10 +396,10 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = SwiGLU(cfg.d_model, cfg.dense_hidden) if layer < cfg.n_dense_layers else MoE(cfg)
 
-    def forward(self, x_BTD, cos, sin, mask, cache):
+    def forward(self, x_BTD, cos, sin, mask, cache, real_BT=None):
         x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin, mask, cache)
         if isinstance(self.ffn, MoE):
-            h_BTD, aux = self.ffn(self.ffn_norm(x_BTD))
+            h_BTD, aux = self.ffn(self.ffn_norm(x_BTD), real_BT)
         else:
             h_BTD, aux = self.ffn(self.ffn_norm(x_BTD)), None
         return x_BTD + h_BTD, aux
@@ -419,13 +431,14 @@ class Transformer(nn.Module):
             nn.init.normal_(last.weight, std=out_std)
 
     def forward(self, idx_BT, targets_BT=None, *, positions_BT=None, key_mask_BS=None, doc_ids_BT=None,
-                cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
+                real_BT=None, cache: KVCache | None = None, last_only: bool = False) -> ModelOutput:
         """idx_BT token ids; targets_BT next-token ids (-100 = ignore).
 
         positions_BT and key_mask_BS (True = a real token, over cached + new keys) are for
         left-padded batches; cache appends this call's keys/values and advances. doc_ids_BT
         packs several sequences into a row: a token attends only to earlier tokens of its own
         document (a block-diagonal causal mask; pass positions that restart at each document).
+        real_BT (True = a real token) keeps padding out of the MoE's load, balance loss and bias.
         last_only returns logits (B, 1, V) of the last position: decoding needs no more, and the
         lm_head over every position would dominate a small model's step.
         """
@@ -444,7 +457,7 @@ class Transformer(nn.Module):
         mask = self.attention_mask(T, past, key_mask_BS, idx_BT.device, doc_ids_BT)
         aux = x_BTD.new_zeros((), dtype=torch.float32)
         for block in self.blocks:
-            x_BTD, layer_aux = block(x_BTD, cos, sin, mask, cache)
+            x_BTD, layer_aux = block(x_BTD, cos, sin, mask, cache, real_BT)
             aux = aux + layer_aux if layer_aux is not None else aux
         if cache is not None:
             cache.length += T

@@ -47,7 +47,7 @@ class SftPaths:
 
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Summed response-token NLL times batch["scale"] (micro-batches x ranks / global count) + aux."""
-    out = model(batch["x"], positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc"))
+    out = model(batch["x"], positions_BT=batch.get("positions"), doc_ids_BT=batch.get("doc"), real_BT=batch.get("real"))
     nll = F.cross_entropy(out.logits.float().flatten(0, 1), batch["y"].flatten(), ignore_index=IGNORE,
                           reduction="sum")
     lm = nll * batch["scale"]
@@ -123,6 +123,18 @@ def _base(module) -> Transformer:
     return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
+def check_model(cfg: SftConfig, init_model: Path, key: str = "data.seq_len"):
+    """The init model's config, once it is known to hold this run's sequences and tokenizer."""
+    model_cfg = load_model_config(init_model)
+    if cfg.data.seq_len > model_cfg.max_seq_len:
+        raise ValueError(f"{key}={cfg.data.seq_len} exceeds the max_seq_len={model_cfg.max_seq_len} of the model "
+                         f"in {init_model}")
+    vocab = load_tokenizer(init_model).get_vocab_size()
+    if vocab > model_cfg.vocab_size:
+        raise ValueError(f"{init_model}: the tokenizer has {vocab} tokens, the model only {model_cfg.vocab_size}")
+    return model_cfg
+
+
 def sft(cfg: SftConfig, paths: SftPaths, *, seed: int, hooks: Hooks | None = None) -> dict:
     """Fine-tune to cfg.steps (resuming from the newest good checkpoint); returns rank 0's summary."""
     ensure_process_group()
@@ -135,11 +147,8 @@ def sft(cfg: SftConfig, paths: SftPaths, *, seed: int, hooks: Hooks | None = Non
     sampler = CurriculumSampler(corpus, cfg.data, cfg.steps, seed, weights=cfg.data.family_weights,
                                 weights_key="data.family_weights")
     val = val_examples(paths.val_files, paths.init_model, cfg.data.seq_len, cfg.data.val_max_examples)
-    model_cfg = load_model_config(paths.init_model)
+    model_cfg = check_model(cfg, paths.init_model)
     tokenizer = load_tokenizer(paths.init_model)
-    if tokenizer.get_vocab_size() > model_cfg.vocab_size:
-        raise ValueError(f"{paths.init_model}: the tokenizer has {tokenizer.get_vocab_size()} tokens, the model "
-                         f"only {model_cfg.vocab_size}")
 
     def make_model() -> torch.nn.Module:
         torch.manual_seed(seed)  # LoRA's initial adapters: identical on every rank
@@ -155,7 +164,8 @@ def sft(cfg: SftConfig, paths: SftPaths, *, seed: int, hooks: Hooks | None = Non
     return {**loop.summary(), "examples": sum(len(r) for p in corpus.train for r in p.rows),
             "examples_too_long": corpus.too_long, "sequences": sum(p.n for p in corpus.train),
             "packing": cfg.data.packing, "lora": cfg.lora.enabled,
-            "trainable_params": sum(p.numel() for p in loop.engine.module.parameters() if p.requires_grad)}
+            "trainable_params": sum(getattr(p, "ds_numel", p.numel()) for p in loop.engine.module.parameters()
+                                    if p.requires_grad)}  # ds_numel: the whole size of a ZeRO-3 shard
 
 
 def worker(payload: dict, hooks: Hooks) -> dict:

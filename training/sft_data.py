@@ -183,16 +183,17 @@ class SftCorpus:
                 pos[b, at:at + n], doc[b, at:at + n] = np.arange(n), slot
                 at += n
         return {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "positions": torch.from_numpy(pos),
-                "doc": torch.from_numpy(doc)}
+                "doc": torch.from_numpy(doc), "real": torch.from_numpy(doc >= 0)}
 
     def _padded(self, examples: list[int]) -> dict[str, torch.Tensor]:
-        width = -(-max(self.lengths[i] for i in examples) // 8) * 8
+        width = min(-(-max(self.lengths[i] for i in examples) // 8) * 8, self.seq_len)
         x = np.full((len(examples), width), self.pad_id, np.int64)
         y = np.full((len(examples), width), IGNORE, np.int64)
+        real = np.zeros((len(examples), width), bool)
         for b, i in enumerate(examples):
             xi, yi = self.example(i)
-            x[b, :len(xi)], y[b, :len(yi)] = xi, yi
-        return {"x": torch.from_numpy(x), "y": torch.from_numpy(y)}
+            x[b, :len(xi)], y[b, :len(yi)], real[b, :len(xi)] = xi, yi, True
+        return {"x": torch.from_numpy(x), "y": torch.from_numpy(y), "real": torch.from_numpy(real)}
 
     def micro_batches(self, ids: list[tuple[int, int]], micro: int) -> list[dict[str, torch.Tensor]]:
         return [self.batch(self.train, ids[i:i + micro]) for i in range(0, len(ids), micro)]

@@ -47,6 +47,7 @@ def run(ctx: StageContext) -> dict:
     paths = sft_lib.SftPaths(train_files=split_files(ctx, "train"), val_files=split_files(ctx, "eval"),
                              init_model=init_model(ctx), work=ctx.work / "examples",
                              checkpoints=ctx.root / "checkpoints", out=ctx.out)
+    sft_lib.check_model(cfg, paths.init_model, key="sft.data.seq_len")  # before the gang starts
     # tokenize here, once, so the gang's workers find the cache instead of waiting on rank 0
     build_sft_cache(paths.train_files, paths.init_model, paths.work, seq_len=cfg.data.seq_len)
     payload = {"config": cfg.model_dump(mode="json"), "seed": ctx.config.seed,

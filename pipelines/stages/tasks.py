@@ -13,8 +13,10 @@ kind, cells the generator could not fill, corpus documents excluded.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
+from functools import partial
 
 import pyarrow as pa
 
@@ -36,14 +38,16 @@ def run(ctx: StageContext) -> dict:
     rejected += dup
     overlaps = Overlaps(eval_rows, cfg.decontamination)
     gen_train, overlap_rejects, short = generated_train(gen, seed, overlaps) if gen.enabled else ([], [], {})
-    user_train, more_rejects = _drop_user_overlaps([r for r in user if r["split"] == TRAIN], overlaps)
-    train_rows, dup = _unique(gen_train + user_train, taken={r["id"] for r in eval_rows})
+    train_rows, dup = _unique(gen_train + [r for r in user if r["split"] == TRAIN], taken=eval_rows)
+    user_train, more_rejects = _drop_user_overlaps([r for r in train_rows if "file" in r], overlaps)
+    train_rows = [r for r in train_rows if "file" not in r] + user_train
     rejected += overlap_rejects + more_rejects + dup
     _write(ctx, train_rows, eval_rows, rejected)
     n_generated = len(gen_eval) + len(gen_train) + len(overlap_rejects)
     metrics = _funnel(n_generated + n_user, train_rows, eval_rows, rejected)
     _check_budget(cfg, rejected, n_user)
     metrics.update(_decontaminate_corpus(ctx, eval_rows, ContaminationIndex))
+    metrics["eval_digest"] = _eval_digest(ctx, eval_rows)
     metrics["train_shortfall"] = short
     metrics["tables"] = {"tasks by family and difficulty": _cell_table(train_rows, eval_rows)}
     ctx.metrics.table("tasks_by_cell", *_table_args(metrics["tables"]["tasks by family and difficulty"]))
@@ -52,17 +56,23 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def _unique(rows: list[dict], taken: set[str] = frozenset()) -> tuple[list[dict], list[dict]]:
-    """Rows with a new id, and rejections of the repeats naming the first holder of the id."""
+def _unique(rows: list[dict], taken: list[dict] = ()) -> tuple[list[dict], list[dict]]:
+    """Rows with a new id, and rejections of the repeats naming the first holder of the id
+    (rows in `taken`, the eval split, hold their ids first)."""
     from data_engine.task_data import row_reject
-    seen, kept, dropped = set(taken), [], []
+    first = {r["id"]: r for r in taken}
+    kept, dropped = [], []
     for r in rows:
-        if r["id"] in seen:
-            dropped.append(row_reject(r, "duplicate_id", {"id": r["id"], "first": "an earlier row (eval rows first)"}))
+        if r["id"] in first:
+            dropped.append(row_reject(r, "duplicate_id", {"id": r["id"], "first": _where(first[r["id"]])}))
         else:
-            seen.add(r["id"])
+            first[r["id"]] = r
             kept.append(r)
     return kept, dropped
+
+
+def _where(row: dict) -> str:
+    return f"{row['file']}:{row['line']}" if row.get("file") else f"{row['source']} ({row['split']} split)"
 
 
 def _drop_user_overlaps(rows: list[dict], overlaps) -> tuple[list[dict], list[dict]]:
@@ -114,13 +124,25 @@ def _decontaminate_corpus(ctx: StageContext, eval_rows: list[dict], index_cls) -
     from cluster.data import map_files, write_parquet_atomic
     index = index_cls(eval_rows, ctx.section.decontamination)
     files = [str(p) for p in corpus_files(ctx.inputs[CORPUS_STAGE])]
-    hits = map_files(index.contaminated, files, ["id", "text"])
+    column = ctx.section.decontamination.corpus_text_column
+    scan = partial(index.contaminated, text_column=column)
+    hits = map_files(scan, files, ["id", column])
     if hits.num_rows == 0:
-        hits = index.contaminated(pa.table({"id": pa.array([], pa.string()), "text": pa.array([], pa.string())}))
+        hits = scan(pa.table({"id": pa.array([], pa.string()), column: pa.array([], pa.string())}))
     write_parquet_atomic(hits, ctx.out / "contamination.parquet")
     docs = sorted(set(hits.column("doc_id").to_pylist()))
     (ctx.out / "corpus_excluded.json").write_text(json.dumps(docs) + "\n")
     return {"corpus_docs_excluded": len(docs), "eval_tasks_in_corpus": len(set(hits.column("task_id").to_pylist()))}
+
+
+def _eval_digest(ctx: StageContext, eval_rows: list[dict]) -> str:
+    """What pretraining reads of this stage (the eval split and the excluded documents): its
+    fingerprint input, so new SFT data does not rerun pretraining."""
+    h = hashlib.sha256()
+    for r in eval_rows:
+        h.update(json.dumps([r["id"], r["prompt"], r["system"], r["context"], r["answer"], r["checker"]]).encode())
+    h.update((ctx.out / "corpus_excluded.json").read_bytes())
+    return h.hexdigest()
 
 
 def _cell_table(train_rows: list[dict], eval_rows: list[dict]) -> dict:

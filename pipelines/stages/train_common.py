@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pyarrow.parquet as pq
+
 from pipelines.graph import StageContext
 
 TASKS_STAGE = "tasks"
@@ -61,7 +63,11 @@ def evaluate_stage(ctx: StageContext, model_dir: Path, cfg) -> dict:
         return {}
     from cluster.eval import evaluate_on_ray
     from rl.eval import load_tasks
-    tasks = load_tasks(ctx.inputs[TASKS_STAGE] / "eval")
+    split = ctx.inputs[TASKS_STAGE] / "eval"
+    if not any(pq.ParquetFile(f).metadata.num_rows for f in split.glob("*.parquet")):
+        ctx.log(f"no held-out evaluation: the tasks stage's eval split is empty ({split})")
+        return {}
+    tasks = load_tasks(split)
     figures, records = evaluate_on_ray(model_dir, tasks, cfg, seed=ctx.config.seed)
     with open(ctx.out / "eval_completions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

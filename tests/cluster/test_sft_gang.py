@@ -18,7 +18,7 @@ from training.config import SftConfig
 CFG = SftConfig.model_validate({
     "steps": 10, "eval_every": 5, "checkpoint": {"every": 4, "keep": 3},
     "engine": {"zero_stage": 2, "optimizer": {"lr": 5e-3, "warmup_steps": 2}},
-    "data": {"seq_len": 64, "micro_batch": 2, "global_batch": 8, "val_max_examples": 8}})
+    "data": {"seq_len": 64, "micro_batch": 2, "global_batch": 8, "val_max_examples": 7}})  # 4 + 3 per rank
 
 
 @pytest.fixture(scope="module")

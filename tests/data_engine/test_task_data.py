@@ -127,14 +127,16 @@ def test_user_files_keep_good_rows_and_reject_the_rest_with_reason_file_and_line
 
 def test_corpus_documents_holding_an_eval_prompt_are_found():
     ev = [row("e1", "Sort the list [32, 41, 38, 33, 6] in ascending order."),
-          row("e2", "Find the greatest common divisor of 15 and 45.", family="gcd_lcm", answer="15")]
-    docs = pa.table({"id": ["d1", "d2", "d3", "d4"], "text": [
+          row("e2", "Find the greatest common divisor of 15 and 45.", family="gcd_lcm", answer="15"),
+          row("e3", "Capital of France?", family="capitals", answer="Paris")]  # shorter than one 5-gram
+    docs = pa.table({"id": ["d1", "d2", "d3", "d4", "d5"], "text": [
         "Some notes.\n\nSort the list [32, 41, 38, 33, 6] in ascending order.\n\n<think>...</think>",
         "Sort the list [32, 41, 38, 33, 7] in ascending order, then add them.",   # other numbers
         "find the greatest common divisor of 15 and 45",                          # case and punctuation differ
-        "An unrelated document about the history of Rome."]})
+        "An unrelated document about the history of Rome.",
+        "Geography quiz, question 3: capital of France? Answer: Paris."]})
     hits = ContaminationIndex(ev, DECON).contaminated(docs).to_pylist()
-    assert [(h["doc_id"], h["task_id"]) for h in hits] == [("d1", "e1"), ("d3", "e2")]
+    assert [(h["doc_id"], h["task_id"]) for h in hits] == [("d1", "e1"), ("d3", "e2"), ("d5", "e3")]
     assert all(h["containment"] == 1.0 for h in hits)
 
 

@@ -26,7 +26,7 @@ sft:
   steps: 12
   eval_every: 4
   checkpoint: {{every: 4, keep: 2}}
-  engine: {{zero_stage: 1, optimizer: {{lr: 0.01, warmup_steps: 2}}}}
+  engine: {{zero_stage: 1, optimizer: {{lr: 0.001, warmup_steps: 2}}}}
   data: {{seq_len: 64, micro_batch: 4, global_batch: 16, val_max_examples: 8}}
   gang: {{num_workers: 2}}
   eval: {{max_new_tokens: 24, batch_size: 16, pass_at_k: {{k: 2, tasks: 4}}}}
@@ -36,7 +36,7 @@ sft:
 def test_sft_killed_mid_stage_resumes_then_evaluates(reasoner, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
         runs=tmp_path / "runs", train=reasoner.train_dir / "part-00000.parquet",
-        held=reasoner.eval_dir / "part-00000.parquet", init=reasoner.root / "init"))
+        held=reasoner.eval_dir / "part-00000.parquet", init=reasoner.model))  # goes on from the trained model
     cfg = load_config(recipe)
     [tasks] = run_pipeline(cfg, "t", stages=["tasks"])
     assert tasks.metrics["train"] == 600 and tasks.metrics["eval"] == 40 and tasks.metrics["rejected"] == 0
@@ -53,7 +53,7 @@ def test_sft_killed_mid_stage_resumes_then_evaluates(reasoner, tmp_path):
     log = [json.loads(line) for line in (stage / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
     assert log[-1]["val/loss"] < log[3]["val/loss"]
-    assert m["eval/n"] == 40 and 0 <= m["eval/accuracy"] <= 1 and "eval/pass@2" in m
+    assert m["eval/n"] == 40 and m["eval/accuracy"] > 0.5 and "eval/pass@2" in m
     assert m["tables"]["eval by family and difficulty"]["columns"][:3] == ["family", "difficulty", "n"]
     completions = [json.loads(line) for line in (stage / "eval_completions.jsonl").read_text().splitlines()]
     assert len([c for c in completions if c["samples"] == 1]) == 40
@@ -72,4 +72,4 @@ def test_sft_killed_mid_stage_resumes_then_evaluates(reasoner, tmp_path):
     lines = status.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if "held-out evaluation" in line)
     row = next(line for line in lines[header:] if line.strip("│ ").startswith("sft"))
-    assert f"{m['eval/accuracy']:.4g}"[:4] in row and "pass@2=" in row
+    assert f"{m['eval/accuracy']:.4g}" in row and f"{m['eval/format_rate']:.4g}" in row and "pass@2=" in row

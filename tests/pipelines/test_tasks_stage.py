@@ -85,6 +85,8 @@ def test_rows_in_equal_kept_plus_rejected_with_reasons(run):
     assert sorted(user) == [("bad_json", 5), ("duplicate_id", 4), ("empty_prompt", 3), ("overlaps_eval", 2)]
     assert [(r["reason"], r["line"]) for r in rejected if r["file"] and r["file"].endswith("held.jsonl")] == [
         ("no_answer", 2)]
+    [dup] = by_reason["duplicate_id"]
+    assert json.loads(dup["detail"])["first"].endswith("user.jsonl:1")  # names the row that holds the id
     generated_overlaps = [r for r in by_reason["overlaps_eval"] if r["file"] is None]
     assert m["overlaps_by_kind"]["exact"] >= 1 and len(generated_overlaps) == m["rejected_by_reason"]["overlaps_eval"] - 1
 
@@ -104,3 +106,37 @@ def test_corpus_documents_with_a_held_out_prompt_are_excluded(run):
     assert {(h["doc_id"], h["task_id"]) for h in hits} == {("d-quote", held_out[3]["id"]),
                                                            ("d-quote2", held_out[-1]["id"])}
     assert result.metrics["corpus_docs_excluded"] == 2
+
+
+def test_pretrain_depends_on_the_eval_split_only_and_user_files_by_content(run):
+    from pipelines.runner import input_fingerprint, stage_config
+    from pipelines.store import RunStore
+    folder, result, _ = run
+    store = RunStore(folder.parent.parent, "t")
+    # pretrain reads the eval split and the exclusions: new SFT data leaves its fingerprint alone
+    assert input_fingerprint(store, "pretrain", "tasks", {"tasks": "tasks-fp"}) == f"eval_digest:{result.metrics['eval_digest']}"
+    assert input_fingerprint(store, "sft", "tasks", {"tasks": "tasks-fp"}) == "tasks-fp"
+    recipe = folder.parent.parent.parent / "r.yaml"
+    before = stage_config(load_config(recipe), "tasks")
+    user = folder.parent.parent.parent / "user.jsonl"
+    original = user.read_text()
+    try:
+        user.write_text(original.replace("What is 2 + 2?", "What is 2 + 3?"))
+        assert stage_config(load_config(recipe), "tasks") != before  # an edited SFT file reruns tasks
+    finally:
+        user.write_text(original)
+    assert stage_config(load_config(recipe), "tasks") == before
+
+
+def test_an_empty_eval_split_skips_the_evaluation(tmp_path):
+    from types import SimpleNamespace
+
+    from data_engine.task_data import TASK_SCHEMA
+    from pipelines.stages.train_common import evaluate_stage
+    from rl.config import EvalConfig
+    (tmp_path / "tasks" / "eval").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([], schema=TASK_SCHEMA), tmp_path / "tasks" / "eval" / "part-00000.parquet")
+    said = []
+    ctx = SimpleNamespace(inputs={"tasks": tmp_path / "tasks"}, log=said.append)
+    assert evaluate_stage(ctx, tmp_path / "model", EvalConfig()) == {}
+    assert "eval split is empty" in said[0]

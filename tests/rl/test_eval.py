@@ -76,7 +76,7 @@ def test_the_stage_folder_and_its_export_give_the_same_figures_on_any_number_of_
                                                                                         tmp_path):
     tasks = load_tasks(reasoner.eval_dir)
     folder, records = evaluate_on_ray(reasoner.model, tasks, CFG.model_copy(update={"workers": 2}), seed=0)
-    assert 0.5 < folder["eval/accuracy"] < 1 or folder["eval/accuracy"] == 1.0  # the model learned the family
+    assert folder["eval/accuracy"] > 0.5  # the session's model learned its family
     assert folder["eval/format_rate"] > 0.9 and folder["eval/n"] == len(tasks) and "eval/pass@4" in folder
     assert [r["id"] for r in records if r["samples"] == 1] == [t.id for t in tasks]
     export_folder(reasoner.model, tmp_path / "hf")

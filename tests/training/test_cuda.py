@@ -314,3 +314,30 @@ def test_pretrain_in_bf16_on_cuda_resumes_from_a_checkpoint(corpus):
     assert summary["resumed_from_step"] == 4
     assert again[0]["loss"] == rows[4]["loss"]
     assert [r["loss"] for r in again] == pytest.approx([r["loss"] for r in rows[4:]], rel=1e-3)
+
+
+def test_evaluation_samples_pass_at_k_on_the_gpu(reasoner):
+    """pass@k draws with a generator on the model's device; greedy figures equal the CPU's."""
+    from rl.config import EvalConfig
+    from rl.eval import evaluate, load_tasks
+    from training.export import load_model
+    from training.tokenizer import load_tokenizer
+    tasks = load_tasks(reasoner.eval_dir)[:8]
+    cfg = EvalConfig(max_new_tokens=24, pass_at_k={"k": 2, "tasks": 4})
+    tok = load_tokenizer(reasoner.model)
+    on_gpu, records = evaluate(load_model(reasoner.model).to(CUDA), tok, tasks, cfg, seed=0)
+    on_cpu, _ = evaluate(load_model(reasoner.model), tok, tasks, cfg, seed=0)
+    assert on_gpu["eval/pass_at_k_tasks"] == 4 and 0 <= on_gpu["eval/pass@2"] <= 1
+    assert on_gpu["eval/accuracy"] == on_cpu["eval/accuracy"] and on_gpu["eval/format_rate"] == on_cpu["eval/format_rate"]
+
+
+def test_sft_with_packed_rows_trains_on_cuda(reasoner, tmp_path):
+    from training.config import SftConfig
+    from training.sft import SftPaths, sft
+    cfg = SftConfig.model_validate({"steps": 4, "eval_every": 4, "checkpoint": {"every": 4, "keep": 1},
+                                    "engine": {"zero_stage": 1, "precision": "bf16"},
+                                    "data": {"seq_len": 64, "micro_batch": 4, "global_batch": 4, "val_max_examples": 4}})
+    paths = SftPaths(sorted(reasoner.train_dir.glob("*.parquet")), sorted(reasoner.eval_dir.glob("*.parquet")),
+                     reasoner.root / "init", tmp_path / "work", tmp_path / "ckpt", tmp_path / "out")
+    summary = sft(cfg, paths, seed=0)
+    assert summary["steps"] == 4 and summary["nonfinite_steps"] == 0 and summary["val/loss"] == summary["val/loss"]

@@ -218,6 +218,27 @@ def test_capacity_drops_overflow_in_training_only():
     assert (y_eval[0].abs().sum(-1) > 0).all()
 
 
+def test_padding_is_routed_but_not_counted_and_loses_capacity_first():
+    torch.manual_seed(0)
+    moe = MoE(moe_cfg(n_experts=4, top_k=2)).train()
+    x = torch.randn(1, 6, 4)
+    real = torch.tensor([[True, True, True, True, False, False]])
+    _, aux_real = moe(x[:, :4])
+    load_real = moe.last_load.clone()
+    moe.load_since_update.zero_()
+    _, aux_padded = moe(x, real)
+    assert torch.equal(moe.last_load, load_real) and moe.load_since_update.sum() == 4 * 2
+    torch.testing.assert_close(aux_padded, aux_real)
+    # capacity: padding that comes first in the batch still yields to the real tokens
+    cap = MoE(moe_cfg(n_experts=2, top_k=1, capacity_factor=1.0, norm_topk_prob=False)).train()
+    hand_router(cap, torch.tensor([[1.0, 0, 0, 0], [0, 0, 0, 0]]))
+    torch.nn.init.normal_(cap.w_down, std=1.0)
+    x = torch.zeros(1, 4, 4)
+    x[0, :, 0] = 1.0  # all four prefer expert 0; capacity 2
+    y, _ = cap(x, torch.tensor([[False, False, True, True]]))
+    assert (y[0].abs().sum(-1) > 0).tolist() == [False, False, True, True]
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ValueError, match="top_k"):
         tiny_cfg(top_k=5)

@@ -121,8 +121,16 @@ def test_sft_trains_writes_the_model_and_resumes_exactly(data):
     assert [r["loss"] for r in replay] == [r["loss"] for r in rows[4:]]  # bitwise
 
 
-def test_lora_trains_adapters_only_and_saves_a_merged_model(data):
-    summary = sft(cfg(lora={"enabled": True, "r": 4}, steps=4), paths(data, "lora"), seed=0)
+def test_lora_trains_adapters_only_resumes_exactly_and_saves_a_merged_model(data):
+    rows = []
+    summary = sft(cfg(lora={"enabled": True, "r": 4}), paths(data, "lora"), seed=0,
+                  hooks=Hooks(on_metrics=lambda m, s: rows.append(m)))
+    again = paths(data, "lora-again")
+    again.checkpoints.mkdir(parents=True)
+    shutil.copytree(paths(data, "lora").checkpoints / "step_00000004", again.checkpoints / "step_00000004")
+    replay = []
+    sft(cfg(lora={"enabled": True, "r": 4}), again, seed=0, hooks=Hooks(on_metrics=lambda m, s: replay.append(m)))
+    assert [r["loss"] for r in replay] == [r["loss"] for r in rows[4:]]  # adapters and frozen weights restored
     base = load_model(data[1])
     tuned = load_model(paths(data, "lora").out / "model")  # a plain model: adapters folded in
     assert 0 < summary["trainable_params"] < sum(p.numel() for p in base.parameters()) // 5
@@ -167,3 +175,43 @@ def test_difficulty_curriculum_draws_basic_examples_first(tmp_path):
     assert "expert" in set().union(*levels[6:])
     with pytest.raises(ValueError, match="data.family_weights: no training data for domain"):
         CurriculumSampler(c, data, 8, 0, weights={"algebra": 1.0}, weights_key="data.family_weights")
+
+
+def test_the_loss_scale_makes_the_update_independent_of_the_micro_batch_split(data):
+    """One global batch of examples with different numbers of response tokens, as 1 micro-batch of 8
+    or 4 of 2: the same mean over the batch's response tokens, hence the same gradient (the balance
+    loss is off here: it is a mean over micro-batches by design, like pretraining's)."""
+    from training.config import EngineConfig
+    from training.engine import Engine
+    from training.sft import sft_loss
+    c = corpus(data, packing=False)
+    ids = [(p, s) for p in range(4) for s in range(2)]
+    weights = []
+    for micro in (8, 2):
+        torch.manual_seed(0)
+        model = load_model(data[1])
+        no_aux = Transformer(model.cfg.model_copy(update={"aux_loss_coef": 0.0}))
+        no_aux.load_state_dict(model.state_dict())
+        engine = Engine(no_aux, EngineConfig(zero_stage=0, grad_clip=0.0), micro_batch=micro,
+                        global_batch=8, total_steps=10)
+        batches = c.micro_batches(ids, micro)
+        scale = engine.gas / c.n_targets(c.train, ids)
+        result = engine.train_step([{**b, "scale": scale} for b in batches], sft_loss)
+        weights.append((result.metrics["lm_loss"], result.grad_norm))
+    (loss_a, norm_a), (loss_b, norm_b) = weights
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-5)
+    # the naive alternative, a mean per micro-batch then over micro-batches, is not the same loss
+    fresh = Transformer(no_aux.cfg)
+    fresh.load_state_dict(load_model(data[1]).state_dict())
+    with torch.no_grad():
+        naive = sum(float(sft_loss(fresh, {**b, "scale": 1.0 / int((b["y"] != -100).sum())})[1]["lm_loss"])
+                    for b in c.micro_batches(ids, 2)) / 4
+    assert abs(naive - loss_a) > 1e-4  # float noise is ~1e-6
+
+
+def test_padded_batches_train_too(data):
+    rows = []
+    summary = sft(cfg(steps=4, data={"packing": False}), paths(data, "padded"), seed=0,
+                  hooks=Hooks(on_metrics=lambda m, s: rows.append(m)))
+    assert summary["packing"] is False and summary["sequences"] == summary["examples"]
+    assert all(0 < r["packing_efficiency"] < 1 for r in rows) and rows[-1]["lm_loss"] < rows[0]["lm_loss"]
