@@ -101,6 +101,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # the stage's worker asks for one CPU, so Ray gives it one thread
     cfg = bench_config(args.recipe, args.steps, None if args.packing == "recipe" else args.packing == "on")
+    args.run = args.run.resolve()  # the stage's worker runs in another directory
     model_dir = args.run / "pretrain" / "model"
     train = sorted((args.run / "tasks" / "train").glob("*.parquet"))
     val = sorted((args.run / "tasks" / "eval").glob("*.parquet"))

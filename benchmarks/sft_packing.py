@@ -1,10 +1,12 @@
-"""SFT batches: packed rows (block-diagonal mask) against padded batches, at equal examples.
+"""SFT batches: packed rows (block-diagonal mask) against padded batches, as the stage makes them.
 
-Both train the same model from the same weights with the same AdamW on the same examples in
-the same order (one pass over a fixed sample of the train split); the only difference is how
-the examples become tensors. Reported: the share of non-padding tokens in what the model
-computes on, and real tokens/s (padding excluded), by wall clock and by process CPU time, as
-medians over alternating reps. One torch thread, the way one Ray worker with one CPU runs.
+Both train the same model from the same weights with the same AdamW, one pass over random
+examples of the train split in random order, with the recipe's micro-batch size: packed, a
+micro-batch is that many rows of whole examples; padded, it is that many examples, after each
+rank's share of a global batch (global_batch / 2 workers) was sorted by length, as the stage
+does. Reported: the share of non-padding tokens in what the model computes on, and real
+tokens/s (padding excluded), by wall clock and by process CPU time, as medians over
+alternating reps. One torch thread, the way one Ray worker with one CPU runs.
 
 Needs a run whose `tasks` and `pretrain` stages are done, e.g. the demo:
     r1pipe run recipes/demo.yaml --stages ingest,dedup,quality,domains,difficulty,tokenizer,tasks,pretrain
@@ -40,6 +42,14 @@ def sample_ids(corpus: SftCorpus, n_examples: int, seed: int = 0) -> list[tuple[
     ids = [(p, s) for p, pool in enumerate(corpus.train) for s, row in enumerate(pool.rows) if chosen & set(row)]
     rng.shuffle(ids)
     return ids
+
+
+def stage_order(corpus: SftCorpus, ids: list[tuple[int, int]], share: int) -> list[tuple[int, int]]:
+    """Padded mode: each rank's share of a global batch sorted by length (training/sft.py)."""
+    out = []
+    for i in range(0, len(ids), share):
+        out += sorted(ids[i:i + share], key=lambda ps: corpus.n_tokens(corpus.train, [ps]))
+    return out
 
 
 def run(corpus: SftCorpus, ids: list[tuple[int, int]], model_dir: Path, cfg: SftConfig, micro: int) -> dict:
@@ -80,9 +90,9 @@ def main() -> None:
         cache = build_sft_cache(files, model_dir, Path(tmp), seq_len=cfg.data.seq_len)
         corpora = {"packed": SftCorpus(cache, cfg.data.seq_len, True), "padded": SftCorpus(cache, cfg.data.seq_len, False)}
         ids = {k: sample_ids(c, args.examples) for k, c in corpora.items()}
-        # packed rows hold several examples: give padded batches the same examples per micro-batch
+        ids["padded"] = stage_order(corpora["padded"], ids["padded"], cfg.data.global_batch // 2)
         per_row = sum(len(corpora["packed"].train[p].rows[s]) for p, s in ids["packed"]) / len(ids["packed"])
-        micro = {"packed": cfg.data.micro_batch, "padded": max(1, round(cfg.data.micro_batch * per_row))}
+        micro = {"packed": cfg.data.micro_batch, "padded": cfg.data.micro_batch}
         result["examples_per_packed_row"] = per_row
         for rep in range(args.reps):
             order = ("packed", "padded") if rep % 2 == 0 else ("padded", "packed")
