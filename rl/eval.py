@@ -90,17 +90,18 @@ def _task(row: dict, where: str) -> EvalTask:
 
 
 def spread(tasks: list[EvalTask], limit: int | None) -> list[EvalTask]:
-    """At most `limit` tasks, taken round robin over families (each family in its given order)."""
+    """At most `limit` tasks, taken round robin over the (family, difficulty) cells, each cell in
+    its given order: a subset covers every family and difficulty as evenly as it can."""
     if limit is None or limit >= len(tasks):
         return list(tasks)
-    queues: dict[str, list[EvalTask]] = defaultdict(list)
+    queues: dict[tuple[str, str], list[EvalTask]] = defaultdict(list)
     for t in tasks:
-        queues[t.family].append(t)
+        queues[(t.family, t.difficulty)].append(t)
     out: list[EvalTask] = []
     while len(out) < limit:
-        for family in sorted(queues):
-            if queues[family] and len(out) < limit:
-                out.append(queues[family].pop(0))
+        for cell in sorted(queues):
+            if queues[cell] and len(out) < limit:
+                out.append(queues[cell].pop(0))
     return out
 
 

@@ -58,6 +58,14 @@ def test_batches_are_planned_from_the_tasks_alone():
     assert [t.family for t in spread(tasks, 3)] == ["a", "b", "a"]
 
 
+def test_a_subset_covers_every_family_and_difficulty():
+    """The files list each family's basic tasks before its advanced ones: a subset must not be all basic."""
+    tasks = [EvalTask(f"{f}{d}{i}", f, d, "p", "1") for f in "ab" for d in ("basic", "advanced") for i in range(5)]
+    cells = [(t.family, t.difficulty) for t in spread(tasks, 8)]
+    assert sorted(cells) == sorted([(f, d) for f in "ab" for d in ("basic", "advanced")] * 2)
+    assert [t.id for t in spread(tasks, 4)] == ["aadvanced0", "abasic0", "badvanced0", "bbasic0"]
+
+
 def test_bad_task_files_name_the_row(tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({"id": "a", "prompt": "p", "answer": "1"}) + "\n"
                                       + json.dumps({"id": "b", "prompt": "p"}) + "\n")
