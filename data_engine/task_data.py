@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -313,13 +313,13 @@ class ContaminationIndex:
 
 
 @dataclass
-class _Where:
+class Where:
     file: str
     line: int
     source: str
 
 
-class _Bad(Exception):
+class RowError(Exception):
     """A user row that cannot be used: (reason, message)."""
 
     def __init__(self, reason: str, message: str):
@@ -330,37 +330,43 @@ class _Bad(Exception):
 def read_task_files(specs: Iterable[TaskFileSpec]) -> tuple[list[dict], list[dict]]:
     """Rows of every user file, and the rows that cannot be used with their reason, file and line.
     Kept rows carry their file and line too (not written), so a later rejection can name them."""
+    return read_user_files(specs, task_from_raw)
+
+
+def read_user_files(specs: Iterable, row_fn: Callable) -> tuple[list[dict], list[dict]]:
+    """row_fn(raw, spec, where) over every row of every spec's files (a spec has path, format,
+    source, fields.id and fields.prompt): (rows with their file and line, rejections)."""
     kept, rejected = [], []
     for spec in specs:
         for path, fmt in resolve_files(InputSpec(path=spec.path, format=spec.format)):
             source = spec.source or Path(path).stem
             for line, raw, error in file_rows(path, fmt, source):
-                where = _Where(path, line, source)
+                where = Where(path, line, source)
                 try:
                     if error is not None:
-                        raise _Bad(*error)
-                    kept.append({**task_from_raw(raw, spec, where), "file": path, "line": line})
-                except _Bad as bad:
-                    rejected.append(_file_reject(where, raw, spec, bad.reason, bad.message))
+                        raise RowError(*error)
+                    kept.append({**row_fn(raw, spec, where), "file": path, "line": line})
+                except RowError as bad:
+                    rejected.append(file_reject(where, raw, spec, bad.reason, bad.message))
     return kept, rejected
 
 
-def task_from_raw(raw, spec: TaskFileSpec, where: _Where) -> dict:
-    """One user row as a task row; raises _Bad with the reason it cannot be used."""
+def task_from_raw(raw, spec: TaskFileSpec, where: Where) -> dict:
+    """One user row as a task row; raises RowError with the reason it cannot be used."""
     if not isinstance(raw, dict):
-        raise _Bad("not_a_record", f"row is {type(raw).__name__}, not an object")
+        raise RowError("not_a_record", f"row is {type(raw).__name__}, not an object")
     f = spec.fields
     prompt, response, system, context = _prompt_and_response(raw, f)
-    values = {name: _scalar_field(raw, getattr(f, name)) for name in ("answer", "checker", "family", "difficulty", "id")}
+    values = {name: scalar_field(raw, getattr(f, name)) for name in ("answer", "checker", "family", "difficulty", "id")}
     checker = values["checker"] or spec.checker
     if checker not in CHECKERS:
-        raise _Bad("unknown_checker", f"checker {checker!r}; known: {sorted(CHECKERS)}")
+        raise RowError("unknown_checker", f"checker {checker!r}; known: {sorted(CHECKERS)}")
     if values["difficulty"] is not None and values["difficulty"] not in DIFFICULTIES:
-        raise _Bad("bad_difficulty", f"difficulty {values['difficulty']!r}; expected one of {DIFFICULTIES}")
+        raise RowError("bad_difficulty", f"difficulty {values['difficulty']!r}; expected one of {DIFFICULTIES}")
     if spec.split == "eval" and values["answer"] is None:
-        raise _Bad("no_answer", "an eval row needs an answer to check against")
+        raise RowError("no_answer", "an eval row needs an answer to check against")
     if response is None and values["answer"] is None:
-        raise _Bad("no_response_or_answer", "a train row needs a response (SFT) or an answer (RL)")
+        raise RowError("no_response_or_answer", "a train row needs a response (SFT) or an answer (RL)")
     row_id = values["id"] or "u" + hashlib.sha256(f"{where.source}\x00{prompt}\x00{response}".encode()).hexdigest()[:24]
     return {"id": row_id, "split": spec.split, "source": where.source, "family": values["family"] or spec.family,
             "domain": None, "difficulty": values["difficulty"], "prompt": prompt, "system": system,
@@ -368,54 +374,54 @@ def task_from_raw(raw, spec: TaskFileSpec, where: _Where) -> dict:
             "answer": values["answer"], "checker": checker if values["answer"] is not None else None}
 
 
-def _scalar_field(raw: dict, key: str | None) -> str | None:
+def scalar_field(raw: dict, key: str | None) -> str | None:
     """A short field (id, answer, checker, ...) as text; numbers are accepted and spelled as given."""
     value = raw.get(key) if key else None
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise _Bad("wrong_type", f"field {key!r} is {type(value).__name__}, not a string")
+        raise RowError("wrong_type", f"field {key!r} is {type(value).__name__}, not a string")
     return str(value) if str(value).strip() else None
 
 
 def _prompt_and_response(raw: dict, f: TaskFieldMap) -> tuple[str, str | None, str | None, list[dict]]:
     """(prompt, response, system, earlier messages) from plain fields or from chat messages."""
     if f.messages:
-        return _from_messages(raw.get(f.messages), f.messages)
+        return from_messages(raw.get(f.messages), f.messages)
     texts = {}
     for name in ("prompt", "response", "system"):
         key = getattr(f, name)
         value = raw.get(key) if key else None
         if value is not None and not isinstance(value, str):
-            raise _Bad("wrong_type", f"field {key!r} is {type(value).__name__}, not a string")
+            raise RowError("wrong_type", f"field {key!r} is {type(value).__name__}, not a string")
         texts[name] = value if value is None or value.strip() else None
     if texts["prompt"] is None:
         present = bool(f.prompt) and raw.get(f.prompt) is not None
-        raise _Bad("empty_prompt" if present else "missing_prompt", f"no text in field {f.prompt!r}")
+        raise RowError("empty_prompt" if present else "missing_prompt", f"no text in field {f.prompt!r}")
     return texts["prompt"], texts["response"], texts["system"], []
 
 
-def _from_messages(messages, key: str) -> tuple[str, str | None, str | None, list[dict]]:
+def from_messages(messages, key: str) -> tuple[str, str | None, str | None, list[dict]]:
     if isinstance(messages, str):  # chat data stored as a JSON string
         try:
             messages = json.loads(messages)
         except json.JSONDecodeError as err:
-            raise _Bad("bad_messages", f"field {key!r} is not a JSON list: {err}") from None
+            raise RowError("bad_messages", f"field {key!r} is not a JSON list: {err}") from None
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in ("system", "user", "assistant")
         for m in messages)
     if not ok:
-        raise _Bad("bad_messages", f"field {key!r}: expected a list of {{role: system|user|assistant, content: str}}")
+        raise RowError("bad_messages", f"field {key!r}: expected a list of {{role: system|user|assistant, content: str}}")
     messages = [{"role": m["role"], "content": m["content"]} for m in messages]
     response = messages.pop()["content"] if messages[-1]["role"] == "assistant" else None
     if not messages or messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-        raise _Bad("bad_messages", f"field {key!r}: the turn before the response must be a non-empty user message")
+        raise RowError("bad_messages", f"field {key!r}: the turn before the response must be a non-empty user message")
     system = messages.pop(0)["content"] if messages[0]["role"] == "system" else None
     prompt = messages.pop()["content"]
     return prompt, response if response and response.strip() else None, system, messages
 
 
-def _file_reject(where: _Where, raw, spec: TaskFileSpec, reason: str, message: str) -> dict:
+def file_reject(where: Where, raw, spec: TaskFileSpec, reason: str, message: str) -> dict:
     prompt = raw.get(spec.fields.prompt) if isinstance(raw, dict) and spec.fields.prompt else None
     rid = raw.get(spec.fields.id) if isinstance(raw, dict) and spec.fields.id else None
     return {"id": None if rid is None else str(rid), "source": where.source,

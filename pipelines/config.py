@@ -20,6 +20,7 @@ from data_engine.dedup import DedupConfig
 from data_engine.difficulty import DifficultyConfig
 from data_engine.domains import DomainsConfig
 from data_engine.ingest import IngestConfig
+from data_engine.pair_data import PairsConfig
 from data_engine.quality import QualityConfig
 from data_engine.task_data import TasksConfig
 from rl.config import EvalConfig
@@ -108,6 +109,7 @@ class PipelineConfig(Strict):
     tasks: TasksConfig | None = None
     pretrain: PretrainSection | None = None
     sft: SftSection | None = None
+    pairs: PairsConfig | None = None
 
     @field_validator("stages")
     @classmethod

@@ -49,6 +49,9 @@ class Stage:
     # input -> a metric of its manifest that stands for it in this stage's fingerprint, when the
     # stage reads only part of that input (pretrain: tasks' eval_digest)
     views: dict = field(default_factory=dict)
+    # false: the stage makes new rows from its inputs' rows (pairs from tasks), so its rows_in is
+    # its own count, not the rows its inputs kept
+    reads_input_rows: bool = True
 
     def deps(self, order: list[str]) -> tuple[str, ...]:
         """The stages this one reads in a recipe whose stages are `order`."""
@@ -81,7 +84,7 @@ def _load_stages() -> None:
     # Registering by import keeps each stage's wiring in its own small module.
     from pipelines.stages import ingest  # noqa: F401
     from pipelines.stages import dedup, quality, domains, difficulty  # noqa: F401
-    from pipelines.stages import tokenizer, tasks, pretrain, sft  # noqa: F401
+    from pipelines.stages import tokenizer, tasks, pretrain, sft, pairs  # noqa: F401
 
 
 _load_stages()

@@ -18,7 +18,7 @@ class PassAtKConfig(Strict):
 
     k: int = Field(8, ge=1)  # the k of pass@k
     samples: int | None = Field(None, ge=1)  # completions per task (n >= k); None: k
-    tasks: int = Field(64, ge=0)  # how many held-out tasks get sampled (spread over families); 0: off
+    tasks: int = Field(64, ge=0)  # how many held-out tasks get sampled (spread over families and difficulties); 0: off
     temperature: float = Field(0.8, gt=0)  # sampling temperature of the k completions
     top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling mass
 
@@ -37,7 +37,7 @@ class EvalConfig(Strict):
     """Held-out evaluation at the end of a training stage: greedy accuracy, format, length, pass@k."""
 
     enabled: bool = True  # needs a `tasks` stage in the recipe
-    max_tasks: int | None = Field(None, ge=1)  # at most this many eval tasks (spread over families); None: all
+    max_tasks: int | None = Field(None, ge=1)  # at most this many eval tasks (spread over families and difficulties); None: all
     max_new_tokens: int = Field(384, ge=1)  # per completion (capped by the model's max_seq_len)
     batch_size: int = Field(32, ge=1)  # prompts decoded together (KV cache, left padding)
     workers: int | None = Field(None, ge=1)  # Ray tasks the prompts are spread over; None: one per CPU (GPU)

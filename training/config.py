@@ -167,7 +167,7 @@ class SftDataConfig(Strict):
     micro_batch: int = Field(8, ge=1)  # sequences per worker per forward
     global_batch: int = Field(32, ge=1)  # sequences per optimizer step, all workers together
     #: true: whole examples packed into rows (block-diagonal mask); false: padded micro-batches
-    #: (sorted by length within each rank's share). Packing: 0.91 real tokens vs 0.70 (BENCHMARKS.md)
+    #: (sorted by length within each rank's share). Packing: 0.91 real tokens vs 0.63-0.70 (BENCHMARKS.md)
     packing: bool = True
     family_weights: dict[str, float] = Field(default_factory=dict)  # relative; {} = example shares
     curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in pretraining

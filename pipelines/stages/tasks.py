@@ -34,18 +34,18 @@ def run(ctx: StageContext) -> dict:
     user, rejected = read_task_files(cfg.files)
     n_user = len(user) + len(rejected)
     gen_eval = generated_split(gen, EVAL, seed) if gen.enabled else []
-    eval_rows, dup = _unique(gen_eval + [r for r in user if r["split"] == EVAL])
+    eval_rows, dup = unique_ids(gen_eval + [r for r in user if r["split"] == EVAL])
     rejected += dup
     overlaps = Overlaps(eval_rows, cfg.decontamination)
     gen_train, overlap_rejects, short = generated_train(gen, seed, overlaps) if gen.enabled else ([], [], {})
-    train_rows, dup = _unique(gen_train + [r for r in user if r["split"] == TRAIN], taken=eval_rows)
-    user_train, more_rejects = _drop_user_overlaps([r for r in train_rows if "file" in r], overlaps)
+    train_rows, dup = unique_ids(gen_train + [r for r in user if r["split"] == TRAIN], taken=eval_rows)
+    user_train, more_rejects = drop_user_overlaps([r for r in train_rows if "file" in r], overlaps)
     train_rows = [r for r in train_rows if "file" not in r] + user_train
     rejected += overlap_rejects + more_rejects + dup
     _write(ctx, train_rows, eval_rows, rejected)
     n_generated = len(gen_eval) + len(gen_train) + len(overlap_rejects)
     metrics = _funnel(n_generated + n_user, train_rows, eval_rows, rejected)
-    _check_budget(cfg, rejected, n_user)
+    check_budget("tasks", cfg.max_reject_fraction, rejected, n_user)
     metrics.update(_decontaminate_corpus(ctx, eval_rows, ContaminationIndex))
     metrics["eval_digest"] = _eval_digest(ctx, eval_rows)
     metrics["train_shortfall"] = short
@@ -56,7 +56,7 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-def _unique(rows: list[dict], taken: list[dict] = ()) -> tuple[list[dict], list[dict]]:
+def unique_ids(rows: list[dict], taken: list[dict] = ()) -> tuple[list[dict], list[dict]]:
     """Rows with a new id, and rejections of the repeats naming the first holder of the id
     (rows in `taken`, the eval split, hold their ids first)."""
     from data_engine.task_data import row_reject
@@ -75,7 +75,7 @@ def _where(row: dict) -> str:
     return f"{row['file']}:{row['line']}" if row.get("file") else f"{row['source']} ({row['split']} split)"
 
 
-def _drop_user_overlaps(rows: list[dict], overlaps) -> tuple[list[dict], list[dict]]:
+def drop_user_overlaps(rows: list[dict], overlaps) -> tuple[list[dict], list[dict]]:
     from data_engine.task_data import row_reject
     found = overlaps.find(rows) if rows else {}
     kept = [r for r in rows if r["id"] not in found]
@@ -86,12 +86,17 @@ def _drop_user_overlaps(rows: list[dict], overlaps) -> tuple[list[dict], list[di
 
 
 def _write(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], rejected: list[dict]) -> None:
-    from cluster.data import write_parquet_atomic
     from data_engine.task_data import TASK_REJECT_SCHEMA, TASK_SCHEMA
-    for folder, rows in ((TRAIN, train_rows), (EVAL, eval_rows)):
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=TASK_SCHEMA), ctx.out / folder / "part-00000.parquet")
-    write_parquet_atomic(pa.Table.from_pylist(rejected, schema=TASK_REJECT_SCHEMA),
-                         ctx.out / "rejected" / "part-00000.parquet")
+    write_splits(ctx, {TRAIN: train_rows, EVAL: eval_rows}, rejected, TASK_SCHEMA, TASK_REJECT_SCHEMA)
+
+
+def write_splits(ctx: StageContext, splits: dict[str, list[dict]], rejected: list[dict], schema: pa.Schema,
+                 reject_schema: pa.Schema) -> None:
+    """<split>/part-00000.parquet per split and rejected/part-00000.parquet, each published atomically."""
+    from cluster.data import write_parquet_atomic
+    for folder, rows in splits.items():
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), ctx.out / folder / "part-00000.parquet")
+    write_parquet_atomic(pa.Table.from_pylist(rejected, schema=reject_schema), ctx.out / "rejected" / "part-00000.parquet")
 
 
 def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejected: list[dict]) -> dict:
@@ -106,13 +111,13 @@ def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejecte
             "train_with_answer": sum(r["answer"] is not None for r in train_rows)}
 
 
-def _check_budget(cfg, rejected: list[dict], n_user: int) -> None:
+def check_budget(stage: str, max_fraction: float, rejected: list[dict], n_user: int) -> None:
     """The error budget covers user-file rows only: overlaps with the eval split are by design."""
     bad = [r for r in rejected if r["reason"] != "overlaps_eval" and r["file"] is not None]
-    if n_user and len(bad) / n_user > cfg.max_reject_fraction:
+    if n_user and len(bad) / n_user > max_fraction:
         worst = Counter(r["file"] for r in bad).most_common(5)
-        raise ValueError(f"tasks: {len(bad)} of {n_user} rows of the user files rejected, over the error budget "
-                         f"tasks.max_reject_fraction={cfg.max_reject_fraction}; worst: "
+        raise ValueError(f"{stage}: {len(bad)} of {n_user} rows of the user files rejected, over the error budget "
+                         f"{stage}.max_reject_fraction={max_fraction}; worst: "
                          + ", ".join(f"{f} ({n} rows)" for f, n in worst))
 
 
