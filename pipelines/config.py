@@ -23,7 +23,7 @@ from data_engine.ingest import IngestConfig
 from data_engine.pair_data import PairsConfig
 from data_engine.quality import QualityConfig
 from data_engine.task_data import TasksConfig
-from rl.config import EvalConfig
+from rl.config import DpoConfig, EvalConfig
 from training.config import PretrainConfig
 from training.config import SftConfig
 from training.tokenizer import TokenizerConfig
@@ -79,6 +79,14 @@ class SftSection(SftConfig):
     eval: EvalConfig = EvalConfig()  # held-out evaluation at the end
 
 
+class DpoSection(DpoConfig):
+    """Preference optimisation on the pairs stage's pairs, on a DeepSpeed gang."""
+
+    init_model: Path | None = None  # the policy's start and the reference; None: the sft stage's model/
+    gang: GangConfig = GangConfig()
+    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end
+
+
 class DomainsSection(DomainsConfig):
     """Domain tagging; tagging keeps every row unless asked to drop unconfident ones."""
 
@@ -110,6 +118,7 @@ class PipelineConfig(Strict):
     pretrain: PretrainSection | None = None
     sft: SftSection | None = None
     pairs: PairsConfig | None = None
+    dpo: DpoSection | None = None
 
     @field_validator("stages")
     @classmethod
@@ -127,6 +136,12 @@ class PipelineConfig(Strict):
         if "sft" in self.stages and self.sft is not None and self.sft.init_model is None \
                 and "pretrain" not in self.stages:
             raise ValueError("sft.init_model: give a model folder to start from, or put `pretrain` in stages")
+        return self
+
+    @model_validator(mode="after")
+    def _dpo_has_a_start(self) -> "PipelineConfig":
+        if "dpo" in self.stages and self.dpo is not None and self.dpo.init_model is None and "sft" not in self.stages:
+            raise ValueError("dpo.init_model: give a model folder to start from, or put `sft` in stages")
         return self
 
     def section(self, stage: str) -> Any:

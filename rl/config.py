@@ -1,4 +1,4 @@
-"""Typed config of the post-training side: evaluation (and, as they land, DPO and RL).
+"""Typed config of the post-training side: evaluation, DPO (and, as it lands, RL).
 
 Plain pydantic, no torch at import, so loading a recipe stays cheap.
 
@@ -6,7 +6,11 @@ Plain pydantic, no torch at import, so loading a recipe stays cheap.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from training.config import CurriculumConfig, EngineConfig, OptimizerConfig, TrainConfig
 
 
 class Strict(BaseModel):
@@ -43,3 +47,58 @@ class EvalConfig(Strict):
     workers: int | None = Field(None, ge=1)  # Ray tasks the prompts are spread over; None: one per CPU (GPU)
     use_gpu: bool = False  # one GPU per worker
     pass_at_k: PassAtKConfig = PassAtKConfig()
+
+
+# ----------------------------------------------------------------------------- DPO
+
+
+class DpoLossConfig(Strict):
+    """The preference loss (rl/losses.py) and its parameters."""
+
+    name: Literal["sigmoid", "cdpo", "ipo", "simpo"] = "sigmoid"  # sigmoid = DPO; simpo needs no reference
+    beta: float = Field(0.1, gt=0)  # strength of the KL-like pull toward the reference
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo (and simpo): probability a label is wrong
+    gamma: float = Field(0.5, ge=0)  # simpo: the target reward margin
+
+    @model_validator(mode="after")
+    def _cdpo_smooths(self) -> "DpoLossConfig":
+        if self.name == "cdpo" and self.label_smoothing <= 0:
+            raise ValueError("loss.label_smoothing must be > 0 for loss.name=cdpo")
+        return self
+
+    def params(self) -> dict:
+        out = {"beta": self.beta}
+        if self.name in ("cdpo", "sigmoid", "simpo"):
+            out["label_smoothing"] = self.label_smoothing
+        if self.name == "simpo":
+            out["gamma"] = self.gamma
+        return out
+
+
+class DpoDataConfig(Strict):
+    """Pairs per batch: a pair is two sequences (prompt + chosen, prompt + rejected)."""
+
+    seq_len: int = Field(512, ge=8)  # longest sequence; pairs with a longer one are left out (counted)
+    micro_batch: int = Field(4, ge=1)  # pairs per worker per forward
+    global_batch: int = Field(16, ge=1)  # pairs per optimizer step, all workers together
+    val_max_pairs: int = Field(64, ge=0)  # held-out pairs (the pairs stage's eval split) for val/*
+    curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in SFT
+
+
+class DpoConfig(TrainConfig):
+    """One DPO run: the policy starts from a model folder; the reference is the same weights, frozen."""
+
+    steps: int = Field(100, ge=1)
+    engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=10))
+    loss: DpoLossConfig = DpoLossConfig()
+    data: DpoDataConfig = DpoDataConfig()
+    #: precomputed: the reference's log-probs of every pair once, before step 1, stored and reused on
+    #: resume; online: a frozen copy (ZeRO-3 shards it) scores each batch. Both give the same losses.
+    reference: Literal["precomputed", "online"] = "precomputed"
+
+    @model_validator(mode="after")
+    def _batches(self) -> "DpoConfig":
+        if self.data.global_batch % self.data.micro_batch:
+            raise ValueError(f"data.global_batch={self.data.global_batch} must be a multiple of "
+                             f"data.micro_batch={self.data.micro_batch}")
+        return self

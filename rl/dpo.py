@@ -16,13 +16,30 @@ Shape legend: B pairs, T positions.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
-from rl.losses import PairLogps
-from training.logprobs import completion_logprobs
+from rl.config import DpoConfig
+from rl.losses import PairLogps, preference_loss
+from training.data import CurriculumSampler, shard
+from training.distributed import all_gather, all_sum, on_rank0, rank_world
+from training.engine import Engine, FrozenModel, StepResult, ensure_process_group, to_device
+from training.export import load_model
+from training.loop import Hooks, SamplerJob, train
+from training.model import flops_per_token
+from training.pretrain import expert_metrics
+from training.sft import check_model
+from training.sft_data import ExamplePool
+from training.tokenizer import PAD, load_tokenizer
+from training.logprobs import IGNORE, shift_targets, token_logprobs
 from training.template import encode_example
 
 
@@ -33,6 +50,7 @@ class EncodedPair:
     rejected: tuple[int, ...]   # prompt + rejected response tokens
     n_prompt: int               # the prompt's tokens, shared by both
     family: str
+    difficulty: str = "basic"
 
 
 def encode_pairs(rows: list[dict], tok, seq_len: int) -> tuple[list[EncodedPair], int]:
@@ -47,12 +65,14 @@ def encode_pairs(rows: list[dict], tok, seq_len: int) -> tuple[list[EncodedPair]
         if max(len(chosen), len(rejected)) > seq_len + 1:
             too_long += 1
             continue
-        pairs.append(EncodedPair(row["id"], tuple(chosen), tuple(rejected), n_prompt, row.get("family") or "user"))
+        pairs.append(EncodedPair(row["id"], tuple(chosen), tuple(rejected), n_prompt, row.get("family") or "user",
+                                 row.get("difficulty") or "basic"))
     return pairs, too_long
 
 
 def pair_batch(pairs: list[EncodedPair], pad_id: int, multiple: int = 8) -> dict:
-    """{"ids": (2B, T), "completion": (2B, T) bool}: chosen rows 0..B-1, rejected rows B..2B-1."""
+    """{"ids", "completion", "real"}, each (2B, T): chosen rows 0..B-1, rejected rows B..2B-1;
+    `real` keeps the padding out of the MoE's load and balance loss."""
     if not pairs:
         raise ValueError("pair_batch: no pairs")
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -60,23 +80,27 @@ def pair_batch(pairs: list[EncodedPair], pad_id: int, multiple: int = 8) -> dict
     width = -(-max(map(len, seqs)) // multiple) * multiple
     ids_BT = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     completion_BT = torch.zeros((len(seqs), width), dtype=torch.bool)
+    real_BT = torch.zeros((len(seqs), width), dtype=torch.bool)
     for i, (seq, n_prompt) in enumerate(zip(seqs, prompts)):
         ids_BT[i, :len(seq)] = torch.tensor(seq)
         completion_BT[i, n_prompt:len(seq)] = True
-    return {"ids": ids_BT, "completion": completion_BT}
+        real_BT[i, :len(seq)] = True
+    return {"ids": ids_BT, "completion": completion_BT, "real": real_BT}
 
 
-def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed response log-prob, response tokens) per row of the batch; gradients flow when the
-    caller allows them."""
-    logp_BT, mask_BT = completion_logprobs(model, batch["ids"], batch["completion"])
-    return logp_BT.sum(-1), mask_BT.sum(-1)
+def sequence_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(summed response log-prob, response tokens) per row of the batch, and the MoE balance
+    loss of the forward; gradients flow when the caller allows them."""
+    targets_BT = shift_targets(batch["ids"], batch["completion"])
+    out = model(batch["ids"], real_BT=batch.get("real"))
+    logp_BT = token_logprobs(out.logits, targets_BT)
+    return logp_BT.sum(-1), (targets_BT != IGNORE).sum(-1), out.aux_loss
 
 
 def pair_logps(model, batch: dict, reference: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairLogps:
     """The policy's PairLogps of a pair batch; reference: the reference's (chosen, rejected)
     log-probs, computed by a frozen model or read from a precomputed pass."""
-    logp, n = sequence_logps(model, batch)
+    logp, n, _ = sequence_logps(model, batch)
     b = logp.shape[0] // 2
     ref_c, ref_r = reference if reference is not None else (None, None)
     return PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c, ref_r)
@@ -85,6 +109,186 @@ def pair_logps(model, batch: dict, reference: tuple[torch.Tensor, torch.Tensor] 
 @torch.no_grad()
 def reference_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The frozen reference's (chosen, rejected) summed response log-probs of a pair batch."""
-    logp, _ = sequence_logps(model, batch)
+    logp, _, _ = sequence_logps(model, batch)
     b = logp.shape[0] // 2
-    return logp[:b], logp[b:]
+    return logp[:b].float(), logp[b:].float()
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+
+@dataclass
+class DpoPaths:
+    train_files: list[Path]     # the pairs stage's train split
+    val_files: list[Path]       # its held-out split
+    init_model: Path            # the policy's start and the reference (a model folder)
+    work: Path                  # the precomputed reference log-probs
+    checkpoints: Path
+    out: Path                   # model/ goes here (rank 0)
+
+
+def read_pairs(files: list[Path]) -> list[dict]:
+    rows = []
+    for path in sorted(Path(f) for f in files):
+        table = pq.read_table(path)
+        missing = [c for c in ("id", "prompt", "chosen", "rejected") if c not in table.column_names]
+        if missing:
+            raise ValueError(f"{path}: preference pairs need columns {missing}; it has {table.column_names}")
+        rows += table.to_pylist()
+    return rows
+
+
+class PairPools:
+    """Pairs grouped by (family, difficulty), as the curriculum sampler wants them."""
+
+    def __init__(self, pairs: list[EncodedPair]):
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, p in enumerate(pairs):
+            groups.setdefault((p.family, p.difficulty), []).append(i)
+        self.train = [ExamplePool(f, d, [[i] for i in members], [1] * len(members))
+                      for (f, d), members in sorted(groups.items())]
+
+
+class DpoJob(SamplerJob):
+    summary_keys = ("dpo_loss", "rewards/accuracies", "rewards/margins")
+
+    def __init__(self, cfg: DpoConfig, pairs: list[EncodedPair], val: list[EncodedPair], model_cfg,
+                 pad_id: int, reference: "ReferenceLogps"):
+        self.cfg, self.pairs, self.val, self.model_cfg, self.pad_id = cfg, pairs, val, model_cfg, pad_id
+        self.reference = reference
+        self.pools = PairPools(pairs)
+        self.sampler = CurriculumSampler(self.pools, cfg.data, cfg.steps, reference.seed, weights={},
+                                         weights_key="data.family_weights")
+        self.rank, self.world = rank_world()
+        self.flops_per_token = flops_per_token(model_cfg, cfg.data.seq_len)
+
+    def _batch(self, index: list[int], split: str) -> dict:
+        pairs = self.pairs if split == "train" else self.val
+        batch = pair_batch([pairs[i] for i in index], self.pad_id)
+        batch["index"] = torch.tensor(index)
+        batch["split"] = split
+        return batch
+
+    def next_step(self) -> tuple[list, dict]:
+        ids = self.sampler.next_batch()  # the same global batch on every rank
+        index = [self.pools.train[p].rows[s][0] for p, s in ids]
+        mine = shard(index, self.rank, self.world)
+        micro = self.cfg.data.micro_batch
+        tokens = sum(len(self.pairs[i].chosen) + len(self.pairs[i].rejected) - 2 for i in index)
+        return [self._batch(mine[i:i + micro], "train") for i in range(0, len(mine), micro)], {"tokens": tokens}
+
+    def loss_fn(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        logp, n, aux = sequence_logps(model, batch)
+        b = logp.shape[0] // 2
+        ref_c, ref_r = self.reference.of(batch)
+        lp = PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c.to(logp.device), ref_r.to(logp.device))
+        out = preference_loss(self.cfg.loss.name, lp, **self.cfg.loss.params())
+        loss = out.losses_B.mean()
+        metrics = out.metrics(lp)
+        metrics["dpo_loss"] = metrics.pop("loss")
+        return loss + aux, {**metrics, "aux_loss": aux}
+
+    def after_step(self, engine: Engine, result: StepResult) -> dict:
+        if not result.skipped:
+            engine.module.update_router_bias(dist.all_reduce if self.world > 1 else None)
+        return expert_metrics(engine.module)
+
+    @torch.no_grad()
+    def evaluate(self, engine: Engine) -> dict:
+        """The loss and implicit-reward figures on held-out pairs; every rank, equal calls."""
+        if not self.val:
+            return {}
+        per_rank = math.ceil(len(self.val) / self.world)
+        mine = list(range(len(self.val)))[self.rank * per_rank:(self.rank + 1) * per_rank]
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, margin, pairs
+        engine.module.eval()
+        for lo in range(0, per_rank, self.cfg.data.micro_batch):
+            chunk = mine[lo:lo + self.cfg.data.micro_batch]
+            batch = self._batch(chunk or [0], "val")
+            lp = pair_logps(engine.module, to_device(batch, engine.device), self.reference.of(batch))
+            out = preference_loss(self.cfg.loss.name, lp, **self.cfg.loss.params())
+            if chunk:
+                c, r = out.chosen_rewards_B.double().cpu(), out.rejected_rewards_B.double().cpu()
+                sums += torch.stack([out.losses_B.double().cpu().sum(), (c > r).double().sum(),
+                                     (c - r).sum(), torch.tensor(float(len(chunk)), dtype=torch.float64)])
+        engine.module.train()
+        loss, acc, margin, n = all_sum(sums.tolist())
+        return {"val/loss": loss / n, "val/rewards/accuracies": acc / n, "val/rewards/margins": margin / n}
+
+
+class ReferenceLogps:
+    """The reference's (chosen, rejected) log-probs of a batch: read from the precomputed table,
+    or scored by a frozen copy of the initial model at each call."""
+
+    def __init__(self, cfg: DpoConfig, paths: DpoPaths, pairs: dict[str, list[EncodedPair]], pad_id: int, seed: int):
+        self.cfg, self.seed, self.mode = cfg, seed, cfg.reference
+        self.frozen = FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.data.micro_batch)
+        self.table: dict[str, torch.Tensor] = {}
+        if self.mode == "precomputed":
+            self.table = {split: self._precompute(paths, split, rows, pad_id) for split, rows in pairs.items()}
+            self.frozen = None  # not needed any more: free its memory
+
+    def of(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "precomputed":
+            rows = self.table[batch["split"]][batch["index"].cpu()]
+            return rows[:, 0], rows[:, 1]
+        return reference_logps(self.frozen, to_device(batch, self.frozen.device))
+
+    def _precompute(self, paths: DpoPaths, split: str, pairs: list[EncodedPair], pad_id: int) -> torch.Tensor:
+        """(n, 2) float32: computed once over the ranks, stored under work/, reused on resume."""
+        h = hashlib.sha256((paths.init_model / "model.safetensors").read_bytes())
+        h.update(json.dumps([[p.id, p.chosen, p.rejected] for p in pairs]).encode())
+        path = Path(paths.work) / f"reference-{split}-{h.hexdigest()[:16]}.safetensors"
+        if path.is_file():
+            return load_file(path)["logps"]
+        rank, world = rank_world()
+        per_rank = math.ceil(len(pairs) / world) if pairs else 0
+        mine = list(range(len(pairs)))[rank * per_rank:(rank + 1) * per_rank]
+        out = []
+        for lo in range(0, per_rank, self.cfg.data.micro_batch):  # equal calls on every rank (ZeRO-3)
+            chunk = mine[lo:lo + self.cfg.data.micro_batch]
+            batch = pair_batch([pairs[i] for i in chunk or [0]], pad_id)
+            c, r = reference_logps(self.frozen, to_device(batch, self.frozen.device))
+            if chunk:
+                out += torch.stack([c, r], 1).cpu().tolist()
+        table = torch.tensor([row for part in all_gather(out) for row in part], dtype=torch.float32).view(-1, 2)
+
+        def save() -> None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file({"logps": table}, tmp)
+            tmp.replace(path)
+        on_rank0(save)
+        return table
+
+
+def dpo(cfg: DpoConfig, paths: DpoPaths, *, seed: int, hooks: Hooks | None = None) -> dict:
+    """Train the policy to cfg.steps (resuming from the newest good checkpoint); rank 0's summary."""
+    ensure_process_group()
+    rank, _ = rank_world()
+    model_cfg = check_model(cfg, paths.init_model, key="dpo.data.seq_len")
+    tok = load_tokenizer(paths.init_model)
+    train_pairs, too_long = encode_pairs(read_pairs(paths.train_files), tok, cfg.data.seq_len)
+    val_pairs, _ = encode_pairs(read_pairs(paths.val_files), tok, cfg.data.seq_len)
+    val_pairs = val_pairs[:cfg.data.val_max_pairs]
+    if not train_pairs:
+        raise ValueError(f"no preference pair fits dpo.data.seq_len={cfg.data.seq_len} in {paths.train_files}")
+    pad_id = tok.token_to_id(PAD)
+    reference = ReferenceLogps(cfg, paths, {"train": train_pairs, "val": val_pairs}, pad_id, seed)
+    job = DpoJob(cfg, train_pairs, val_pairs, model_cfg, pad_id, reference)
+    loop = train(cfg, job, checkpoints=paths.checkpoints, hooks=hooks, make_model=lambda: load_model(paths.init_model),
+                 micro_batch=cfg.data.micro_batch, global_batch=cfg.data.global_batch)
+    loop.save_model(Path(paths.out) / "model", tok, model_max_length=model_cfg.max_seq_len)
+    if rank != 0:
+        return {}
+    return {**loop.summary(), "pairs": len(train_pairs), "pairs_too_long": too_long, "val_pairs": len(val_pairs),
+            "loss_name": cfg.loss.name, "reference": cfg.reference}
+
+
+def worker(payload: dict, hooks: Hooks) -> dict:
+    """The gang's entry point (cluster/train.py): JSON payload in, rank 0's summary out."""
+    p = payload["paths"]
+    paths = DpoPaths(train_files=[Path(f) for f in p["train_files"]], val_files=[Path(f) for f in p["val_files"]],
+                     init_model=Path(p["init_model"]), work=Path(p["work"]), checkpoints=Path(p["checkpoints"]),
+                     out=Path(p["out"]))
+    return dpo(DpoConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks)

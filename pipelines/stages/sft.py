@@ -14,49 +14,25 @@ it resumed from, and the held-out accuracy, format rate and length (eval/*).
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.train_common import (TASKS_STAGE, TrainLog, evaluate_stage, fresh_start_clears_checkpoints,
-                                           log_tables)
-
-
-def init_model(ctx: StageContext) -> Path:
-    """The model folder SFT starts from: sft.init_model, else the pretrain stage's model/."""
-    if ctx.section.init_model is not None:
-        return Path(ctx.section.init_model)
-    if "pretrain" not in ctx.inputs:
-        raise ValueError("sft: set sft.init_model to a model folder, or put `pretrain` before `sft` in stages")
-    return ctx.inputs["pretrain"] / "model"
-
-
-def split_files(ctx: StageContext, split: str) -> list[Path]:
-    files = sorted((ctx.inputs[TASKS_STAGE] / split).glob("*.parquet"))
-    if not files:
-        raise ValueError(f"sft: the tasks stage has no {split}/ Parquet files at {ctx.inputs[TASKS_STAGE] / split}")
-    return files
+from pipelines.stages.train_common import (TASKS_STAGE, evaluate_stage, fresh_start_clears_checkpoints, split_files,
+                                           start_model, train_on_gang)
 
 
 def run(ctx: StageContext) -> dict:
-    from cluster.train import run_gang
     from training import sft as sft_lib
     from training.sft_data import build_sft_cache
     section = ctx.section
     fresh_start_clears_checkpoints(ctx)
     cfg = sft_lib.SftConfig.model_validate(section.model_dump(exclude={"gang", "eval", "init_model"}))
-    paths = sft_lib.SftPaths(train_files=split_files(ctx, "train"), val_files=split_files(ctx, "eval"),
-                             init_model=init_model(ctx), work=ctx.work / "examples",
+    paths = sft_lib.SftPaths(train_files=split_files(ctx, TASKS_STAGE, "train"),
+                             val_files=split_files(ctx, TASKS_STAGE, "eval"),
+                             init_model=start_model(ctx, "pretrain"), work=ctx.work / "examples",
                              checkpoints=ctx.root / "checkpoints", out=ctx.out)
     sft_lib.check_model(cfg, paths.init_model, key="sft.data.seq_len")  # before the gang starts
     # tokenize here, once, so the gang's workers find the cache instead of waiting on rank 0
     build_sft_cache(paths.train_files, paths.init_model, paths.work, seq_len=cfg.data.seq_len)
-    payload = {"config": cfg.model_dump(mode="json"), "seed": ctx.config.seed,
-               "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()}}
-    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics)
-    summary = run_gang(sft_lib.worker, payload, section.gang, checkpoints=paths.checkpoints, work=paths.work,
-                       on_metrics=log.add, fault=ctx.fault, name="sft", key="sft.gang")
-    rows = log.publish(ctx.out)
-    log_tables(ctx, rows)
+    summary = train_on_gang(ctx, sft_lib.worker, cfg, paths)
     ctx.log(f"{summary['steps']} steps on {summary['examples']} examples, val loss "
             f"{summary.get('val/loss', float('nan')):.4f}"
             + (f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""))

@@ -33,6 +33,38 @@ class TrainLog:
         return ordered
 
 
+def start_model(ctx: StageContext, previous: str) -> Path:
+    """The model folder a stage starts from: <stage>.init_model, else the previous training
+    stage's model/."""
+    if ctx.section.init_model is not None:
+        return Path(ctx.section.init_model)
+    if previous not in ctx.inputs:
+        raise ValueError(f"{ctx.name}: set {ctx.name}.init_model to a model folder, or put `{previous}` "
+                         f"before `{ctx.name}` in stages")
+    return ctx.inputs[previous] / "model"
+
+
+def split_files(ctx: StageContext, stage: str, split: str) -> list[Path]:
+    """The Parquet files of an input stage's split (train/ or eval/), or an error naming the folder."""
+    files = sorted((ctx.inputs[stage] / split).glob("*.parquet"))
+    if not files:
+        raise ValueError(f"{ctx.name}: the {stage} stage has no {split}/ Parquet files at {ctx.inputs[stage] / split}")
+    return files
+
+
+def train_on_gang(ctx: StageContext, worker, cfg, paths) -> dict:
+    """Run a training worker function (training.sft.worker, rl.dpo.worker, ...) on the stage's
+    gang with its config and paths; the metrics go to W&B and the training log as they come."""
+    from cluster.train import run_gang
+    payload = {"config": cfg.model_dump(mode="json"), "seed": ctx.config.seed,
+               "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()}}
+    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics)
+    summary = run_gang(worker, payload, ctx.section.gang, checkpoints=paths.checkpoints, work=paths.work,
+                       on_metrics=log.add, fault=ctx.fault, name=ctx.name, key=f"{ctx.name}.gang")
+    log_tables(ctx, log.publish(ctx.out))
+    return summary
+
+
 def fresh_start_clears_checkpoints(ctx: StageContext) -> None:
     """Resume only what a crashed run of this fingerprint left; a forced rerun of a done
     stage (the runner's `resumed` is false then) trains from step 0 again."""

@@ -1,0 +1,79 @@
+"""The tasks, pairs and dpo stages through the runner, on real Ray: the pipeline process is killed
+while DPO's gang is mid-run; rerunning resumes from the stage's checkpoint, trains to the end,
+reports the held-out preference figures, evaluates on the held-out tasks, and `r1pipe status`
+shows a dpo row in the evaluation table."""
+import json
+import os
+import subprocess
+
+import pyarrow.parquet as pq
+
+from pipelines.config import load_config
+from pipelines.runner import run_pipeline
+from tests.conftest import REPO, VENV_BIN, kill_pipeline_when, write_recipe
+from tests.rl.test_dpo_train import pair_row
+
+RECIPE = """
+name: t
+runs_dir: {runs}
+stages: [tasks, pairs, dpo]
+wandb: {{mode: offline}}
+ray: {{num_cpus: 2}}
+tasks:
+  generator: {{enabled: false}}
+  files:
+    - {{path: {train}}}
+    - {{path: {held}, split: eval}}
+pairs:
+  offline: {{enabled: false}}
+  files:
+    - {{path: {pairs_train}}}
+    - {{path: {pairs_eval}, split: eval}}
+dpo:
+  init_model: {init}
+  steps: 12
+  eval_every: 4
+  checkpoint: {{every: 4, keep: 2}}
+  engine: {{zero_stage: 1, optimizer: {{lr: 0.0003, warmup_steps: 1}}}}
+  data: {{seq_len: 64, micro_batch: 4, global_batch: 8, val_max_pairs: 16}}
+  gang: {{num_workers: 2}}
+  eval: {{max_new_tokens: 24, batch_size: 16, pass_at_k: {{tasks: 0}}}}
+"""
+
+
+def test_dpo_killed_mid_stage_resumes_then_evaluates(reasoner, tmp_path):
+    for split, folder in (("train", reasoner.train_dir), ("eval", reasoner.eval_dir)):
+        rows = [pair_row(t, i) for i, t in enumerate(pq.read_table(folder).to_pylist())][:200]
+        (tmp_path / f"pairs_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
+        runs=tmp_path / "runs", train=reasoner.train_dir / "part-00000.parquet",
+        held=reasoner.eval_dir / "part-00000.parquet", init=reasoner.model,
+        pairs_train=tmp_path / "pairs_train.jsonl", pairs_eval=tmp_path / "pairs_eval.jsonl"))
+    cfg = load_config(recipe)
+    [_, pairs] = run_pipeline(cfg, "t", stages=["tasks", "pairs"])
+    assert pairs.metrics["train"] == 200 and pairs.metrics["eval"] == 40 and pairs.metrics["rejected"] == 0
+    stage = tmp_path / "runs" / "t" / "dpo"
+
+    kill_pipeline_when(stage / ".work" / "reference" / "fault-dpo_worker0_step6", recipe, "t", "dpo",
+                       "dpo:worker0:step6=hang")
+    assert json.loads((stage / "manifest.json").read_text())["status"] == "running"
+    assert [c.name for c in (stage / "checkpoints").glob("step_*")] == ["step_00000004"]
+
+    [res] = run_pipeline(cfg, "t", stages=["dpo"])
+    m = res.metrics
+    assert res.action == "ran" and m["resumed_from_step"] == 4 and m["steps"] == 12 and m["pairs"] == 200
+    log = [json.loads(line) for line in (stage / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert abs(log[0]["dpo_loss"] - 0.6931472) < 1e-5 and log[-1]["val/loss"] < log[3]["val/loss"]
+    assert m["val/rewards/accuracies"] >= 0.8 and m["eval/n"] == 40
+    assert m["eval/accuracy"] > 0.5  # a gentle DPO keeps what SFT taught (the reasoner answers ~0.97)
+    outputs = {o["path"] for o in json.loads((stage / "manifest.json").read_text())["outputs"]}
+    assert {"model/model.safetensors", "model/tokenizer.json", "train_log.jsonl", "eval_completions.jsonl"} <= outputs
+
+    status = subprocess.run([str(VENV_BIN / "r1pipe"), "status", "t", "--runs-dir", str(tmp_path / "runs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
+    assert status.returncode == 0
+    lines = status.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if "held-out evaluation" in line)
+    row = next(line for line in lines[header:] if line.strip("│ ").startswith("dpo"))
+    assert f"{m['eval/accuracy']:.4g}" in row
