@@ -33,7 +33,25 @@ def _run_items(model_dir: str, items: list[dict], cfg_json: dict, seed: int, thr
 def evaluate_on_ray(model_dir: str | Path, tasks: list[EvalTask], cfg: EvalConfig, *, seed: int) -> tuple[dict, list[dict]]:
     """Figures and per-task records of a model folder (ours or a transformers export, with its
     tokenizer.json) on held-out tasks."""
-    items = plan_batches(spread(tasks, cfg.max_tasks), cfg)
+    records = run_items_on_ray(model_dir, plan_batches(spread(tasks, cfg.max_tasks), cfg), cfg, seed=seed)
+    order = {t.id: i for i, t in enumerate(tasks)}
+    records.sort(key=lambda r: (r["samples"] > 1, order.get(r["id"], 0)))
+    return aggregate(records, cfg), records
+
+
+def sample_on_ray(model_dir: str | Path, tasks: list[EvalTask], cfg: EvalConfig, *, k: int, seed: int) -> list[dict]:
+    """k sampled completions of every task (temperature and top_p of cfg.pass_at_k), each with
+    its scores: records with texts, correct_each and format_each, in task order."""
+    per_item = max(1, cfg.batch_size // k)
+    items = [{"index": i, "tasks": tasks[s:s + per_item], "samples": k, "keep_texts": True}
+             for i, s in enumerate(range(0, len(tasks), per_item))]
+    records = run_items_on_ray(model_dir, items, cfg, seed=seed)
+    order = {t.id: i for i, t in enumerate(tasks)}
+    return sorted(records, key=lambda r: order[r["id"]])
+
+
+def run_items_on_ray(model_dir: str | Path, items: list[dict], cfg: EvalConfig, *, seed: int) -> list[dict]:
+    """rl/eval.py's work items over Ray tasks (one per CPU, or per GPU with cfg.use_gpu)."""
     resource = "GPU" if cfg.use_gpu else "CPU"
     available = int(ray.cluster_resources().get(resource, 0))
     if available < 1:
@@ -46,7 +64,4 @@ def evaluate_on_ray(model_dir: str | Path, tasks: list[EvalTask], cfg: EvalConfi
     shares = [items[w::workers] for w in range(workers)]
     refs = [remote.remote(str(model_dir), share, cfg.model_dump(mode="json"), seed, threads, cfg.use_gpu)
             for share in shares if share]
-    records = [r for part in ray.get(refs) for r in part]
-    order = {t.id: i for i, t in enumerate(tasks)}
-    records.sort(key=lambda r: (r["samples"] > 1, order.get(r["id"], 0)))
-    return aggregate(records, cfg), records
+    return [r for part in ray.get(refs) for r in part]

@@ -61,6 +61,21 @@ class OfflinePairsConfig(_Strict):
         return kinds
 
 
+class OnPolicyPairsConfig(_Strict):
+    """Pairs sampled from a model (the sft stage's): k responses per train prompt, scored by the
+    task's checker and the format check, the best against the worst; all-tied prompts skipped."""
+
+    enabled: bool = False  # true: add these pairs to the training split
+    model: Path | None = None  # the model folder to sample; None: the sft stage's model/
+    k: int = Field(4, ge=2)  # samples per prompt
+    max_prompts: int | None = Field(256, ge=1)  # train prompts sampled (spread over families); None: all
+    temperature: float = Field(1.0, gt=0)  # sampling temperature
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass
+    max_new_tokens: int = Field(256, ge=1)  # longest response
+    batch_size: int = Field(32, ge=1)  # sequences decoded together (prompts x k)
+    use_gpu: bool = False  # one GPU per sampling worker
+
+
 class PairFieldMap(_Strict):
     """Which fields of a user file hold each part of a pair (None: the file has none)."""
 
@@ -191,13 +206,14 @@ class PairsConfig(_Strict):
     """The pairs stage: offline pairs from the generated tasks and/or user files, train and held out."""
 
     offline: OfflinePairsConfig = OfflinePairsConfig()
+    on_policy: OnPolicyPairsConfig = OnPolicyPairsConfig()  # training pairs sampled from the SFT model
     files: list[PairFileSpec] = Field(default_factory=list)  # user files, beside or instead of offline pairs
     max_reject_fraction: float = Field(0.5, ge=0, le=1)  # error budget over user-file rows
 
     @model_validator(mode="after")
     def _has_a_source(self) -> "PairsConfig":
-        if not self.offline.enabled and not self.files:
-            raise ValueError("pairs: offline pairs are disabled and no `files` are given: nothing to write")
+        if not self.offline.enabled and not self.on_policy.enabled and not self.files:
+            raise ValueError("pairs: offline and on-policy pairs are disabled and no `files` are given: nothing to write")
         return self
 
     def fingerprint_files(self) -> list[Path]:

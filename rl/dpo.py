@@ -114,6 +114,32 @@ def reference_logps(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return logp[:b].float(), logp[b:].float()
 
 
+# ----------------------------------------------------------------------------- on-policy pairs
+
+
+def sample_score(correct: bool, well_formed: bool) -> float:
+    """The verifiable reward of one sample: a right answer counts most, a well-formed one next."""
+    return float(correct) + 0.5 * float(well_formed)
+
+
+def on_policy_pairs(task_rows: dict[str, dict], records: list[dict]) -> tuple[list[dict], int]:
+    """Pairs of the best and the worst of each task's samples (records of cluster.eval.sample_on_ray),
+    and how many tasks were skipped because all their samples scored the same (or none fit)."""
+    pairs, ties = [], 0
+    for rec in records:
+        scores = [sample_score(c, f) for c, f in zip(rec.get("correct_each", []), rec.get("format_each", []))]
+        if not scores or max(scores) == min(scores):
+            ties += 1
+            continue
+        best, worst = scores.index(max(scores)), scores.index(min(scores))
+        row = task_rows[rec["id"]]
+        pairs.append({"id": f"{row['id']}/on_policy", "split": "train", "source": "on_policy", "kind": "on_policy",
+                      "task_id": row["id"], "family": row["family"], "difficulty": row["difficulty"],
+                      "prompt": row["prompt"], "system": row.get("system"), "context": row.get("context"),
+                      "chosen": rec["texts"][best], "rejected": rec["texts"][worst]})
+    return pairs, ties
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 

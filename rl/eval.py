@@ -58,7 +58,7 @@ def load_tasks(path: str | Path) -> list[EvalTask]:
     tasks = []
     for f in files:
         for where, row in _rows(f):
-            tasks.append(_task(row, where))
+            tasks.append(task_from_row(row, where))
     if not tasks:
         raise ValueError(f"{path}: no tasks")
     return tasks
@@ -79,7 +79,7 @@ def _rows(path: Path):
                     raise ValueError(f"{path}:{line_no}: not JSON ({err})") from None
 
 
-def _task(row: dict, where: str) -> EvalTask:
+def task_from_row(row: dict, where: str) -> EvalTask:
     for key in ("id", "prompt", "answer"):
         if not isinstance(row.get(key), str) or not row[key].strip():
             raise ValueError(f"{where}: field {key!r} missing or empty; an eval task needs id, prompt and answer")
@@ -164,6 +164,9 @@ def run_item(model, tok, item: dict, cfg: EvalConfig, seed: int) -> list[dict]:
                        completion=mine[0][:MAX_SAVED_CHARS])
         else:
             rec.update(n=n, c=sum(correct))
+        if item.get("keep_texts"):  # on-policy pairs: every sample with its scores
+            rec.update(texts=mine, correct_each=correct,
+                       format_each=[format_ok(t) for t in mine])
         records.append(rec)
     return records + too_long
 

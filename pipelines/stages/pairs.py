@@ -32,6 +32,8 @@ def run(ctx: StageContext) -> dict:
     n_user = len(user) + len(rejected)
     offline = {split: offline_pairs(tasks[split], cfg.offline, split, ctx.config.seed) if cfg.offline.enabled else []
                for split in (TRAIN, EVAL)}
+    on_policy, ties = _on_policy(ctx, tasks[TRAIN]) if cfg.on_policy.enabled else ([], 0)
+    offline[TRAIN] += on_policy
     eval_rows, dup = unique_ids(offline[EVAL] + [r for r in user if r["split"] == EVAL])
     rejected += dup
     train_rows, dup = unique_ids(offline[TRAIN] + [r for r in user if r["split"] == TRAIN], taken=eval_rows)
@@ -44,10 +46,32 @@ def run(ctx: StageContext) -> dict:
     rejected += more
     write_splits(ctx, {TRAIN: train_rows, EVAL: eval_rows}, rejected, PAIR_SCHEMA, PAIR_REJECT_SCHEMA)
     metrics = _funnel(len(offline[TRAIN]) + len(offline[EVAL]) + n_user, train_rows, eval_rows, rejected)
+    if cfg.on_policy.enabled:
+        metrics.update(on_policy_pairs=len(on_policy), on_policy_ties=ties, on_policy_prompts=len(on_policy) + ties)
     check_budget("pairs", cfg.max_reject_fraction, rejected, n_user)
     ctx.log(f"{len(train_rows)} train and {len(eval_rows)} held-out pairs; {len(rejected)} rejected "
             f"({dict(Counter(r['reason'] for r in rejected))})")
     return metrics
+
+
+def _on_policy(ctx: StageContext, train_rows: list[dict]) -> tuple[list[dict], int]:
+    """k samples per train prompt from the SFT model on Ray; the best against the worst of each."""
+    from cluster.eval import sample_on_ray
+    from rl.config import EvalConfig
+    from rl.dpo import on_policy_pairs
+    from rl.eval import spread, task_from_row
+    op = ctx.section.on_policy
+    if op.model is None and "sft" not in ctx.inputs:
+        raise ValueError("pairs.on_policy: set pairs.on_policy.model to a model folder, or put `sft` before `pairs`")
+    model = op.model if op.model is not None else ctx.inputs["sft"] / "model"
+    rows = [r for r in train_rows if r["answer"] is not None]
+    tasks = spread([task_from_row(r, f"tasks train row {r['id']}") for r in rows], op.max_prompts)
+    cfg = EvalConfig(max_new_tokens=op.max_new_tokens, batch_size=op.batch_size, use_gpu=op.use_gpu,
+                     pass_at_k={"k": op.k, "temperature": op.temperature, "top_p": op.top_p})
+    records = sample_on_ray(model, tasks, cfg, k=op.k, seed=ctx.config.seed)
+    pairs, ties = on_policy_pairs({r["id"]: r for r in rows}, records)
+    ctx.log(f"on-policy: {len(pairs)} pairs from {len(tasks)} prompts x {op.k} samples; {ties} prompts all tied")
+    return pairs, ties
 
 
 def _read(ctx: StageContext, split: str) -> list[dict]:
@@ -69,5 +93,5 @@ def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejecte
             "train_by_family": dict(sorted(Counter(r["family"] for r in train_rows).items()))}
 
 
-register(Stage("pairs", (TASKS_STAGE,), run, reads_input_rows=False,
+register(Stage("pairs", (TASKS_STAGE,), run, reads_input_rows=False, optional=("sft",),
                summary="preference pairs: offline from the tasks and user files, train and held out"))

@@ -67,3 +67,36 @@ def test_user_rows_over_the_error_budget_fail_the_stage_by_key(run):
     with pytest.raises(StageFailed, match=r"pairs: 3 of 5 rows .* pairs.max_reject_fraction=0.5; worst: .*user.jsonl"):
         run_pipeline(cfg, "p", stages=["pairs"])
     assert json.loads((root / "pairs" / "manifest.json").read_text())["status"] == "failed"
+
+
+ON_POLICY = """
+name: op
+runs_dir: {runs}
+stages: [tasks, pairs]
+wandb: {{mode: disabled}}
+ray: {{num_cpus: 2}}
+tasks:
+  generator: {{enabled: false}}
+  files:
+    - {{path: {train}}}
+    - {{path: {held}, split: eval}}
+pairs:
+  offline: {{enabled: false}}
+  on_policy: {{enabled: true, model: {model}, k: 4, max_prompts: 24, temperature: 1.5, max_new_tokens: 24}}
+"""
+
+
+def test_on_policy_pairs_are_sampled_from_the_model_and_scored(reasoner, tmp_path):
+    from data_engine.tasks import check_answer, format_ok
+    recipe = write_recipe(tmp_path / "r.yaml", ON_POLICY.format(
+        runs=tmp_path / "runs", train=reasoner.train_dir / "part-00000.parquet",
+        held=reasoner.eval_dir / "part-00000.parquet", model=reasoner.model))
+    [_, result] = run_pipeline(load_config(recipe), "op", stages=["tasks", "pairs"])
+    m = result.metrics
+    assert m["on_policy_prompts"] == 24 == m["on_policy_pairs"] + m["on_policy_ties"] and m["on_policy_pairs"] > 0
+    train = pq.read_table(tmp_path / "runs" / "op" / "pairs" / "train").to_pylist()
+    answers = {t["id"]: t["answer"] for t in pq.read_table(reasoner.train_dir).to_pylist()}
+    assert len(train) == m["on_policy_pairs"] and {p["kind"] for p in train} == {"on_policy"}
+    for p in train:  # the chosen sample scores higher under the verifiable reward
+        score = lambda text: 2 * check_answer(answers[p["task_id"]], text) + format_ok(text)  # noqa: E731
+        assert score(p["chosen"]) > score(p["rejected"])

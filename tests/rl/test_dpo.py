@@ -91,3 +91,19 @@ def test_dpo_is_ln2_at_step_0_and_its_gradient_reaches_the_policy_only(tok, mode
     out.losses_B.mean().backward()
     assert sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None) > 0
     assert not reference[0].requires_grad and all(p.grad is None for p in model.parameters())
+
+
+def test_on_policy_pairs_set_the_best_sample_against_the_worst_and_count_ties():
+    from rl.dpo import on_policy_pairs, sample_score
+    rows = {t: {"id": t, "family": "f", "difficulty": "basic", "prompt": f"p{t}", "system": None, "context": None}
+            for t in ("a", "b", "c", "d")}
+    records = [
+        {"id": "a", "texts": ["w1", "right", "bare"], "correct_each": [False, True, True], "format_each": [True, True, False]},
+        {"id": "b", "texts": ["x", "y"], "correct_each": [True, True], "format_each": [True, True]},      # all tied
+        {"id": "c", "texts": ["ok", "no"], "correct_each": [False, False], "format_each": [True, False]},  # format only
+        {"id": "d", "samples": 4, "prompt_too_long": True, "n": 4, "c": 0}]                              # nothing sampled
+    pairs, ties = on_policy_pairs(rows, records)
+    assert ties == 2 and [(p["task_id"], p["chosen"], p["rejected"]) for p in pairs] == [("a", "right", "w1"),
+                                                                                        ("c", "ok", "no")]
+    assert pairs[0]["prompt"] == "pa" and pairs[0]["source"] == pairs[0]["kind"] == "on_policy"
+    assert sample_score(True, False) > sample_score(False, True) > sample_score(False, False)
