@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rl.config import DpoConfig
-from rl.losses import PairLogps, preference_loss
+from rl.losses import NEEDS_REFERENCE, PairLogps, preference_loss
 from training.data import CurriculumSampler, shard
 from training.distributed import all_gather, all_sum, on_rank0, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group, to_device
@@ -102,7 +102,7 @@ def pair_logps(model, batch: dict, reference: tuple[torch.Tensor, torch.Tensor] 
     log-probs, computed by a frozen model or read from a precomputed pass."""
     logp, n, _ = sequence_logps(model, batch)
     b = logp.shape[0] // 2
-    ref_c, ref_r = reference if reference is not None else (None, None)
+    ref_c, ref_r = (None if r is None else r.to(logp.device) for r in reference) if reference else (None, None)
     return PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c, ref_r)
 
 
@@ -206,8 +206,8 @@ class DpoJob(SamplerJob):
     def loss_fn(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logp, n, aux = sequence_logps(model, batch)
         b = logp.shape[0] // 2
-        ref_c, ref_r = self.reference.of(batch)
-        lp = PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c.to(logp.device), ref_r.to(logp.device))
+        ref_c, ref_r = (r if r is None else r.to(logp.device) for r in self.reference.of(batch))
+        lp = PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c, ref_r)
         out = preference_loss(self.cfg.loss.name, lp, **self.cfg.loss.params())
         loss = out.losses_B.mean()
         metrics = out.metrics(lp)
@@ -244,17 +244,21 @@ class DpoJob(SamplerJob):
 
 class ReferenceLogps:
     """The reference's (chosen, rejected) log-probs of a batch: read from the precomputed table,
-    or scored by a frozen copy of the initial model at each call."""
+    or scored by a frozen copy of the initial model at each call; none for a reference-free loss."""
 
     def __init__(self, cfg: DpoConfig, paths: DpoPaths, pairs: dict[str, list[EncodedPair]], pad_id: int, seed: int):
-        self.cfg, self.seed, self.mode = cfg, seed, cfg.reference
-        self.frozen = FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.data.micro_batch)
+        self.cfg, self.seed = cfg, seed
+        self.mode = "none" if not NEEDS_REFERENCE[cfg.loss.name] else cfg.reference
+        self.frozen = None if self.mode == "none" else FrozenModel.from_folder(
+            paths.init_model, cfg.engine, micro_batch=cfg.data.micro_batch)
         self.table: dict[str, torch.Tensor] = {}
         if self.mode == "precomputed":
             self.table = {split: self._precompute(paths, split, rows, pad_id) for split, rows in pairs.items()}
             self.frozen = None  # not needed any more: free its memory
 
-    def of(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def of(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        if self.mode == "none":  # SimPO: reference-free
+            return None, None
         if self.mode == "precomputed":
             rows = self.table[batch["split"]][batch["index"].cpu()]
             return rows[:, 0], rows[:, 1]

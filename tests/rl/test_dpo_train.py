@@ -86,3 +86,12 @@ def test_precomputed_and_online_reference_give_the_same_losses(full, reasoner, p
     _, online = run(reasoner, pairs, "online", cfg(reference="online"))
     assert [r["dpo_loss"] for r in online] == pytest.approx([r["dpo_loss"] for r in rows], abs=1e-5)
     assert online[-1]["val/rewards/accuracies"] == rows[-1]["val/rewards/accuracies"]
+
+
+def test_simpo_needs_no_reference_and_learns_the_preferences(reasoner, pairs):
+    config = cfg(loss={"name": "simpo", "beta": 2.0, "gamma": 0.5})
+    summary, rows = run(reasoner, pairs, "simpo", config)
+    assert not list(paths(reasoner, pairs, "simpo").work.glob("reference-*"))  # no reference pass
+    # at step 1, the implicit rewards are beta x the per-token average log-probs of the start model
+    assert rows[0]["rewards/chosen"] > rows[0]["rewards/rejected"] and summary["loss_name"] == "simpo"
+    assert rows[-1]["val/rewards/margins"] > rows[3]["val/rewards/margins"]
