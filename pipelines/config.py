@@ -132,16 +132,12 @@ class PipelineConfig(Strict):
         return stages
 
     @model_validator(mode="after")
-    def _sft_has_a_start(self) -> "PipelineConfig":
-        if "sft" in self.stages and self.sft is not None and self.sft.init_model is None \
-                and "pretrain" not in self.stages:
-            raise ValueError("sft.init_model: give a model folder to start from, or put `pretrain` in stages")
-        return self
-
-    @model_validator(mode="after")
-    def _dpo_has_a_start(self) -> "PipelineConfig":
-        if "dpo" in self.stages and self.dpo is not None and self.dpo.init_model is None and "sft" not in self.stages:
-            raise ValueError("dpo.init_model: give a model folder to start from, or put `sft` in stages")
+    def _training_stages_have_a_start(self) -> "PipelineConfig":
+        for stage, previous in (("sft", "pretrain"), ("dpo", "sft")):
+            section = getattr(self, stage)
+            if stage in self.stages and section is not None and section.init_model is None \
+                    and previous not in self.stages:
+                raise ValueError(f"{stage}.init_model: give a model folder to start from, or put `{previous}` in stages")
         return self
 
     def section(self, stage: str) -> Any:

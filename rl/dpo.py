@@ -33,7 +33,7 @@ from training.data import CurriculumSampler, shard
 from training.distributed import all_gather, all_sum, on_rank0, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group, to_device
 from training.export import load_model
-from training.loop import Hooks, SamplerJob, train
+from training.loop import Hooks, SamplerJob, paths_from_payload, train
 from training.model import flops_per_token
 from training.pretrain import expert_metrics
 from training.sft import check_model
@@ -101,9 +101,24 @@ def pair_logps(model, batch: dict, reference: tuple[torch.Tensor, torch.Tensor] 
     """The policy's PairLogps of a pair batch; reference: the reference's (chosen, rejected)
     log-probs, computed by a frozen model or read from a precomputed pass."""
     logp, n, _ = sequence_logps(model, batch)
+    return as_pairs(logp, n, reference)
+
+
+def as_pairs(logp: torch.Tensor, n: torch.Tensor, reference=None) -> PairLogps:
+    """Per-row log-probs and token counts of a pair batch (chosen rows, then rejected) as PairLogps,
+    the reference's moved to the policy's device."""
     b = logp.shape[0] // 2
     ref_c, ref_r = (None if r is None else r.to(logp.device) for r in reference) if reference else (None, None)
     return PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c, ref_r)
+
+
+def rank_chunks(n: int, size: int) -> list[list[int]]:
+    """This rank's share of range(n) in chunks of at most size; every rank gets the same number of
+    chunks (a short share ends with empty ones), since ZeRO-3 forwards are collective."""
+    rank, world = rank_world()
+    per_rank = math.ceil(n / world) if n else 0
+    mine = list(range(n))[rank * per_rank:(rank + 1) * per_rank]
+    return [mine[lo:lo + size] for lo in range(0, per_rank, size)]
 
 
 @torch.no_grad()
@@ -205,9 +220,7 @@ class DpoJob(SamplerJob):
 
     def loss_fn(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logp, n, aux = sequence_logps(model, batch)
-        b = logp.shape[0] // 2
-        ref_c, ref_r = (r if r is None else r.to(logp.device) for r in self.reference.of(batch))
-        lp = PairLogps(logp[:b], logp[b:], n[:b], n[b:], ref_c, ref_r)
+        lp = as_pairs(logp, n, self.reference.of(batch))
         out = preference_loss(self.cfg.loss.name, lp, **self.cfg.loss.params())
         loss = out.losses_B.mean()
         metrics = out.metrics(lp)
@@ -224,12 +237,9 @@ class DpoJob(SamplerJob):
         """The loss and implicit-reward figures on held-out pairs; every rank, equal calls."""
         if not self.val:
             return {}
-        per_rank = math.ceil(len(self.val) / self.world)
-        mine = list(range(len(self.val)))[self.rank * per_rank:(self.rank + 1) * per_rank]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, margin, pairs
         engine.module.eval()
-        for lo in range(0, per_rank, self.cfg.data.micro_batch):
-            chunk = mine[lo:lo + self.cfg.data.micro_batch]
+        for chunk in rank_chunks(len(self.val), self.cfg.data.micro_batch):
             batch = self._batch(chunk or [0], "val")
             lp = pair_logps(engine.module, to_device(batch, engine.device), self.reference.of(batch))
             out = preference_loss(self.cfg.loss.name, lp, **self.cfg.loss.params())
@@ -247,14 +257,23 @@ class ReferenceLogps:
     or scored by a frozen copy of the initial model at each call; none for a reference-free loss."""
 
     def __init__(self, cfg: DpoConfig, paths: DpoPaths, pairs: dict[str, list[EncodedPair]], pad_id: int, seed: int):
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.paths = cfg, seed, paths
         self.mode = "none" if not NEEDS_REFERENCE[cfg.loss.name] else cfg.reference
-        self.frozen = None if self.mode == "none" else FrozenModel.from_folder(
-            paths.init_model, cfg.engine, micro_batch=cfg.data.micro_batch)
+        self._frozen: FrozenModel | None = None
         self.table: dict[str, torch.Tensor] = {}
         if self.mode == "precomputed":
-            self.table = {split: self._precompute(paths, split, rows, pad_id) for split, rows in pairs.items()}
-            self.frozen = None  # not needed any more: free its memory
+            model_digest = hashlib.sha256((paths.init_model / "model.safetensors").read_bytes()).digest()
+            self.table = {split: self._precompute(model_digest, split, rows, pad_id) for split, rows in pairs.items()}
+            self._frozen = None  # not needed any more: free its memory
+
+    @property
+    def frozen(self) -> FrozenModel:
+        """The start model, frozen; built on first use (a resumed run that finds the stored
+        log-probs never builds it)."""
+        if self._frozen is None:
+            self._frozen = FrozenModel.from_folder(self.paths.init_model, self.cfg.engine,
+                                                   micro_batch=self.cfg.data.micro_batch)
+        return self._frozen
 
     def of(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         if self.mode == "none":  # SimPO: reference-free
@@ -264,19 +283,15 @@ class ReferenceLogps:
             return rows[:, 0], rows[:, 1]
         return reference_logps(self.frozen, to_device(batch, self.frozen.device))
 
-    def _precompute(self, paths: DpoPaths, split: str, pairs: list[EncodedPair], pad_id: int) -> torch.Tensor:
+    def _precompute(self, model_digest: bytes, split: str, pairs: list[EncodedPair], pad_id: int) -> torch.Tensor:
         """(n, 2) float32: computed once over the ranks, stored under work/, reused on resume."""
-        h = hashlib.sha256((paths.init_model / "model.safetensors").read_bytes())
+        h = hashlib.sha256(model_digest)
         h.update(json.dumps([[p.id, p.chosen, p.rejected] for p in pairs]).encode())
-        path = Path(paths.work) / f"reference-{split}-{h.hexdigest()[:16]}.safetensors"
+        path = Path(self.paths.work) / f"reference-{split}-{h.hexdigest()[:16]}.safetensors"
         if path.is_file():
             return load_file(path)["logps"]
-        rank, world = rank_world()
-        per_rank = math.ceil(len(pairs) / world) if pairs else 0
-        mine = list(range(len(pairs)))[rank * per_rank:(rank + 1) * per_rank]
         out = []
-        for lo in range(0, per_rank, self.cfg.data.micro_batch):  # equal calls on every rank (ZeRO-3)
-            chunk = mine[lo:lo + self.cfg.data.micro_batch]
+        for chunk in rank_chunks(len(pairs), self.cfg.data.micro_batch):
             batch = pair_batch([pairs[i] for i in chunk or [0]], pad_id)
             c, r = reference_logps(self.frozen, to_device(batch, self.frozen.device))
             if chunk:
@@ -317,8 +332,5 @@ def dpo(cfg: DpoConfig, paths: DpoPaths, *, seed: int, hooks: Hooks | None = Non
 
 def worker(payload: dict, hooks: Hooks) -> dict:
     """The gang's entry point (cluster/train.py): JSON payload in, rank 0's summary out."""
-    p = payload["paths"]
-    paths = DpoPaths(train_files=[Path(f) for f in p["train_files"]], val_files=[Path(f) for f in p["val_files"]],
-                     init_model=Path(p["init_model"]), work=Path(p["work"]), checkpoints=Path(p["checkpoints"]),
-                     out=Path(p["out"]))
+    paths = DpoPaths(**paths_from_payload(payload["paths"]))
     return dpo(DpoConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks)

@@ -38,11 +38,16 @@ class PairLogps:
     ref_chosen_B: torch.Tensor | None = None
     ref_rejected_B: torch.Tensor | None = None
 
-    def log_ratio_B(self) -> torch.Tensor:
-        """z: the policy's log-ratio of chosen over rejected, minus the reference's."""
+    def reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ref_chosen_B, ref_rejected_B), or an error for a loss that needs them."""
         if self.ref_chosen_B is None or self.ref_rejected_B is None:
             raise ValueError("this loss needs the reference's log-probs (ref_chosen_B, ref_rejected_B)")
-        return (self.policy_chosen_B - self.policy_rejected_B) - (self.ref_chosen_B - self.ref_rejected_B)
+        return self.ref_chosen_B, self.ref_rejected_B
+
+    def log_ratio_B(self) -> torch.Tensor:
+        """z: the policy's log-ratio of chosen over rejected, minus the reference's."""
+        ref_c, ref_r = self.reference()
+        return (self.policy_chosen_B - self.policy_rejected_B) - (ref_c - ref_r)
 
 
 @dataclass
@@ -62,10 +67,8 @@ class PairLoss:
 
 
 def _implicit_rewards(lp: PairLogps, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    if lp.ref_chosen_B is None or lp.ref_rejected_B is None:
-        raise ValueError("this loss needs the reference's log-probs (ref_chosen_B, ref_rejected_B)")
-    return (beta * (lp.policy_chosen_B - lp.ref_chosen_B).detach(),
-            beta * (lp.policy_rejected_B - lp.ref_rejected_B).detach())
+    ref_c, ref_r = lp.reference()
+    return beta * (lp.policy_chosen_B - ref_c).detach(), beta * (lp.policy_rejected_B - ref_r).detach()
 
 
 def dpo_sigmoid(lp: PairLogps, beta: float, label_smoothing: float = 0.0, **_) -> PairLoss:
@@ -89,10 +92,9 @@ def _per_token(logp_B: torch.Tensor, n_B: torch.Tensor) -> torch.Tensor:
 
 def ipo(lp: PairLogps, beta: float, **_) -> PairLoss:
     """IPO: the averaged log-ratio regressed onto 1 / (2 beta)."""
-    if lp.ref_chosen_B is None or lp.ref_rejected_B is None:
-        raise ValueError("this loss needs the reference's log-probs (ref_chosen_B, ref_rejected_B)")
+    ref_c, ref_r = lp.reference()
     z_B = ((_per_token(lp.policy_chosen_B, lp.chosen_tokens_B) - _per_token(lp.policy_rejected_B, lp.rejected_tokens_B))
-           - (_per_token(lp.ref_chosen_B, lp.chosen_tokens_B) - _per_token(lp.ref_rejected_B, lp.rejected_tokens_B)))
+           - (_per_token(ref_c, lp.chosen_tokens_B) - _per_token(ref_r, lp.rejected_tokens_B)))
     return PairLoss((z_B - 1 / (2 * beta)) ** 2, *_implicit_rewards(lp, beta))
 
 

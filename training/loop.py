@@ -106,6 +106,11 @@ class SamplerJob:
         return model
 
 
+def paths_from_payload(paths: dict) -> dict:
+    """A gang payload's paths (strings, or lists of them: the stage wrote them as JSON) as Paths."""
+    return {k: [Path(f) for f in v] if isinstance(v, list) else Path(v) for k, v in paths.items()}
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -28,7 +28,7 @@ from training.engine import Engine, StepResult, ensure_process_group
 from training.export import load_model, load_model_config
 from training.logprobs import IGNORE
 from training.lora import add_lora, merge_lora
-from training.loop import Hooks, SamplerJob, train
+from training.loop import Hooks, SamplerJob, paths_from_payload, train
 from training.model import Transformer, flops_per_token
 from training.pretrain import expert_metrics
 from training.sft_data import SftCorpus, build_sft_cache, val_examples
@@ -170,8 +170,5 @@ def sft(cfg: SftConfig, paths: SftPaths, *, seed: int, hooks: Hooks | None = Non
 
 def worker(payload: dict, hooks: Hooks) -> dict:
     """The gang's entry point (cluster/train.py): JSON payload in, rank 0's summary out."""
-    p = payload["paths"]
-    paths = SftPaths(train_files=[Path(f) for f in p["train_files"]], val_files=[Path(f) for f in p["val_files"]],
-                     init_model=Path(p["init_model"]), work=Path(p["work"]), checkpoints=Path(p["checkpoints"]),
-                     out=Path(p["out"]))
+    paths = SftPaths(**paths_from_payload(payload["paths"]))
     return sft(SftConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks)

@@ -19,8 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.tasks import EVAL, TRAIN, check_budget, drop_user_overlaps, unique_ids, write_splits
-
-TASKS_STAGE = "tasks"
+from pipelines.stages.train_common import TASKS_STAGE, split_files
 
 
 def run(ctx: StageContext) -> dict:
@@ -30,13 +29,13 @@ def run(ctx: StageContext) -> dict:
     tasks = {split: _read(ctx, split) for split in (TRAIN, EVAL)}
     user, rejected = read_pair_files(cfg.files)
     n_user = len(user) + len(rejected)
-    offline = {split: offline_pairs(tasks[split], cfg.offline, split, ctx.config.seed) if cfg.offline.enabled else []
-               for split in (TRAIN, EVAL)}
+    made = {split: offline_pairs(tasks[split], cfg.offline, split, ctx.config.seed) if cfg.offline.enabled else []
+            for split in (TRAIN, EVAL)}  # offline pairs, then the on-policy ones
     on_policy, ties = _on_policy(ctx, tasks[TRAIN]) if cfg.on_policy.enabled else ([], 0)
-    offline[TRAIN] += on_policy
-    eval_rows, dup = unique_ids(offline[EVAL] + [r for r in user if r["split"] == EVAL])
+    made[TRAIN] += on_policy
+    eval_rows, dup = unique_ids(made[EVAL] + [r for r in user if r["split"] == EVAL])
     rejected += dup
-    train_rows, dup = unique_ids(offline[TRAIN] + [r for r in user if r["split"] == TRAIN], taken=eval_rows)
+    train_rows, dup = unique_ids(made[TRAIN] + [r for r in user if r["split"] == TRAIN], taken=eval_rows)
     rejected += dup
     # held-out problems: the tasks stage's eval split and the held-out pairs' prompts
     overlaps = Overlaps(tasks[EVAL] + [dict(r, answer=None) for r in eval_rows if r["source"] != "offline"],
@@ -45,7 +44,7 @@ def run(ctx: StageContext) -> dict:
     train_rows = [r for r in train_rows if "file" not in r] + user_train
     rejected += more
     write_splits(ctx, {TRAIN: train_rows, EVAL: eval_rows}, rejected, PAIR_SCHEMA, PAIR_REJECT_SCHEMA)
-    metrics = _funnel(len(offline[TRAIN]) + len(offline[EVAL]) + n_user, train_rows, eval_rows, rejected)
+    metrics = _funnel(len(made[TRAIN]) + len(made[EVAL]) + n_user, train_rows, eval_rows, rejected)
     if cfg.on_policy.enabled:
         metrics.update(on_policy_pairs=len(on_policy), on_policy_ties=ties, on_policy_prompts=len(on_policy) + ties)
     check_budget("pairs", cfg.max_reject_fraction, rejected, n_user)
@@ -75,10 +74,7 @@ def _on_policy(ctx: StageContext, train_rows: list[dict]) -> tuple[list[dict], i
 
 
 def _read(ctx: StageContext, split: str) -> list[dict]:
-    files = sorted((ctx.inputs[TASKS_STAGE] / split).glob("*.parquet"))
-    if not files:
-        raise ValueError(f"pairs: the tasks stage has no {split}/ Parquet files at {ctx.inputs[TASKS_STAGE] / split}")
-    return [r for f in files for r in pq.read_table(f).to_pylist()]
+    return [r for f in split_files(ctx, TASKS_STAGE, split) for r in pq.read_table(f).to_pylist()]
 
 
 def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejected: list[dict]) -> dict:
