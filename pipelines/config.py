@@ -23,7 +23,7 @@ from data_engine.ingest import IngestConfig
 from data_engine.pair_data import PairsConfig
 from data_engine.quality import QualityConfig
 from data_engine.task_data import TasksConfig
-from rl.config import DpoConfig, EvalConfig
+from rl.config import DpoConfig, EvalConfig, RewardModelConfig
 from training.config import PretrainConfig
 from training.config import SftConfig
 from training.tokenizer import TokenizerConfig
@@ -87,6 +87,13 @@ class DpoSection(DpoConfig):
     eval: EvalConfig = EvalConfig()  # held-out evaluation at the end
 
 
+class RewardModelSection(RewardModelConfig):
+    """A reward model trained on the pairs stage's pairs, on a DeepSpeed gang."""
+
+    init_model: Path | None = None  # the trunk's start (a model folder); None: the sft stage's model/
+    gang: GangConfig = GangConfig()
+
+
 class DomainsSection(DomainsConfig):
     """Domain tagging; tagging keeps every row unless asked to drop unconfident ones."""
 
@@ -119,6 +126,7 @@ class PipelineConfig(Strict):
     sft: SftSection | None = None
     pairs: PairsConfig | None = None
     dpo: DpoSection | None = None
+    reward_model: RewardModelSection | None = None
 
     @field_validator("stages")
     @classmethod
@@ -133,7 +141,7 @@ class PipelineConfig(Strict):
 
     @model_validator(mode="after")
     def _training_stages_have_a_start(self) -> "PipelineConfig":
-        for stage, previous in (("sft", "pretrain"), ("dpo", "sft")):
+        for stage, previous in (("sft", "pretrain"), ("dpo", "sft"), ("reward_model", "sft")):
             section = getattr(self, stage)
             if stage in self.stages and section is not None and section.init_model is None \
                     and previous not in self.stages:

@@ -15,13 +15,14 @@ from pathlib import Path
 
 from rl.config import EvalConfig
 from rl.eval import EvalTask, load_tasks
-from training.export import CONFIG, WEIGHTS
+from training.export import CONFIG, WEIGHTS, refuse_reward_model
 
 
 def model_folder(path: str | Path) -> Path:
     """The folder holding the weights: the path itself or its model/."""
     path = Path(path)
     for candidate in (path / "model", path):
+        refuse_reward_model(candidate)
         if (candidate / WEIGHTS).is_file() and (candidate / CONFIG).is_file():
             if not (candidate / "tokenizer.json").is_file():
                 raise ValueError(f"{candidate}: no tokenizer.json beside the weights")

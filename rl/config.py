@@ -1,4 +1,4 @@
-"""Typed config of the post-training side: evaluation, DPO (and, as it lands, RL).
+"""Typed config of the post-training side: evaluation, DPO, the reward model (and, as it lands, RL).
 
 Plain pydantic, no torch at import, so loading a recipe stays cheap.
 
@@ -75,7 +75,7 @@ class DpoLossConfig(Strict):
         return out
 
 
-class DpoDataConfig(Strict):
+class PairDataConfig(Strict):
     """Pairs per batch: a pair is two sequences (prompt + chosen, prompt + rejected)."""
 
     seq_len: int = Field(512, ge=8)  # longest sequence; pairs with a longer one are left out (counted)
@@ -84,6 +84,13 @@ class DpoDataConfig(Strict):
     val_max_pairs: int = Field(64, ge=0)  # held-out pairs (the pairs stage's eval split) for val/*
     curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in SFT
 
+    @model_validator(mode="after")
+    def _batches(self) -> "PairDataConfig":
+        if self.global_batch % self.micro_batch:
+            raise ValueError(f"data.global_batch={self.global_batch} must be a multiple of "
+                             f"data.micro_batch={self.micro_batch}")
+        return self
+
 
 class DpoConfig(TrainConfig):
     """One DPO run: the policy starts from a model folder; the reference is the same weights, frozen."""
@@ -91,14 +98,22 @@ class DpoConfig(TrainConfig):
     steps: int = Field(100, ge=1)
     engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=10))
     loss: DpoLossConfig = DpoLossConfig()
-    data: DpoDataConfig = DpoDataConfig()
+    data: PairDataConfig = PairDataConfig()
     #: precomputed: the reference's log-probs of every pair once, before step 1, stored and reused on
     #: resume; online: a frozen copy (ZeRO-3 shards it) scores each batch. Both give the same losses.
     reference: Literal["precomputed", "online"] = "precomputed"
 
-    @model_validator(mode="after")
-    def _batches(self) -> "DpoConfig":
-        if self.data.global_batch % self.data.micro_batch:
-            raise ValueError(f"data.global_batch={self.data.global_batch} must be a multiple of "
-                             f"data.micro_batch={self.data.micro_batch}")
-        return self
+
+# ----------------------------------------------------------------------------- reward model
+
+
+class RewardModelConfig(TrainConfig):
+    """A reward model: the start model's trunk with a linear head that scores (prompt, response),
+    trained with the Bradley-Terry loss on preference pairs."""
+
+    steps: int = Field(100, ge=1)
+    engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=10))
+    data: PairDataConfig = PairDataConfig()
+    #: pulls the mean score toward 0 (TRL's center_rewards_coefficient): + coef x mean((s_c + s_r)^2),
+    #: so a reward term for RL stays centred; 0: off
+    center_coef: float = Field(0.0, ge=0)

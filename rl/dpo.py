@@ -51,6 +51,7 @@ class EncodedPair:
     n_prompt: int               # the prompt's tokens, shared by both
     family: str
     difficulty: str = "basic"
+    kind: str = "user"          # how the pair was made (wrong_answer, on_policy, ...): held-out figures per kind
 
 
 def encode_pairs(rows: list[dict], tok, seq_len: int) -> tuple[list[EncodedPair], int]:
@@ -66,7 +67,7 @@ def encode_pairs(rows: list[dict], tok, seq_len: int) -> tuple[list[EncodedPair]
             too_long += 1
             continue
         pairs.append(EncodedPair(row["id"], tuple(chosen), tuple(rejected), n_prompt, row.get("family") or "user",
-                                 row.get("difficulty") or "basic"))
+                                 row.get("difficulty") or "basic", row.get("kind") or "user"))
     return pairs, too_long
 
 
@@ -190,15 +191,14 @@ class PairPools:
                       for (f, d), members in sorted(groups.items())]
 
 
-class DpoJob(SamplerJob):
-    summary_keys = ("dpo_loss", "rewards/accuracies", "rewards/margins")
+class PairJob(SamplerJob):
+    """What the jobs that learn from pairs (DPO, the reward model) share: the curriculum sampler over
+    the pairs, the batches, the router bias update and the expert metrics."""
 
-    def __init__(self, cfg: DpoConfig, pairs: list[EncodedPair], val: list[EncodedPair], model_cfg,
-                 pad_id: int, reference: "ReferenceLogps"):
+    def __init__(self, cfg, pairs: list[EncodedPair], val: list[EncodedPair], model_cfg, pad_id: int, seed: int):
         self.cfg, self.pairs, self.val, self.model_cfg, self.pad_id = cfg, pairs, val, model_cfg, pad_id
-        self.reference = reference
         self.pools = PairPools(pairs)
-        self.sampler = CurriculumSampler(self.pools, cfg.data, cfg.steps, reference.seed, weights={},
+        self.sampler = CurriculumSampler(self.pools, cfg.data, cfg.steps, seed, weights={},
                                          weights_key="data.family_weights")
         self.rank, self.world = rank_world()
         self.flops_per_token = flops_per_token(model_cfg, cfg.data.seq_len)
@@ -218,6 +218,20 @@ class DpoJob(SamplerJob):
         tokens = sum(len(self.pairs[i].chosen) + len(self.pairs[i].rejected) - 2 for i in index)
         return [self._batch(mine[i:i + micro], "train") for i in range(0, len(mine), micro)], {"tokens": tokens}
 
+    def after_step(self, engine: Engine, result: StepResult) -> dict:
+        if not result.skipped:
+            engine.module.update_router_bias(dist.all_reduce if self.world > 1 else None)
+        return expert_metrics(engine.module)
+
+
+class DpoJob(PairJob):
+    summary_keys = ("dpo_loss", "rewards/accuracies", "rewards/margins")
+
+    def __init__(self, cfg: DpoConfig, pairs: list[EncodedPair], val: list[EncodedPair], model_cfg,
+                 pad_id: int, reference: "ReferenceLogps"):
+        super().__init__(cfg, pairs, val, model_cfg, pad_id, reference.seed)
+        self.reference = reference
+
     def loss_fn(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         logp, n, aux = sequence_logps(model, batch)
         lp = as_pairs(logp, n, self.reference.of(batch))
@@ -227,29 +241,42 @@ class DpoJob(SamplerJob):
         metrics["dpo_loss"] = metrics.pop("loss")
         return loss + aux, {**metrics, "aux_loss": aux}
 
-    def after_step(self, engine: Engine, result: StepResult) -> dict:
-        if not result.skipped:
-            engine.module.update_router_bias(dist.all_reduce if self.world > 1 else None)
-        return expert_metrics(engine.module)
-
     @torch.no_grad()
     def evaluate(self, engine: Engine) -> dict:
-        """The loss and implicit-reward figures on held-out pairs; every rank, equal calls."""
-        if not self.val:
-            return {}
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, accuracy, margin, pairs
-        engine.module.eval()
-        for chunk in rank_chunks(len(self.val), self.cfg.data.micro_batch):
-            batch = self._batch(chunk or [0], "val")
+        """The loss and implicit-reward figures on held-out pairs, overall and per kind of pair."""
+        def score(batch: dict):
             lp = pair_logps(engine.module, to_device(batch, engine.device), self.reference.of(batch))
             out = preference_loss(self.cfg.loss.name, lp, **self.cfg.loss.params())
-            if chunk:
-                c, r = out.chosen_rewards_B.double().cpu(), out.rejected_rewards_B.double().cpu()
-                sums += torch.stack([out.losses_B.double().cpu().sum(), (c > r).double().sum(),
-                                     (c - r).sum(), torch.tensor(float(len(chunk)), dtype=torch.float64)])
+            return out.losses_B, out.chosen_rewards_B, out.rejected_rewards_B
+        engine.module.eval()
+        figures = held_out_pairs(self.val, self.cfg.data.micro_batch, lambda chunk: self._batch(chunk, "val"), score)
         engine.module.train()
-        loss, acc, margin, n = all_sum(sums.tolist())
-        return {"val/loss": loss / n, "val/rewards/accuracies": acc / n, "val/rewards/margins": margin / n}
+        return {f"val/{name}" if name == "loss" else f"val/rewards/{name}": v for name, v in figures.items()}
+
+
+def held_out_pairs(val: list[EncodedPair], micro: int, make_batch, score) -> dict:
+    """Held-out figures of a pair scorer: mean loss, accuracy (chosen scores above rejected),
+    margin, and each kind's accuracy (`accuracies/<kind>`). score(batch) -> (losses, chosen,
+    rejected) per pair; every rank calls it the same number of times (ZeRO-3 forwards are collective)."""
+    if not val:
+        return {}
+    kinds = sorted({p.kind for p in val})
+    sums = torch.zeros(4 + 2 * len(kinds), dtype=torch.float64)  # loss, right, margin, pairs; per kind right, pairs
+    for chunk in rank_chunks(len(val), micro):
+        losses, chosen, rejected = (t.double().cpu() for t in score(make_batch(chunk or [0])))
+        if not chunk:
+            continue
+        right = chosen > rejected
+        sums[:4] += torch.stack([losses.sum(), right.double().sum(), (chosen - rejected).sum(),
+                                 torch.tensor(float(len(chunk)), dtype=torch.float64)])
+        for i, ok in zip(chunk, right.tolist()):
+            k = 4 + 2 * kinds.index(val[i].kind)
+            sums[k:k + 2] += torch.tensor([float(ok), 1.0], dtype=torch.float64)
+    total = all_sum(sums.tolist())
+    n = total[3]
+    out = {"loss": total[0] / n, "accuracies": total[1] / n, "margins": total[2] / n}
+    out.update({f"accuracies/{kind}": total[4 + 2 * j] / total[5 + 2 * j] for j, kind in enumerate(kinds)})
+    return out
 
 
 class ReferenceLogps:
@@ -307,17 +334,23 @@ class ReferenceLogps:
         return table
 
 
+def load_pairs(cfg, paths, stage: str) -> tuple:
+    """(start model's config, tokenizer, train pairs, held-out pairs, train pairs too long) of a run
+    that learns from pairs; errors name the stage's keys."""
+    model_cfg = check_model(cfg, paths.init_model, key=f"{stage}.data.seq_len")
+    tok = load_tokenizer(paths.init_model)
+    train_pairs, too_long = encode_pairs(read_pairs(paths.train_files), tok, cfg.data.seq_len)
+    val_pairs, _ = encode_pairs(read_pairs(paths.val_files), tok, cfg.data.seq_len)
+    if not train_pairs:
+        raise ValueError(f"no preference pair fits {stage}.data.seq_len={cfg.data.seq_len} in {paths.train_files}")
+    return model_cfg, tok, train_pairs, val_pairs[:cfg.data.val_max_pairs], too_long
+
+
 def dpo(cfg: DpoConfig, paths: DpoPaths, *, seed: int, hooks: Hooks | None = None) -> dict:
     """Train the policy to cfg.steps (resuming from the newest good checkpoint); rank 0's summary."""
     ensure_process_group()
     rank, _ = rank_world()
-    model_cfg = check_model(cfg, paths.init_model, key="dpo.data.seq_len")
-    tok = load_tokenizer(paths.init_model)
-    train_pairs, too_long = encode_pairs(read_pairs(paths.train_files), tok, cfg.data.seq_len)
-    val_pairs, _ = encode_pairs(read_pairs(paths.val_files), tok, cfg.data.seq_len)
-    val_pairs = val_pairs[:cfg.data.val_max_pairs]
-    if not train_pairs:
-        raise ValueError(f"no preference pair fits dpo.data.seq_len={cfg.data.seq_len} in {paths.train_files}")
+    model_cfg, tok, train_pairs, val_pairs, too_long = load_pairs(cfg, paths, "dpo")
     pad_id = tok.token_to_id(PAD)
     reference = ReferenceLogps(cfg, paths, {"train": train_pairs, "val": val_pairs}, pad_id, seed)
     job = DpoJob(cfg, train_pairs, val_pairs, model_cfg, pad_id, reference)

@@ -29,6 +29,7 @@ from training.model import MoE, ModelConfig, SwiGLU, Transformer
 from training.tokenizer import BOS, EOS, PAD, load_tokenizer, save_tokenizer
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+REWARD_CONFIG = "reward_model.json"  # marks a reward model folder (rl/reward_model.py)
 
 
 # ----------------------------------------------------------------------------- our own folder
@@ -44,9 +45,16 @@ def save_model(model: Transformer, out_dir: str | Path) -> Path:
     return out
 
 
+def refuse_reward_model(folder: Path) -> None:
+    if (folder / REWARD_CONFIG).is_file():
+        raise ValueError(f"model folder {str(folder)!r} holds a reward model, not a language model "
+                         f"(score with rl.reward_model.RewardScorer)")
+
+
 def load_model_config(model_dir: str | Path) -> ModelConfig:
     """The ModelConfig of save_model's folder, without reading the weights."""
     folder = Path(model_dir)
+    refuse_reward_model(folder)
     if not (folder / WEIGHTS).is_file() or not (folder / CONFIG).is_file():
         raise ValueError(f"model folder {str(folder)!r}: needs {WEIGHTS} and {CONFIG}")
     raw = json.loads((folder / CONFIG).read_text())

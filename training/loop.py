@@ -87,6 +87,9 @@ class Job(Protocol):
     def final_model(self, weights: dict[str, torch.Tensor]) -> nn.Module:
         """The model to save from the gathered weights (LoRA merges its adapters here)."""
 
+    def save_final(self, model: nn.Module, folder: Path) -> Path:
+        """Write final_model's model into folder (a language model: training/export.save_model)."""
+
 
 class SamplerJob:
     """What jobs share whose data position is a sampler's and whose model is a Transformer."""
@@ -104,6 +107,9 @@ class SamplerJob:
         model = Transformer(self.model_cfg)
         model.load_state_dict(weights)
         return model
+
+    def save_final(self, model: nn.Module, folder: Path) -> Path:
+        return save_model(model, folder)
 
 
 def paths_from_payload(paths: dict) -> dict:
@@ -289,7 +295,7 @@ class TrainLoop:
         if self.rank != 0:
             return None
         model = self.job.final_model(weights)
-        out = save_model(model, folder)
+        out = self.job.save_final(model, folder)
         if tokenizer is not None:
             save_tokenizer(tokenizer, out, model_max_length=model_max_length)
         return out

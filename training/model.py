@@ -442,9 +442,25 @@ class Transformer(nn.Module):
         last_only returns logits (B, 1, V) of the last position: decoding needs no more, and the
         lm_head over every position would dominate a small model's step.
         """
-        B, T = idx_BT.shape
         if last_only and targets_BT is not None:
             raise ValueError("last_only=True computes no loss: pass targets_BT=None")
+        x_BTD, aux = self._blocks(idx_BT, positions_BT, key_mask_BS, doc_ids_BT, real_BT, cache)
+        if last_only:
+            x_BTD = x_BTD[:, -1:]
+        logits_BTV = self.lm_head(self.norm(x_BTD))
+        loss = None
+        if targets_BT is not None:
+            loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
+        return ModelOutput(logits_BTV, aux, loss)
+
+    def hidden(self, idx_BT, *, real_BT=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The final normalised hidden states (B, T, D) and the MoE balance loss: the forward
+        without the lm_head, for a head of another kind (a reward model's score)."""
+        x_BTD, aux = self._blocks(idx_BT, None, None, None, real_BT, None)
+        return self.norm(x_BTD), aux
+
+    def _blocks(self, idx_BT, positions_BT, key_mask_BS, doc_ids_BT, real_BT, cache):
+        B, T = idx_BT.shape
         past = cache.length if cache is not None else 0
         if past + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
@@ -461,13 +477,7 @@ class Transformer(nn.Module):
             aux = aux + layer_aux if layer_aux is not None else aux
         if cache is not None:
             cache.length += T
-        if last_only:
-            x_BTD = x_BTD[:, -1:]
-        logits_BTV = self.lm_head(self.norm(x_BTD))
-        loss = None
-        if targets_BT is not None:
-            loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets_BT.flatten(), ignore_index=-100)
-        return ModelOutput(logits_BTV, aux, loss)
+        return x_BTD, aux
 
     @staticmethod
     def attention_mask(T: int, past: int, key_mask_BS, device, doc_ids_BT=None):

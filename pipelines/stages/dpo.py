@@ -16,10 +16,8 @@ Metrics: the final step's figures, held-out preference accuracy and margin (val/
 from __future__ import annotations
 
 from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.train_common import (TASKS_STAGE, evaluate_stage, fresh_start_clears_checkpoints, split_files,
-                                           start_model, train_on_gang)
-
-PAIRS_STAGE = "pairs"
+from pipelines.stages.train_common import (PAIRS_STAGE, TASKS_STAGE, evaluate_stage, fresh_start_clears_checkpoints,
+                                           split_files, start_model, train_on_gang)
 
 
 def run(ctx: StageContext) -> dict:

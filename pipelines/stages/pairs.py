@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.tasks import EVAL, TRAIN, check_budget, drop_user_overlaps, unique_ids, write_splits
-from pipelines.stages.train_common import TASKS_STAGE, split_files
+from pipelines.stages.train_common import PAIRS_STAGE, TASKS_STAGE, split_files
 
 
 def run(ctx: StageContext) -> dict:
@@ -89,5 +89,5 @@ def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejecte
             "train_by_family": dict(sorted(Counter(r["family"] for r in train_rows).items()))}
 
 
-register(Stage("pairs", (TASKS_STAGE,), run, reads_input_rows=False, optional=("sft",),
+register(Stage(PAIRS_STAGE, (TASKS_STAGE,), run, reads_input_rows=False, optional=("sft",),
                summary="preference pairs: offline from the tasks and user files, train and held out"))

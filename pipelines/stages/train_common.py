@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 from pipelines.graph import StageContext
 
 TASKS_STAGE = "tasks"
+PAIRS_STAGE = "pairs"
 
 
 class TrainLog:
