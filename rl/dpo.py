@@ -28,7 +28,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from rl.config import DpoConfig
-from rl.losses import NEEDS_REFERENCE, PairLogps, preference_loss
+from rl.losses import NEEDS_REFERENCE, PairLogps, chosen_nll, preference_loss
 from training.data import CurriculumSampler, shard
 from training.distributed import all_gather, all_sum, on_rank0, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group, to_device
@@ -239,6 +239,10 @@ class DpoJob(PairJob):
         loss = out.losses_B.mean()
         metrics = out.metrics(lp)
         metrics["dpo_loss"] = metrics.pop("loss")
+        if self.cfg.loss.rpo_alpha:
+            nll = chosen_nll(lp)
+            loss = loss + self.cfg.loss.rpo_alpha * nll
+            metrics["nll_loss"] = float(nll.detach())
         return loss + aux, {**metrics, "aux_loss": aux}
 
     @torch.no_grad()

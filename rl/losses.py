@@ -119,6 +119,11 @@ def preference_loss(name: str, lp: PairLogps, **params) -> PairLoss:
     return PREFERENCE_LOSSES[name](lp, **params)
 
 
+def chosen_nll(lp: PairLogps) -> torch.Tensor:
+    """The chosen responses' negative log-likelihood per token over the batch (RPO's extra term)."""
+    return -lp.policy_chosen_B.sum() / lp.chosen_tokens_B.sum().clamp(min=1)
+
+
 def bradley_terry(chosen_scores_B: torch.Tensor, rejected_scores_B: torch.Tensor) -> torch.Tensor:
     """The reward model's loss per pair: -log P(chosen beats rejected) = -log sigmoid(s_c - s_r)."""
     return -F.logsigmoid(chosen_scores_B - rejected_scores_B)

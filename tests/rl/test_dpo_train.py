@@ -74,3 +74,12 @@ def test_simpo_needs_no_reference_and_learns_the_preferences(reasoner, pairs):
     # at step 1, the implicit rewards are beta x the per-token average log-probs of the start model
     assert rows[0]["rewards/chosen"] > rows[0]["rewards/rejected"] and summary["loss_name"] == "simpo"
     assert rows[-1]["val/rewards/margins"] > rows[3]["val/rewards/margins"]
+
+
+def test_rpo_adds_the_chosen_nll_to_the_loss(full, reasoner, pairs):
+    _, rows = full
+    _, rpo = run(reasoner, pairs, "rpo", cfg(loss={"beta": 0.1, "rpo_alpha": 0.5}))
+    first = rpo[0]  # step 1: the same weights and batch as the plain run's
+    assert first["dpo_loss"] == pytest.approx(math.log(2), abs=1e-5) and first["nll_loss"] > 0
+    assert first["loss"] == pytest.approx(rows[0]["loss"] + 0.5 * first["nll_loss"], rel=1e-5)
+    assert "nll_loss" not in rows[0]

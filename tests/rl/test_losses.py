@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rl.losses import PREFERENCE_LOSSES, PairLogps, bradley_terry, preference_loss
+from rl.losses import PREFERENCE_LOSSES, PairLogps, bradley_terry, chosen_nll, preference_loss
 
 
 def softplus(x: float) -> float:  # -log sigmoid(-x)
@@ -82,3 +82,8 @@ def test_bradley_terry_is_ln2_for_equal_scores_and_falls_with_the_margin():
     s = torch.tensor([0.3, -1.2, 4.0])
     torch.testing.assert_close(bradley_terry(s, s), torch.full((3,), math.log(2)))
     assert bradley_terry(torch.tensor([2.0]), torch.tensor([0.5])).item() == pytest.approx(softplus(-1.5), abs=1e-6)
+
+
+def test_chosen_nll_is_the_chosen_tokens_mean_negative_log_likelihood():
+    lp = PairLogps(torch.tensor([-10.0, -2.0]), torch.tensor([-1.0, -1.0]), torch.tensor([4, 1]), torch.tensor([3, 3]))
+    assert chosen_nll(lp).item() == pytest.approx(12.0 / 5)  # (10 + 2) nats over 4 + 1 tokens; rejected ignored
