@@ -2,7 +2,8 @@
 
 One uninterrupted 2-worker reference run; a run whose worker 1 is killed at step 5 restarts the
 gang from the step-4 checkpoint, reads the stored reference log-probs, and reproduces the
-reference losses exactly.
+reference losses exactly. Under ZeRO-3 (the frozen reference sharded over the gang), the
+precomputed and the online reference give the same losses.
 """
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +15,7 @@ from cluster.train import run_gang
 from data_engine.pair_data import PAIR_SCHEMA
 from rl import dpo
 from rl.config import DpoConfig
-from tests.rl.test_dpo_train import pair_row
+from tests.rl.conftest import pair_row
 
 CFG = DpoConfig.model_validate({
     "steps": 8, "eval_every": 4, "checkpoint": {"every": 4, "keep": 3},
@@ -32,9 +33,9 @@ def inputs(reasoner, tmp_path_factory):
     return reasoner, root
 
 
-def gang_run(inputs, root, **kw):
+def gang_run(inputs, root, cfg=CFG, **kw):
     reasoner, pairs = inputs
-    payload = {"config": CFG.model_dump(mode="json"), "seed": 0,
+    payload = {"config": cfg.model_dump(mode="json"), "seed": 0,
                "paths": {"train_files": [str(pairs / "train.parquet")], "val_files": [str(pairs / "eval.parquet")],
                          "init_model": str(reasoner.model), "work": str(root / "work"),
                          "checkpoints": str(root / "checkpoints"), "out": str(root / "out")}}
@@ -65,3 +66,18 @@ def test_killed_worker_restarts_with_identical_losses(inputs, reference, tmp_pat
     assert summary["resumed_from_step"] == 4
     assert [r["step"] for r in rows][:6] == [1, 2, 3, 4, 5, 5]  # step 5 replayed after the restart
     assert {r["step"]: r["loss"] for r in rows} == {r["step"]: r["loss"] for r in reference[1]}  # bitwise
+
+
+def test_under_zero3_precomputed_and_online_reference_give_the_same_losses(inputs, tmp_path):
+    runs = {}
+    for mode in ("precomputed", "online"):
+        cfg = CFG.model_copy(update={"steps": 3, "eval_every": 3, "reference": mode,
+                                     "engine": CFG.engine.model_copy(update={"zero_stage": 3})})
+        runs[mode], _ = gang_run(inputs, tmp_path / mode, cfg=cfg)
+    pre, online = runs["precomputed"], runs["online"]
+    assert [r["step"] for r in pre] == [r["step"] for r in online] == [1, 2, 3]
+    assert pre[0]["dpo_loss"] == pytest.approx(0.6931472, abs=1e-5)
+    assert [r["dpo_loss"] for r in online] == pytest.approx([r["dpo_loss"] for r in pre], abs=1e-5)
+    assert online[-1]["val/rewards/accuracies"] == pre[-1]["val/rewards/accuracies"]
+    assert list((tmp_path / "precomputed" / "work").glob("reference-*")) and \
+        not list((tmp_path / "online" / "work").glob("reference-*"))
