@@ -27,6 +27,9 @@ def _model_of(annotation) -> type[BaseModel] | None:
     return None
 
 
+_REQUIRED = object()
+
+
 def _type_name(annotation) -> str:
     if isinstance(annotation, type):
         return annotation.__name__
@@ -36,10 +39,9 @@ def _type_name(annotation) -> str:
     return text.replace("NoneType", "None")
 
 
-def _default(field) -> str:
-    if field.is_required():
+def _default(value) -> str:
+    if value is _REQUIRED:
         return "required"
-    value = field.get_default(call_default_factory=True)
     if isinstance(value, BaseModel):
         return "(section)"
     return "`" + json.dumps(value, default=str) + "`"
@@ -58,27 +60,34 @@ def _comments(model: type[BaseModel]) -> dict[str, str]:
             continue
         for m in re.finditer(r"^\s{4}(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.M):
             found[m.group(1)] = m.group(2).strip()
-        for m in re.finditer(r"^\s{4}#:\s*(.+)\n\s{4}(\w+)\s*:", source, re.M):
-            found[m.group(2)] = m.group(1).strip()  # a "#: help" line above the field
+        for m in re.finditer(r"^((?:\s{4}#:.*\n)+)\s{4}(\w+)\s*:", source, re.M):  # "#: help" lines above
+            found[m.group(2)] = " ".join(line.strip()[2:].strip() for line in m.group(1).splitlines())
     return found
 
 
-def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+def rows(model: type[BaseModel], prefix: str = "", instance: BaseModel | None = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) of every key; instance: the section's default value in its
+    parent, whose nested defaults are the ones a recipe gets."""
     out = []
     comments = _comments(model)
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _model_of(field.annotation)
         doc = (field.description or comments.get(name, "")).replace("|", "\\|")
+        # the default a recipe gets: the parent's default instance's (dpo.engine's lr is not
+        # EngineConfig's), else the field's own
+        value = (getattr(instance, name) if instance is not None
+                 else _REQUIRED if field.is_required() else field.get_default(call_default_factory=True))
+        default = _default(value)
         if sub is not None and typing.get_origin(field.annotation) is not list:
-            out.append((key, sub.__name__, _default(field), doc or (sub.__doc__ or "").split("\n")[0]))
-            out += rows(sub, key + ".")
+            out.append((key, sub.__name__, default, doc or (sub.__doc__ or "").split("\n")[0]))
+            out += rows(sub, key + ".", value if isinstance(value, BaseModel) else None)
         else:
             if sub is not None:  # a list of sections: document the item's keys as key.N.*
-                out.append((key, f"list[{sub.__name__}]", _default(field), doc))
+                out.append((key, f"list[{sub.__name__}]", default, doc))
                 out += rows(sub, key + ".N.")
                 continue
-            out.append((key, _type_name(field.annotation).replace("|", "\\|"), _default(field), doc))
+            out.append((key, _type_name(field.annotation).replace("|", "\\|"), default, doc))
     return out
 
 

@@ -59,8 +59,8 @@ class DpoLossConfig(Strict):
     beta: float = Field(0.1, gt=0)  # strength of the KL-like pull toward the reference
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo (and simpo): probability a label is wrong
     gamma: float = Field(0.5, ge=0)  # simpo: the target reward margin
-    #: + rpo_alpha x the chosen responses' per-token NLL (TRL's rpo_alpha; Pang et al. 2024, iterative
-    #: RPO): keeps the chosen responses likely while the margin grows; 0: off
+    #: + rpo_alpha x the chosen responses' per-token NLL (Pang et al. 2024, iterative RPO; TRL's "sft"
+    #: loss term, formerly rpo_alpha): keeps the chosen responses likely while the margin grows; 0: off
     rpo_alpha: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")

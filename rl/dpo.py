@@ -55,15 +55,15 @@ class EncodedPair:
 
 
 def encode_pairs(rows: list[dict], tok, seq_len: int) -> tuple[list[EncodedPair], int]:
-    """Pairs whose both sequences fit seq_len + 1 tokens (input and shifted target), and how
-    many did not (left out and counted, as SFT does with long examples)."""
+    """Pairs whose both sequences fit seq_len tokens (the whole sequence goes through the model),
+    and how many did not (left out and counted, as SFT does with long examples)."""
     pairs, too_long = [], 0
     for row in rows:
         context = json.loads(row["context"]) if row.get("context") else ()
         chosen, n_prompt = encode_example(tok, row["prompt"], row["chosen"], row.get("system"), context)
         rejected, n_prompt_r = encode_example(tok, row["prompt"], row["rejected"], row.get("system"), context)
         assert n_prompt == n_prompt_r  # the prompt renders the same before either response
-        if max(len(chosen), len(rejected)) > seq_len + 1:
+        if max(len(chosen), len(rejected)) > seq_len:
             too_long += 1
             continue
         pairs.append(EncodedPair(row["id"], tuple(chosen), tuple(rejected), n_prompt, row.get("family") or "user",
@@ -71,14 +71,18 @@ def encode_pairs(rows: list[dict], tok, seq_len: int) -> tuple[list[EncodedPair]
     return pairs, too_long
 
 
-def pair_batch(pairs: list[EncodedPair], pad_id: int, multiple: int = 8) -> dict:
+def pair_batch(pairs: list[EncodedPair], pad_id: int, multiple: int = 8, max_width: int | None = None) -> dict:
     """{"ids", "completion", "real"}, each (2B, T): chosen rows 0..B-1, rejected rows B..2B-1;
-    `real` keeps the padding out of the MoE's load and balance loss."""
+    `real` keeps the padding out of the MoE's load and balance loss. T is the longest sequence
+    rounded up to a multiple of 8, but never past max_width (the run's seq_len)."""
     if not pairs:
         raise ValueError("pair_batch: no pairs")
     seqs = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     prompts = [p.n_prompt for p in pairs] * 2
-    width = -(-max(map(len, seqs)) // multiple) * multiple
+    longest = max(map(len, seqs))
+    width = -(-longest // multiple) * multiple
+    if max_width is not None:
+        width = max(min(width, max_width), longest)
     ids_BT = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     completion_BT = torch.zeros((len(seqs), width), dtype=torch.bool)
     real_BT = torch.zeros((len(seqs), width), dtype=torch.bool)
@@ -205,7 +209,7 @@ class PairJob(SamplerJob):
 
     def _batch(self, index: list[int], split: str) -> dict:
         pairs = self.pairs if split == "train" else self.val
-        batch = pair_batch([pairs[i] for i in index], self.pad_id)
+        batch = pair_batch([pairs[i] for i in index], self.pad_id, max_width=self.cfg.data.seq_len)
         batch["index"] = torch.tensor(index)
         batch["split"] = split
         return batch
@@ -242,7 +246,7 @@ class DpoJob(PairJob):
         if self.cfg.loss.rpo_alpha:
             nll = chosen_nll(lp)
             loss = loss + self.cfg.loss.rpo_alpha * nll
-            metrics["nll_loss"] = float(nll.detach())
+            metrics["nll_loss"] = nll.detach()
         return loss + aux, {**metrics, "aux_loss": aux}
 
     @torch.no_grad()
@@ -323,7 +327,7 @@ class ReferenceLogps:
             return load_file(path)["logps"]
         out = []
         for chunk in rank_chunks(len(pairs), self.cfg.data.micro_batch):
-            batch = pair_batch([pairs[i] for i in chunk or [0]], pad_id)
+            batch = pair_batch([pairs[i] for i in chunk or [0]], pad_id, max_width=self.cfg.data.seq_len)
             c, r = reference_logps(self.frozen, to_device(batch, self.frozen.device))
             if chunk:
                 out += torch.stack([c, r], 1).cpu().tolist()
@@ -346,7 +350,8 @@ def load_pairs(cfg, paths, stage: str) -> tuple:
     train_pairs, too_long = encode_pairs(read_pairs(paths.train_files), tok, cfg.data.seq_len)
     val_pairs, _ = encode_pairs(read_pairs(paths.val_files), tok, cfg.data.seq_len)
     if not train_pairs:
-        raise ValueError(f"no preference pair fits {stage}.data.seq_len={cfg.data.seq_len} in {paths.train_files}")
+        raise ValueError(f"{stage}: no training pairs in {[str(f) for f in paths.train_files]}" if not too_long else
+                         f"{stage}: none of the {too_long} training pairs fits {stage}.data.seq_len={cfg.data.seq_len}")
     return model_cfg, tok, train_pairs, val_pairs[:cfg.data.val_max_pairs], too_long
 
 

@@ -178,6 +178,10 @@ class RewardModelPaths:
 class RewardModelJob(PairJob):
     summary_keys = ("rm_loss", "accuracy", "margin")
 
+    def __init__(self, cfg: RewardModelConfig, pairs, val, model_cfg, pad_id: int, seed: int):
+        super().__init__(cfg, pairs, val, model_cfg, pad_id, seed)
+        self.flops_per_token -= 6 * model_cfg.vocab_size * model_cfg.d_model  # no lm_head
+
     def loss_fn(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
         chosen_B, rejected_B, aux = pair_scores(model, batch)
         bt = bradley_terry(chosen_B, rejected_B).mean()

@@ -10,14 +10,15 @@ Writes into the stage folder:
                           logps/chosen|rejected, grad norm, tokens/s, held-out val/* figures)
   eval_completions.jsonl  the held-out tasks' completions and scores
   checkpoints/            elastic checkpoints; the precomputed reference log-probs stay in .work/
-Metrics: the final step's figures, held-out preference accuracy and margin (val/rewards/*), pairs
-(too long ones counted), and the held-out task accuracy, format rate and length (eval/*).
+Metrics: the final step's figures, held-out preference accuracy (overall and per kind of pair) and
+margin (val/rewards/*, and a table by kind), pairs (too long ones counted), and the held-out task
+accuracy, format rate and length (eval/*).
 """
 from __future__ import annotations
 
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.train_common import (PAIRS_STAGE, TASKS_STAGE, evaluate_stage, fresh_start_clears_checkpoints,
-                                           split_files, start_model, train_on_gang)
+                                           pair_accuracy_table, split_files, start_model, train_on_gang)
 
 
 def run(ctx: StageContext) -> dict:
@@ -36,7 +37,9 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"{summary['steps']} steps on {summary['pairs']} pairs ({summary['loss_name']}), held-out preference "
             f"accuracy {summary.get('val/rewards/accuracies', float('nan')):.3f}"
             + (f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""))
-    return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
+    tables = pair_accuracy_table(ctx, summary, "val/rewards/accuracies")
+    figures = evaluate_stage(ctx, ctx.out / "model", section.eval)
+    return {**summary, **figures, "tables": {**tables, **figures.get("tables", {})}}
 
 
 register(Stage("dpo", (PAIRS_STAGE,), run, optional=("sft", TASKS_STAGE),

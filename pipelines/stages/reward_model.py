@@ -9,15 +9,15 @@ Writes into the stage folder:
   train_log.jsonl   one line of metrics per step (rm_loss, accuracy, margin, scores/chosen|rejected,
                     grad norm, tokens/s, held-out val/loss|accuracy|margin)
   checkpoints/      elastic checkpoints
-Metrics: the final step's figures, the held-out pair accuracy and score margin (val/*), pairs (too
-long ones counted). Its held-out evaluation is the pair accuracy: it is not a policy, so it has no
+Metrics: the final step's figures, the held-out pair accuracy (overall and per kind of pair, and a
+table by kind) and score margin (val/*), pairs (too long ones counted). Its held-out evaluation is the pair accuracy: it is not a policy, so it has no
 task accuracy.
 """
 from __future__ import annotations
 
 from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.train_common import (PAIRS_STAGE, fresh_start_clears_checkpoints, split_files, start_model,
-                                           train_on_gang)
+from pipelines.stages.train_common import (PAIRS_STAGE, fresh_start_clears_checkpoints, pair_accuracy_table,
+                                           split_files, start_model, train_on_gang)
 
 
 def run(ctx: StageContext) -> dict:
@@ -35,7 +35,7 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"{summary['steps']} steps on {summary['pairs']} pairs, held-out pair accuracy "
             f"{summary.get('val/accuracy', float('nan')):.3f}, margin {summary.get('val/margin', float('nan')):.2f}"
             + (f", resumed from step {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""))
-    return summary
+    return {**summary, "tables": pair_accuracy_table(ctx, summary, "val/accuracy")}
 
 
 register(Stage("reward_model", (PAIRS_STAGE,), run, optional=("sft",),

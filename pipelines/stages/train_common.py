@@ -110,3 +110,14 @@ def evaluate_stage(ctx: StageContext, model_dir: Path, cfg) -> dict:
     ctx.log(f"held-out accuracy {figures['eval/accuracy']:.3f}, format {figures['eval/format_rate']:.3f}, "
             f"mean length {figures['eval/mean_length']:.0f} tokens ({figures['eval/n']} tasks)")
     return figures
+
+
+def pair_accuracy_table(ctx: StageContext, summary: dict, key: str) -> dict:
+    """The held-out pair accuracy per kind of pair (summary's `<key>/<kind>`) as a stage table
+    (r1pipe status prints it) and a W&B table; {} when there are none."""
+    kinds = sorted((k[len(key) + 1:], v) for k, v in summary.items() if k.startswith(key + "/"))
+    if not kinds:
+        return {}
+    rows = [[kind, round(v, 4)] for kind, v in kinds] + [["all", round(summary[key], 4)]]
+    ctx.metrics.table("held_out_pairs_by_kind", ["kind", "accuracy"], rows)
+    return {"held-out pairs by kind": {"columns": ["kind", "accuracy"], "rows": rows}}

@@ -83,6 +83,9 @@ def test_dpo_killed_mid_stage_resumes_then_evaluates(reasoner, tmp_path):
     assert abs(log[0]["dpo_loss"] - 0.6931472) < 1e-5 and log[-1]["val/loss"] < log[3]["val/loss"]
     assert m["val/rewards/accuracies"] >= 0.8 and m["eval/n"] == 40
     assert m["eval/accuracy"] > 0.5  # a gentle DPO keeps what SFT taught (the reasoner answers ~0.97)
+    assert set(m["tables"]) == {"held-out pairs by kind", "eval by family and difficulty"}
+    assert m["tables"]["held-out pairs by kind"]["rows"] == [
+        ["user", round(m["val/rewards/accuracies/user"], 4)], ["all", round(m["val/rewards/accuracies"], 4)]]
     outputs = {o["path"] for o in json.loads((stage / "manifest.json").read_text())["outputs"]}
     assert {"model/model.safetensors", "model/tokenizer.json", "train_log.jsonl", "eval_completions.jsonl"} <= outputs
 
@@ -103,6 +106,12 @@ def test_reward_model_stage_trains_on_a_gang_and_writes_a_scorer_folder(reasoner
     log = [json.loads(line) for line in (tmp_path / "runs" / "t" / "reward_model" / "train_log.jsonl").read_text().splitlines()]
     assert abs(log[0]["rm_loss"] - 0.6931472) < 1e-6 and [r["step"] for r in log] == list(range(1, 41))
     assert {"val/accuracy", "val/margin", "val/loss"} <= set(m)
+    assert m["tables"]["held-out pairs by kind"]["rows"][-1] == ["all", round(m["val/accuracy"], 4)]
+    status = subprocess.run([str(VENV_BIN / "r1pipe"), "status", "t", "--runs-dir", str(tmp_path / "runs")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, env=dict(os.environ, COLUMNS="200"))
+    assert status.returncode == 0
+    [row] = [line for line in status.stdout.splitlines() if line.strip("│ ").startswith("all ")]  # the table by kind
+    assert f"{round(m['val/accuracy'], 4):.4g}" in row
     folder = tmp_path / "runs" / "t" / "reward_model" / "model"
     from rl.reward_model import RewardScorer
     scores = RewardScorer.from_folder(folder).score([rows["eval"][0]["prompt"]] * 2,

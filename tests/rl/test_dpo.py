@@ -44,7 +44,7 @@ def naive_logp(model, ids: list[int], n_prompt: int) -> float:
 
 
 def test_encoding_shares_the_prompt_and_counts_long_pairs(tok):
-    pairs, too_long = encode_pairs(ROWS, tok, seq_len=64)
+    pairs, too_long = encode_pairs(ROWS, tok, seq_len=128)
     assert too_long == 0 and [p.id for p in pairs] == ["a", "b", "c"]
     b = pairs[1]
     assert b.chosen[:b.n_prompt] == b.rejected[:b.n_prompt] == tuple(encode_prompt(tok, ROWS[1]["prompt"], "Be brief."))
@@ -53,12 +53,12 @@ def test_encoding_shares_the_prompt_and_counts_long_pairs(tok):
     assert b.rejected[b.n_prompt:] == tuple(response)
     limit = len(pairs[2].chosen) - 2
     short, too_long = encode_pairs(ROWS, tok, seq_len=limit)
-    fits = [p.id for p in pairs if max(len(p.chosen), len(p.rejected)) <= limit + 1]
+    fits = [p.id for p in pairs if max(len(p.chosen), len(p.rejected)) <= limit]
     assert [p.id for p in short] == fits and too_long == 3 - len(fits) and "c" not in fits
 
 
 def test_sequence_logps_equal_the_naive_sum_over_response_tokens_in_any_batch(tok, model):
-    pairs, _ = encode_pairs(ROWS, tok, seq_len=64)
+    pairs, _ = encode_pairs(ROWS, tok, seq_len=128)
     pad = tok.token_to_id(PAD)
     batch = pair_batch(pairs, pad)
     assert batch["ids"].shape[0] == 6 and batch["ids"].shape[1] % 8 == 0
@@ -79,7 +79,7 @@ def test_sequence_logps_equal_the_naive_sum_over_response_tokens_in_any_batch(to
 
 
 def test_dpo_is_ln2_at_step_0_and_its_gradient_reaches_the_policy_only(tok, model):
-    pairs, _ = encode_pairs(ROWS, tok, seq_len=64)
+    pairs, _ = encode_pairs(ROWS, tok, seq_len=128)
     batch = pair_batch(pairs, tok.token_to_id(PAD))
     reference = reference_logps(model, batch)   # the same weights, frozen
     policy = Transformer(model.cfg)
