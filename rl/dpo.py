@@ -355,21 +355,26 @@ def load_pairs(cfg, paths, stage: str) -> tuple:
     return model_cfg, tok, train_pairs, val_pairs[:cfg.data.val_max_pairs], too_long
 
 
+def run_pair_job(cfg, paths, job: PairJob, tok, too_long: int, make_model, hooks: Hooks | None) -> dict:
+    """Train a job that learns from pairs to cfg.steps (resuming), save its model with the
+    tokenizer, and return rank 0's summary with the pair counts ({} on the other ranks)."""
+    loop = train(cfg, job, checkpoints=paths.checkpoints, hooks=hooks, make_model=make_model,
+                 micro_batch=cfg.data.micro_batch, global_batch=cfg.data.global_batch)
+    loop.save_model(Path(paths.out) / "model", tok, model_max_length=job.model_cfg.max_seq_len)
+    if job.rank != 0:
+        return {}
+    return {**loop.summary(), "pairs": len(job.pairs), "pairs_too_long": too_long, "val_pairs": len(job.val)}
+
+
 def dpo(cfg: DpoConfig, paths: DpoPaths, *, seed: int, hooks: Hooks | None = None) -> dict:
     """Train the policy to cfg.steps (resuming from the newest good checkpoint); rank 0's summary."""
     ensure_process_group()
-    rank, _ = rank_world()
     model_cfg, tok, train_pairs, val_pairs, too_long = load_pairs(cfg, paths, "dpo")
     pad_id = tok.token_to_id(PAD)
     reference = ReferenceLogps(cfg, paths, {"train": train_pairs, "val": val_pairs}, pad_id, seed)
     job = DpoJob(cfg, train_pairs, val_pairs, model_cfg, pad_id, reference)
-    loop = train(cfg, job, checkpoints=paths.checkpoints, hooks=hooks, make_model=lambda: load_model(paths.init_model),
-                 micro_batch=cfg.data.micro_batch, global_batch=cfg.data.global_batch)
-    loop.save_model(Path(paths.out) / "model", tok, model_max_length=model_cfg.max_seq_len)
-    if rank != 0:
-        return {}
-    return {**loop.summary(), "pairs": len(train_pairs), "pairs_too_long": too_long, "val_pairs": len(val_pairs),
-            "loss_name": cfg.loss.name, "reference": cfg.reference}
+    summary = run_pair_job(cfg, paths, job, tok, too_long, lambda: load_model(paths.init_model), hooks)
+    return summary and {**summary, "loss_name": cfg.loss.name, "reference": cfg.reference}
 
 
 def worker(payload: dict, hooks: Hooks) -> dict:

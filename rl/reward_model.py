@@ -28,12 +28,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rl.config import RewardModelConfig
-from rl.dpo import PairJob, held_out_pairs, load_pairs, pair_batch
+from rl.dpo import PairJob, held_out_pairs, load_pairs, pair_batch, run_pair_job
 from rl.losses import bradley_terry
-from training.distributed import rank_world
 from training.engine import Engine, ensure_process_group, to_device
 from training.export import REWARD_CONFIG, WEIGHTS, load_model
-from training.loop import Hooks, paths_from_payload, train
+from training.loop import Hooks, paths_from_payload
 from training.model import ModelConfig, Transformer
 from training.tokenizer import PAD, load_tokenizer
 from training.template import encode_example
@@ -219,16 +218,10 @@ def train_reward_model(cfg: RewardModelConfig, paths: RewardModelPaths, *, seed:
                        hooks: Hooks | None = None) -> dict:
     """Train to cfg.steps (resuming from the newest good checkpoint); rank 0's summary."""
     ensure_process_group()
-    rank, _ = rank_world()
     model_cfg, tok, train_pairs, val_pairs, too_long = load_pairs(cfg, paths, "reward_model")
     job = RewardModelJob(cfg, train_pairs, val_pairs, model_cfg, tok.token_to_id(PAD), seed)
-    loop = train(cfg, job, checkpoints=paths.checkpoints, hooks=hooks,
-                 make_model=lambda: RewardModel.from_lm(load_model(paths.init_model)),
-                 micro_batch=cfg.data.micro_batch, global_batch=cfg.data.global_batch)
-    loop.save_model(Path(paths.out) / "model", tok, model_max_length=model_cfg.max_seq_len)
-    if rank != 0:
-        return {}
-    return {**loop.summary(), "pairs": len(train_pairs), "pairs_too_long": too_long, "val_pairs": len(val_pairs)}
+    return run_pair_job(cfg, paths, job, tok, too_long, lambda: RewardModel.from_lm(load_model(paths.init_model)),
+                        hooks)
 
 
 def worker(payload: dict, hooks: Hooks) -> dict:

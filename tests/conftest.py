@@ -49,6 +49,16 @@ def write_recipe(path: Path, body: str) -> Path:
     return path
 
 
+def reasoner_recipe(path: Path, body: str, reasoner, runs: Path, **fields) -> Path:
+    """A recipe whose `tasks` stage reads the session reasoner's train and held-out splits as user
+    files: body has `{tasks}` where that section goes, and {runs}, {init} (the reasoner's model)
+    and the other `fields` where it needs them."""
+    tasks = ("tasks:\n  generator: {enabled: false}\n  files:\n"
+             f"    - {{path: {reasoner.train_dir / 'part-00000.parquet'}}}\n"
+             f"    - {{path: {reasoner.eval_dir / 'part-00000.parquet'}, split: eval}}")
+    return write_recipe(path, body.format(tasks=tasks, runs=runs, init=reasoner.model, **fields))
+
+
 def wait_for(path: Path, proc, timeout: float = 400) -> None:
     import time
     deadline = time.time() + timeout

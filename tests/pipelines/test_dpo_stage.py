@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
-from tests.conftest import REPO, VENV_BIN, kill_pipeline_when, write_recipe
+from tests.conftest import REPO, VENV_BIN, kill_pipeline_when, reasoner_recipe
 from tests.rl.conftest import pair_row
 
 RECIPE = """
@@ -20,11 +20,7 @@ runs_dir: {runs}
 stages: [tasks, pairs, dpo, reward_model]
 wandb: {{mode: offline}}
 ray: {{num_cpus: 2}}
-tasks:
-  generator: {{enabled: false}}
-  files:
-    - {{path: {train}}}
-    - {{path: {held}, split: eval}}
+{tasks}
 pairs:
   offline: {{enabled: false}}
   files:
@@ -56,10 +52,8 @@ def pair_recipe(reasoner, tmp_path):
             for split, folder in (("train", reasoner.train_dir), ("eval", reasoner.eval_dir))}
     for split, split_rows in rows.items():
         (tmp_path / f"pairs_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
-        runs=tmp_path / "runs", train=reasoner.train_dir / "part-00000.parquet",
-        held=reasoner.eval_dir / "part-00000.parquet", init=reasoner.model,
-        pairs_train=tmp_path / "pairs_train.jsonl", pairs_eval=tmp_path / "pairs_eval.jsonl"))
+    recipe = reasoner_recipe(tmp_path / "r.yaml", RECIPE, reasoner, tmp_path / "runs",
+                             pairs_train=tmp_path / "pairs_train.jsonl", pairs_eval=tmp_path / "pairs_eval.jsonl")
     return recipe, rows
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from pipelines.config import load_config
 from pipelines.runner import StageFailed, run_pipeline
-from tests.conftest import write_recipe
+from tests.conftest import reasoner_recipe, write_recipe
 
 GEN = dict(families=["arithmetic", "linear_equation", "list_sort"], train_per_cell=20, eval_per_cell=4,
            train_difficulties=["basic"], eval_difficulties=["basic"])
@@ -75,22 +75,16 @@ runs_dir: {runs}
 stages: [tasks, pairs]
 wandb: {{mode: disabled}}
 ray: {{num_cpus: 2}}
-tasks:
-  generator: {{enabled: false}}
-  files:
-    - {{path: {train}}}
-    - {{path: {held}, split: eval}}
+{tasks}
 pairs:
   offline: {{enabled: false}}
-  on_policy: {{enabled: true, model: {model}, k: 4, max_prompts: 24, temperature: 1.5, max_new_tokens: 24}}
+  on_policy: {{enabled: true, model: {init}, k: 4, max_prompts: 24, temperature: 1.5, max_new_tokens: 24}}
 """
 
 
 def test_on_policy_pairs_are_sampled_from_the_model_and_scored(reasoner, tmp_path):
     from data_engine.tasks import check_answer, format_ok
-    recipe = write_recipe(tmp_path / "r.yaml", ON_POLICY.format(
-        runs=tmp_path / "runs", train=reasoner.train_dir / "part-00000.parquet",
-        held=reasoner.eval_dir / "part-00000.parquet", model=reasoner.model))
+    recipe = reasoner_recipe(tmp_path / "r.yaml", ON_POLICY, reasoner, tmp_path / "runs")
     [_, result] = run_pipeline(load_config(recipe), "op", stages=["tasks", "pairs"])
     m = result.metrics
     assert m["on_policy_prompts"] == 24 == m["on_policy_pairs"] + m["on_policy_ties"] and m["on_policy_pairs"] > 0

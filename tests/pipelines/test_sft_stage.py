@@ -7,7 +7,7 @@ import subprocess
 
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline
-from tests.conftest import REPO, VENV_BIN, kill_pipeline_when, write_recipe
+from tests.conftest import REPO, VENV_BIN, kill_pipeline_when, reasoner_recipe
 from tests.wandb_records import logged_values
 
 RECIPE = """
@@ -16,11 +16,7 @@ runs_dir: {runs}
 stages: [tasks, sft]
 wandb: {{mode: offline}}
 ray: {{num_cpus: 2}}
-tasks:
-  generator: {{enabled: false}}
-  files:
-    - {{path: {train}}}
-    - {{path: {held}, split: eval}}
+{tasks}
 sft:
   init_model: {init}
   steps: 12
@@ -34,9 +30,7 @@ sft:
 
 
 def test_sft_killed_mid_stage_resumes_then_evaluates(reasoner, tmp_path):
-    recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(
-        runs=tmp_path / "runs", train=reasoner.train_dir / "part-00000.parquet",
-        held=reasoner.eval_dir / "part-00000.parquet", init=reasoner.model))  # goes on from the trained model
+    recipe = reasoner_recipe(tmp_path / "r.yaml", RECIPE, reasoner, tmp_path / "runs")  # goes on from the trained model
     cfg = load_config(recipe)
     [tasks] = run_pipeline(cfg, "t", stages=["tasks"])
     assert tasks.metrics["train"] == 600 and tasks.metrics["eval"] == 40 and tasks.metrics["rejected"] == 0
