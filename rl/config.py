@@ -17,6 +17,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# rl/rewards.py's built-in terms; a custom term is 'package.module:function'
+REWARD_TERMS = ("accuracy", "format", "conciseness", "safety", "novelty", "overlong", "reward_model")
+
+
 class PassAtKConfig(Strict):
     """pass@k by temperature sampling on a subset of the held-out tasks (Chen et al.'s unbiased estimator)."""
 
@@ -120,3 +124,145 @@ class RewardModelConfig(TrainConfig):
     #: pulls the mean score toward 0 (TRL's center_rewards_coefficient): + coef x mean((s_c + s_r)^2),
     #: so a reward term for RL stays centred; 0: off
     center_coef: float = Field(0.0, ge=0)
+
+
+# ----------------------------------------------------------------------------- RL (one PRL stage)
+
+
+class RolloutConfig(Strict):
+    """Sampling: prompts per iteration, completions per prompt, decoding."""
+
+    prompts: int = Field(8, ge=1)  # prompts per iteration, all workers together (a multiple of the workers)
+    group_size: int = Field(4, ge=1)  # completions per prompt (GRPO's G)
+    max_new_tokens: int = Field(128, ge=1)  # per completion; a completion that hits it is 'truncated'
+    temperature: float = Field(1.0, gt=0)  # sampling temperature
+    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass
+    batch_size: int = Field(64, ge=1)  # completions decoded together (KV cache, left padding)
+    #: DAPO's dynamic sampling: groups whose rewards all tie are dropped and more prompts are
+    #: sampled, up to max_refill_rounds; still-short batches keep some tied groups (counted)
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = Field(2, ge=0)
+
+
+class AdvantageConfig(Strict):
+    """How rewards become advantages (rl/advantages.py); gae needs a critic."""
+
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] | None = None  # None: the algorithm's (ppo: gae, grpo: grpo)
+    gamma: float = Field(1.0, gt=0, le=1)  # discount per token (gae, reinforce_pp)
+    lam: float = Field(0.95, ge=0, le=1)  # GAE's lambda
+    whiten: bool = True  # gae: normalise advantages over the batch
+
+
+class RlLossConfig(Strict):
+    """The update's loss: policy surrogate, KL to the reference, entropy bonus, value loss."""
+
+    policy: Literal["ppo", "gspo"] = "ppo"  # ppo: token ratio; gspo: sequence ratio
+    eps_low: float | None = Field(None, gt=0, lt=1)  # clip 1 - eps_low; None: 0.2 (ppo), 3e-4 (gspo)
+    eps_high: float | None = Field(None, gt=0)  # clip 1 + eps_high (DAPO's clip-higher: 0.28); None: eps_low's (gspo: 4e-4)
+    dual_clip: float | None = Field(None, gt=1)  # cap -A x dual_clip on negative advantages; None: off
+    #: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm; None: the algorithm's
+    #: (ppo: token-mean; grpo: seq-mean-token-mean; dr_grpo: seq-mean-token-sum-norm)
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
+    kl_coef: float = Field(0.0, ge=0)  # KL(policy || reference) weight; 0: no reference is loaded
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k3 in the loss (R1), k1 in the reward (PPO-RLHF)
+    kl_in: Literal["loss", "reward"] = "loss"  # where the KL goes: a loss term, or a per-token reward penalty
+    entropy_coef: float | None = Field(None, ge=0)  # + coef x entropy bonus; None: 0.01 x the PRL stage number
+    vf_coef: float = Field(0.5, ge=0)  # value loss weight (critic runs)
+    value_clip: float | None = Field(0.2, gt=0)  # PPO value clipping around the rollout's values; None: off
+
+    def clip_range(self) -> tuple[float, float]:
+        low = self.eps_low if self.eps_low is not None else (3e-4 if self.policy == "gspo" else 0.2)
+        high = self.eps_high if self.eps_high is not None else (4e-4 if self.policy == "gspo" and self.eps_low is None else low)
+        return low, high
+
+
+class RewardTermsConfig(Strict):
+    """Parameters of the reward terms (rl/rewards.py)."""
+
+    length_budget: int = Field(128, ge=1)  # conciseness: 1 - length / budget, clipped to [-1, 1]
+    novelty_n: int = Field(3, ge=1)  # novelty: word n-gram order
+    novelty_history: int = Field(256, ge=0)  # novelty: completions of earlier iterations remembered
+    overlong_buffer: int = Field(32, ge=1)  # overlong: penalty ramps to -1 over the last this-many tokens
+
+
+class PlateauConfig(Strict):
+    """End a PRL stage early when its mean reward stops improving."""
+
+    patience: int = Field(5, ge=1)  # iterations without a new best (by more than min_delta)
+    min_delta: float = Field(0.01, ge=0)  # the improvement that counts
+    min_iterations: int = Field(5, ge=1)  # never switch before this many iterations
+
+
+class RlConfig(Strict):
+    """One RL stage: algorithm, rollout, rewards, loss and the engine; PRL stages are these."""
+
+    algorithm: Literal["ppo", "grpo"] = "grpo"  # presets of estimator, critic and aggregation
+    iterations: int = Field(10, ge=1)  # generate -> score -> update rounds
+    epochs: int = Field(1, ge=1)  # passes over each rollout batch
+    minibatch: int = Field(16, ge=1)  # completions per optimizer step, all workers together
+    micro_batch: int = Field(4, ge=1)  # completions per worker per forward
+    #: the value model: none; shared (a value head on the policy trunk); separate (a copy of the
+    #: start model with a value head); None: the algorithm's (ppo: separate, grpo: none)
+    critic: Literal["none", "shared", "separate"] | None = None
+    rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # term -> weight
+    reward_terms: RewardTermsConfig = RewardTermsConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    advantage: AdvantageConfig = AdvantageConfig()
+    loss: RlLossConfig = RlLossConfig()
+    engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0))
+    checkpoint_every: int = Field(5, ge=1)  # iterations between checkpoints; one more at the end
+    checkpoint_keep: int = Field(2, ge=1)  # newest checkpoints kept
+    max_nonfinite: int = Field(5, ge=1)  # abort after this many non-finite updates in a row
+    peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None on CPU = measured
+    switch: PlateauConfig | None = None  # end early on a reward plateau; None: run every iteration
+    reward_model: str | None = None  # a reward model folder for the reward_model term; the pipeline sets its stage's
+    stage: int = Field(1, ge=1)  # the PRL stage number (the entropy default scales with it)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "RlConfig":
+        completions = self.rollout.prompts * self.rollout.group_size
+        if completions % self.minibatch:
+            raise ValueError(f"rollout.prompts x rollout.group_size = {completions} must be a multiple of "
+                             f"minibatch={self.minibatch}")
+        if self.minibatch % self.micro_batch:
+            raise ValueError(f"minibatch={self.minibatch} must be a multiple of micro_batch={self.micro_batch}")
+        if self.estimator == "gae" and self.critic_kind == "none":
+            raise ValueError("advantage.estimator=gae needs a critic: set critic to shared or separate")
+        if self.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.group_size < 2:
+            raise ValueError(f"advantage.estimator={self.estimator} needs rollout.group_size >= 2")
+        unknown = [n for n in self.rewards if n not in REWARD_TERMS and ":" not in n]
+        if unknown:
+            raise ValueError(f"rewards: unknown term(s) {unknown}; known: {', '.join(REWARD_TERMS)}, "
+                             "or a custom 'package.module:function'")
+        return self
+
+    @property
+    def estimator(self) -> str:
+        return self.advantage.estimator or ("gae" if self.algorithm == "ppo" else "grpo")
+
+    @property
+    def critic_kind(self) -> str:
+        return self.critic or ("separate" if self.algorithm == "ppo" else "none")
+
+    @property
+    def aggregation(self) -> str:
+        if self.loss.aggregation:
+            return self.loss.aggregation
+        if self.estimator == "dr_grpo":
+            return "seq-mean-token-sum-norm"
+        return "token-mean" if self.algorithm == "ppo" else "seq-mean-token-mean"
+
+    @property
+    def entropy_coef(self) -> float:
+        return self.loss.entropy_coef if self.loss.entropy_coef is not None else 0.01 * self.stage
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.epochs * self.rollout.prompts * self.rollout.group_size // self.minibatch
+
+    def train_config(self) -> TrainConfig:
+        """The shared loop's view: one loop step is one optimizer update."""
+        u = self.updates_per_iteration
+        return TrainConfig(steps=self.iterations * u, engine=self.engine, eval_every=self.iterations * u,
+                           checkpoint={"every": self.checkpoint_every * u, "keep": self.checkpoint_keep},
+                           max_nonfinite=self.max_nonfinite, peak_flops=self.peak_flops)
