@@ -6,9 +6,9 @@ Plain pydantic, no torch at import, so loading a recipe stays cheap.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.config import CurriculumConfig, EngineConfig, OptimizerConfig, TrainConfig
 
@@ -266,3 +266,57 @@ class RlConfig(Strict):
         return TrainConfig(steps=self.iterations * u, engine=self.engine, eval_every=self.iterations * u,
                            checkpoint={"every": self.checkpoint_every * u, "keep": self.checkpoint_keep},
                            max_nonfinite=self.max_nonfinite, peak_flops=self.peak_flops)
+
+
+# ----------------------------------------------------------------------------- PRL: progressive stages
+
+
+MAX_PRL_STAGES = 16
+
+
+def deep_merge(base: dict, override: dict, whole: tuple[str, ...] = ()) -> dict:
+    """base with override's keys replacing it, nested mappings merged key by key (except the
+    top-level keys in whole, which are replaced as a whole)."""
+    out = dict(base)
+    for key, value in override.items():
+        nested = isinstance(value, dict) and isinstance(out.get(key), dict) and key not in whole
+        out[key] = deep_merge(out[key], value) if nested else value
+    return out
+
+
+class PrlConfig(RlConfig):
+    """Progressive RL: the shared settings (every RlConfig key) and the list of stages, each a
+    mapping of the keys it changes (algorithm, rewards, loss.entropy_coef, loss.kl_coef,
+    iterations, switch, ...); nested keys merge, a stage's `rewards` replace the shared ones. Stage k is the run store's stage prl_k; it starts from prl_{k-1}'s
+    model (prl_1 from dpo's, or sft's), so editing stage 2 reruns prl_2 onwards only."""
+
+    stages: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1, max_length=MAX_PRL_STAGES)
+
+    @model_validator(mode="after")
+    def _stages_valid(self) -> "PrlConfig":
+        for k in range(1, len(self.stages) + 1):
+            self.stage_config(k)
+        return self
+
+    def stage_config(self, k: int) -> RlConfig:
+        """Stage k's settings (1-based): the shared ones with the stage's changes; errors name the stage."""
+        if not 1 <= k <= len(self.stages):
+            raise ValueError(f"prl has {len(self.stages)} stage(s); there is no stage {k}")
+        override = self.stages[k - 1]
+        if not isinstance(override, dict):
+            raise ValueError(f"stages.{k - 1}: expected a mapping of keys to change, got {override!r}")
+        if "stage" in override:
+            raise ValueError(f"stages.{k - 1}.stage: set by the stage's position in the list")
+        shared = self.model_dump(exclude=set(self._own_fields()))
+        try:
+            # a stage's reward weights are its own: the shared mapping is replaced, not merged into
+            return RlConfig.model_validate(deep_merge(shared, {**override, "stage": k}, whole=("rewards",)))
+        except ValidationError as err:
+            problems = "; ".join(f"stages.{k - 1}.{'.'.join(str(p) for p in e['loc'])}: "
+                                 f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+                                 for e in err.errors())
+            raise ValueError(problems) from None
+
+    def _own_fields(self) -> tuple[str, ...]:
+        """Fields of this section that are not RlConfig's (a pipeline section adds gang, eval, ...)."""
+        return tuple(name for name in type(self).model_fields if name not in RlConfig.model_fields)

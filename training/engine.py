@@ -343,11 +343,12 @@ class Engine(_Wrapped):
         if path is None:
             raise ValueError(f"checkpoint {folder}/{tag}: DeepSpeed found nothing to load")
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+    def full_state_dict(self, everywhere: bool = False) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None elsewhere; on every rank with everywhere, as
+        RL's rollout needs them); collective under ZeRO-3."""
         params = list(self.module.parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.zero_stage == 3):
-            if self.rank != 0:
+            if self.rank != 0 and not everywhere:
                 return None
             return {k: v.detach().float().cpu().clone() for k, v in self.module.state_dict().items()}
 

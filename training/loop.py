@@ -190,6 +190,8 @@ def train(cfg: TrainConfig, job: Job, *, checkpoints: Path, hooks: Hooks | None,
     run = RunState(corrupt_skipped=skipped)
     if state is not None:
         _restore(run, job, folder, state, rank)
+    if hasattr(job, "bind"):  # a job that works with the engine between steps (RL's rollouts)
+        job.bind(engine)
     peak = cfg.peak_flops or broadcast(measure_cpu_peak_flops() if rank == 0 and engine.device.type == "cpu" else None)
     loop = TrainLoop(cfg, engine, job, run, hooks or Hooks(), Path(checkpoints), peak)
     loop.run()
@@ -197,6 +199,7 @@ def train(cfg: TrainConfig, job: Job, *, checkpoints: Path, hooks: Hooks | None,
 
 
 def _restore(run: RunState, job: Job, folder: Path, state: dict, rank: int) -> None:
+    check_identity(job, folder, state)
     run.step, run.tokens = state["step"], state["tokens"]
     run.nonfinite_total = state.get("nonfinite_total", 0)
     run.resumed_from, run.last_checkpoint = state["step"], str(folder)
@@ -205,6 +208,19 @@ def _restore(run: RunState, job: Job, folder: Path, state: dict, rank: int) -> N
     if rng is not None:
         ckpt.set_rng_state(rng)
     log.warning("resumed from %s (step %d)", folder, state["step"])
+
+
+def check_identity(job: Job, folder: Path, state: dict) -> None:
+    """A job that states what it is (its config and start model's digests: RL) refuses a
+    checkpoint of another config or model, instead of silently training on from it."""
+    mine = getattr(job, "identity", lambda: None)()
+    saved = state.get("identity")
+    if mine is None or saved is None or mine == saved:
+        return
+    differ = sorted(k for k in {*mine, *saved} if mine.get(k) != saved.get(k))
+    raise ValueError(f"checkpoint {folder} belongs to another run ({', '.join(differ)} differ: saved "
+                     f"{[saved.get(k) for k in differ]}, this run {[mine.get(k) for k in differ]}); refusing to "
+                     f"resume from it. Delete {folder.parent} to start this run from step 0")
 
 
 class TrainLoop:
@@ -217,15 +233,17 @@ class TrainLoop:
 
     def run(self) -> None:
         run = self.run_state
-        while run.step < self.cfg.steps:
+        finished = getattr(self.job, "finished", lambda: False)  # a job may end early (RL's plateau rule)
+        while run.step < self.cfg.steps and not finished():
             self.hooks.on_step(run.step, self.engine.module)
             metrics = self.train_one()
-            if run.step % self.cfg.eval_every == 0 or run.step == self.cfg.steps:
+            last = run.step == self.cfg.steps or finished()
+            if run.step % self.cfg.eval_every == 0 or last:
                 metrics.update(self.job.evaluate(self.engine))
             self.last_metrics = metrics
             if self.rank == 0:
                 self.hooks.on_metrics(metrics, run.step)
-            if run.step % self.cfg.checkpoint.every == 0 or run.step == self.cfg.steps:
+            if run.step % self.cfg.checkpoint.every == 0 or last:
                 self.save()
 
     def train_one(self) -> dict:
@@ -287,7 +305,8 @@ class TrainLoop:
         run, ecfg = self.run_state, self.cfg.engine
         return {"step": run.step, "tokens": run.tokens, "nonfinite_total": run.nonfinite_total,
                 "world_size": self.world, "zero_stage": ecfg.zero_stage, "precision": ecfg.precision,
-                "data": self.job.state_dict(), "time": time.time()}
+                "data": self.job.state_dict(), "identity": getattr(self.job, "identity", lambda: None)(),
+                "time": time.time()}
 
     def save_model(self, folder: Path, tokenizer=None, model_max_length: int | None = None) -> Path | None:
         """The final model (and tokenizer) into folder on rank 0; every rank helps gather the weights."""

@@ -1,0 +1,470 @@
+"""RL on verifiable tasks: PPO (GAE, a critic, KL) and GRPO and its variants, in the shared loop.
+
+One iteration reads like the algorithm, one timed phase per line (RlJob.rollout_iteration):
+
+    sync        rollout model <- the policy's weights
+    generate    G completions per prompt, batched, KV cache (and DAPO's refill of tied groups)
+    score       reward terms per completion, weighted (rl/rewards.py)
+    logprobs    old log-probs and values of the policy, the reference's log-probs
+    advantages  token rewards (KL penalty if in the reward) -> the estimator (rl/advantages.py)
+    update      epochs x minibatches of optimizer steps: the shared loop's steps
+
+A loop step (training/loop.py) is one optimizer update, so checkpoints, resume, non-finite
+steps and metrics are the same as every stage's; checkpoints fall on iteration boundaries and
+hold the policy, the critic, their optimizer state, the RNG states, the prompt sampler's
+position, the novelty history and the plateau rule's state. Sampling seeds derive from
+(seed, iteration, round, rank), so a resumed run replays the same completions.
+
+    summary = rl(RlConfig(...), RlPaths(train_tasks=[...], init_model=Path("runs/r1/dpo/model"), ...), seed=0)
+
+On a cluster it runs as a gang (cluster/train.py), every rank sampling its share of the prompts
+(the groups of one prompt stay on one rank) with a rollout copy of the policy beside it.
+Shape legend: B completions, T positions.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rl.advantages import estimate, informative_groups, masked_mean, token_rewards
+from rl.config import RlConfig
+from rl.eval import EvalTask, completion_text, load_tasks
+from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
+from rl.rewards import RewardParams, Rewards, Sample
+from rl.roles import ActorCritic, Reference, Rollout, action_targets, policy_state
+from training.checkpoint import sha256_file
+from training.distributed import all_gather, all_sum, rank_world
+from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
+from training.export import load_model_config, save_model
+from training.logprobs import token_logprobs
+from training.loop import Hooks, paths_from_payload, train
+from training.model import Transformer, flops_per_token
+from training.pretrain import expert_metrics
+from training.template import encode_prompt
+from training.tokenizer import EOS, PAD, load_tokenizer, special_token_ids
+
+
+@dataclass
+class RlPaths:
+    train_tasks: list[Path]     # the tasks stage's train split: the prompts
+    init_model: Path            # the policy's start (and the reference, and a separate critic's trunk)
+    work: Path
+    checkpoints: Path
+    out: Path                   # model/ goes here (rank 0)
+
+
+class PromptSampler:
+    """Prompts in a seeded shuffled order, reshuffled each pass; the same on every rank."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._order = self._permutation()
+            out.append(self._order[self.pos])
+            self.pos += 1
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+        self._order = self._permutation()
+
+
+class Phases:
+    """Seconds per phase of one iteration: `with phases("generate"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+@dataclass
+class Group:
+    """One prompt's G completions with their scores."""
+    task: int
+    prompt: list[int]
+    completions: list[list[int]]
+    samples: list[Sample]
+    total: torch.Tensor                 # (G,)
+    terms: dict[str, torch.Tensor]      # term -> (G,)
+
+
+class RlJob:
+    """The shared loop's job for RL: each step is one update; an empty queue triggers a rollout."""
+
+    summary_keys = ("reward/mean", "reward/accuracy/mean", "reward/format/mean", "policy_loss", "kl",
+                    "entropy", "response_length/mean", "iteration")
+
+    def __init__(self, cfg: RlConfig, tasks: list[EvalTask], tok, model_cfg, reference: Reference | None,
+                 rewards: Rewards, seed: int, identity: dict):
+        self.cfg, self.tasks, self.tok, self.model_cfg = cfg, tasks, tok, model_cfg
+        self.reference, self.rewards, self.seed, self._identity = reference, rewards, seed, identity
+        self.rank, self.world = rank_world()
+        ids = special_token_ids(tok)
+        self.pad_id, self.stop_ids = ids[PAD], [ids[EOS], ids["</answer>"]]
+        self.prompts = [encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context])
+                        for t in tasks]
+        self.sampler = PromptSampler(len(tasks), seed)
+        self.iteration = 0
+        self.plateau = {"best": None, "since": 0, "stop": False}
+        self.queue: list[tuple[list[dict], int]] = []
+        self.last_rollout: dict = {}
+        self.flops_per_token = flops_per_token(model_cfg, model_cfg.max_seq_len)
+        self.engine: Engine | None = None
+        self.rollout: Rollout | None = None
+        self._check_split()
+
+    def _check_split(self) -> None:
+        c = self.cfg
+        if c.rollout.prompts % self.world:
+            raise ValueError(f"rollout.prompts={c.rollout.prompts} must be a multiple of the {self.world} workers "
+                             "(each worker samples whole groups)")
+        if c.minibatch % (c.micro_batch * self.world):
+            raise ValueError(f"minibatch={c.minibatch} must be a multiple of micro_batch={c.micro_batch} x "
+                             f"{self.world} workers")
+
+    def bind(self, engine: Engine) -> None:
+        self.engine = engine
+        self.rollout = Rollout(self.model_cfg, self.stop_ids, self.pad_id, engine.device)
+
+    def identity(self) -> dict:
+        return self._identity
+
+    # ---- the loop's interface
+
+    def next_step(self) -> tuple[list, dict]:
+        info = self.rollout_iteration() if not self.queue else {}
+        micro, tokens = self.queue.pop(0)
+        return micro, {**info, "tokens": tokens, "iteration": self.iteration}
+
+    def finished(self) -> bool:
+        return not self.queue and self.plateau["stop"]
+
+    def after_step(self, engine: Engine, result: StepResult) -> dict:
+        if not result.skipped:
+            engine.module.update_router_bias(dist.all_reduce if self.world > 1 else None)
+        return expert_metrics(engine.module.policy)
+
+    def evaluate(self, engine: Engine) -> dict:
+        return {}  # the held-out task evaluation runs on the saved model at the end of the stage
+
+    def state_dict(self) -> dict:
+        if self.queue:
+            raise RuntimeError("RL checkpoints fall on iteration boundaries; updates are still queued")
+        return {"sampler": self.sampler.state_dict(), "iteration": self.iteration,
+                "plateau": dict(self.plateau), "novelty": self.rewards.novelty.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.iteration = state["iteration"]
+        self.plateau = dict(state["plateau"])
+        self.rewards.novelty.load_state_dict(state["novelty"])
+
+    def final_model(self, weights: dict[str, torch.Tensor]) -> Transformer:
+        model = Transformer(self.model_cfg)
+        model.load_state_dict(policy_state(weights))
+        return model
+
+    def save_final(self, model, folder: Path) -> Path:
+        return save_model(model, folder)
+
+    # ---- one iteration
+
+    def rollout_iteration(self) -> dict:
+        phases = Phases()
+        self.iteration += 1
+        with phases("sync"):
+            self.rollout.sync(policy_state(self.engine.full_state_dict(everywhere=True)))
+        groups, stats = self.sample_groups(phases)
+        with phases("logprobs"):
+            batch = self.build_batch(groups)
+            self.score_batch(batch)
+        with phases("advantages"):
+            self.advantages(batch, groups)
+            self.queue = self.plan_updates(batch)
+        self.rewards.remember([c for part in all_gather([s.completion for g in groups for s in g.samples])
+                               for c in part])
+        metrics = self.rollout_metrics(groups, batch, stats, phases)
+        self._plateau(metrics["reward/mean"])
+        self.last_rollout = metrics
+        return metrics
+
+    def _generator(self, round_: int) -> torch.Generator:
+        g = torch.Generator(device=self.engine.device)
+        return g.manual_seed(((self.seed * 1_000_003 + self.iteration) * 101 + round_) * 64 + self.rank)
+
+    def sample_round(self, round_: int) -> list[Group]:
+        """This rank's share of a fresh global draw of prompts, G completions each, scored."""
+        G = self.cfg.rollout.group_size
+        drawn = self.sampler.take(self.cfg.rollout.prompts)
+        per = len(drawn) // self.world
+        mine = drawn[self.rank * per:(self.rank + 1) * per]
+        gen = self.rollout.generate([self.prompts[i] for i in mine for _ in range(G)], self.cfg.rollout,
+                                    self._generator(round_))
+        samples, completions = [], []
+        for row, (tokens, length) in enumerate(zip(gen.tokens, gen.lengths.tolist())):
+            task = self.tasks[mine[row // G]]
+            ids = tokens[:length].tolist()
+            truncated = length == self.cfg.rollout.max_new_tokens and ids[-1] not in self.stop_ids
+            completions.append(ids)
+            samples.append(Sample(task.prompt, completion_text(self.tok, ids), task.answer, task.checker,
+                                  group=row // G, n_tokens=length, truncated=truncated, system=task.system,
+                                  family=task.family, difficulty=task.difficulty))
+        scored = self.rewards.score(samples)
+        return [Group(t, self.prompts[t], completions[j * G:(j + 1) * G], samples[j * G:(j + 1) * G],
+                      scored.total_B[j * G:(j + 1) * G], {k: v[j * G:(j + 1) * G] for k, v in scored.terms.items()})
+                for j, t in enumerate(mine)]
+
+    def sample_groups(self, phases: Phases) -> tuple[list[Group], dict]:
+        """This rank's groups for the iteration. With dynamic sampling, groups whose rewards all tie
+        are set aside and more prompts drawn (every rank draws alike) until each rank has its quota
+        of informative groups or the refill rounds run out; tied groups then fill the gap."""
+        quota = self.cfg.rollout.prompts // self.world
+        kept, tied, drawn, rounds = [], [], 0, 0
+        while True:
+            with phases("generate"):
+                fresh = self.sample_round(rounds)
+            drawn += len(fresh)
+            with phases("score"):
+                for g in fresh:
+                    informative = bool(informative_groups(g.total, len(g.total))[0])
+                    (kept if informative or not self.cfg.rollout.dynamic_sampling else tied).append(g)
+            rounds += 1
+            short = all_sum([float(max(0, quota - len(kept)))])[0]
+            if not self.cfg.rollout.dynamic_sampling or short == 0 or rounds > self.cfg.rollout.max_refill_rounds:
+                break
+        groups = (kept + tied)[:quota]
+        return groups, {"rounds": rounds, "groups_drawn": drawn}
+
+    def build_batch(self, groups: list[Group]) -> dict:
+        """Right-padded prompt + completion rows; action_BT marks the positions whose next token
+        is a completion token (where log-probs, values and rewards live)."""
+        rows = [(g.prompt, c) for g in groups for c in g.completions]
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        real = torch.zeros((len(rows), width), dtype=torch.bool)
+        action = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, (p, c) in enumerate(rows):
+            ids[i, :len(p) + len(c)] = torch.tensor(p + c)
+            real[i, :len(p) + len(c)] = True
+            action[i, len(p) - 1:len(p) + len(c) - 1] = True
+        total = torch.cat([g.total for g in groups])
+        return {"ids": ids, "real": real, "action": action, "scores": total}
+
+    @torch.no_grad()
+    def score_batch(self, batch: dict) -> None:
+        """Old log-probs and values (the policy before this iteration's updates) and the reference's."""
+        module, dev = self.engine.module, self.engine.device
+        old, values, ref = [], [], []
+        module.eval()
+        for lo in range(0, batch["ids"].shape[0], self.cfg.micro_batch):
+            ids, real, act = (batch[k][lo:lo + self.cfg.micro_batch] for k in ("ids", "real", "action"))
+            logits, v, _ = module(ids.to(dev), real.to(dev))
+            old.append(token_logprobs(logits, action_targets(ids.to(dev), act.to(dev))).cpu())
+            values.append(v.cpu() if v is not None else torch.zeros(ids.shape))
+            if self.reference is not None:
+                ref.append(self.reference.logprobs(ids, real, act))
+        module.train()
+        batch["old_logp"], batch["old_values"] = torch.cat(old), torch.cat(values) * batch["action"]
+        batch["ref_logp"] = torch.cat(ref) if ref else batch["old_logp"].clone()
+
+    def advantages(self, batch: dict, groups: list[Group]) -> None:
+        c = self.cfg
+        kl = kl_penalty(batch["old_logp"], batch["ref_logp"], c.loss.kl_estimator) * batch["action"]
+        batch["rollout_kl"] = kl
+        rewards_BT = token_rewards(batch["scores"], batch["action"], kl if c.loss.kl_in == "reward" else None,
+                                   c.loss.kl_coef)
+        adv = estimate(c.estimator, token_rewards_BT=rewards_BT, mask_BT=batch["action"],
+                       values_BT=batch["old_values"] if c.critic_kind != "none" else None,
+                       group_size=c.rollout.group_size, gamma=c.advantage.gamma, lam=c.advantage.lam,
+                       whiten=c.advantage.whiten)
+        batch["adv"] = adv.advantages_BT
+        batch["returns"] = adv.returns_BT if adv.returns_BT is not None else torch.zeros_like(adv.advantages_BT)
+
+    def plan_updates(self, batch: dict) -> list[tuple[list[dict], int]]:
+        """epochs x minibatches of updates, each a list of micro-batches; every micro-batch carries
+        the scale that turns its sums into the minibatch's mean over all ranks."""
+        c, n = self.cfg, batch["ids"].shape[0]
+        per_rank = c.minibatch // self.world
+        gas = c.minibatch // (c.micro_batch * self.world)
+        plans = []
+        for epoch in range(c.epochs):
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.iteration) * 31 + epoch)
+            order = torch.randperm(n, generator=g)
+            plans += [order[lo:lo + per_rank] for lo in range(0, n, per_rank)]
+        counts = all_sum([float(x) for rows in plans
+                          for x in (batch["action"][rows].sum(), batch["real"][rows].sum())])
+        updates = []
+        for j, rows in enumerate(plans):
+            actions, tokens = counts[2 * j], counts[2 * j + 1]
+            micro = []
+            for lo in range(0, per_rank, c.micro_batch):
+                part = rows[lo:lo + c.micro_batch]
+                width = int(batch["real"][part].sum(-1).max())
+                mb = {k: batch[k][part][:, :width] for k in ("ids", "real", "action", "old_logp", "ref_logp",
+                                                              "adv", "returns", "old_values")}
+                mb["token_scale"] = torch.tensor(gas * self.world / max(actions, 1.0))
+                mb["seq_scale"] = torch.tensor(gas * self.world / c.minibatch)
+                micro.append(mb)
+            updates.append((micro, int(tokens)))
+        return updates
+
+    # ---- the loss of one micro-batch
+
+    def loss_fn(self, model, batch: dict) -> tuple[torch.Tensor, dict]:
+        c = self.cfg
+        act = batch["action"]
+        logits, values, aux = model(batch["ids"], batch["real"])
+        logp = token_logprobs(logits, action_targets(batch["ids"], act))
+        low, high = c.loss.clip_range()
+        pl = policy_loss(c.loss.policy, logp, batch["old_logp"], batch["adv"], act, eps_low=low, eps_high=high,
+                         dual_clip=c.loss.dual_clip)
+        agg_scale = batch["token_scale"] if c.aggregation == "token-mean" else batch["seq_scale"]
+
+        def agg(x_BT):
+            num, _ = aggregate_parts(x_BT, act, c.aggregation, norm_length=c.rollout.max_new_tokens)
+            return num * agg_scale
+
+        def token_mean(x_BT):
+            return (x_BT * act).sum() * batch["token_scale"]
+
+        entropy_BT = entropy_from_logits(logits)
+        kl_BT = kl_penalty(logp, batch["ref_logp"], c.loss.kl_estimator) * act
+        loss = agg(pl.loss_BT) - c.entropy_coef * agg(entropy_BT)
+        if c.loss.kl_coef and c.loss.kl_in == "loss":
+            loss = loss + c.loss.kl_coef * agg(kl_BT)
+        metrics = {"policy_loss": agg(pl.loss_BT).detach(), "entropy": token_mean(entropy_BT).detach(),
+                   "kl": token_mean(kl_BT).detach(), "clip_frac/low": token_mean(pl.clipped_low_BT.float()),
+                   "clip_frac/high": token_mean(pl.clipped_high_BT.float()),
+                   "ratio/mean": token_mean(pl.ratio_BT)}
+        if values is not None:
+            vl = value_loss(values, batch["old_values"], batch["returns"], act, c.loss.value_clip)
+            loss = loss + c.loss.vf_coef * agg(vl)
+            metrics["value_loss"] = agg(vl).detach()
+        return loss + aux, {**metrics, "aux_loss": aux}
+
+    # ---- metrics and the plateau rule
+
+    def rollout_metrics(self, groups: list[Group], batch: dict, stats: dict, phases: Phases) -> dict:
+        """Every rank's completions together: reward terms, lengths, ties, KL, advantages, timing."""
+        local = [[float(g.total[i]), *(float(g.terms[k][i]) for k in sorted(g.terms)), s.n_tokens, float(s.truncated)]
+                 for g in groups for i, s in enumerate(g.samples)]
+        rows = torch.tensor([r for part in all_gather(local) for r in part], dtype=torch.float64)
+        names = sorted(groups[0].terms)
+        G = self.cfg.rollout.group_size
+        out = {"reward/mean": float(rows[:, 0].mean()), "reward/std": float(rows[:, 0].std(unbiased=False))}
+        for j, name in enumerate(names):
+            out[f"reward/{name}/mean"] = float(rows[:, 1 + j].mean())
+            out[f"reward/{name}/std"] = float(rows[:, 1 + j].std(unbiased=False))
+        lengths = rows[:, -2]
+        out.update({"response_length/mean": float(lengths.mean()), "response_length/max": float(lengths.max()),
+                    "response_length/truncated": float(rows[:, -1].mean()),
+                    "zero_variance_groups": float((~informative_groups(rows[:, 0], G)).double().mean())})
+        act = batch["action"]
+        sums = all_sum([float((batch["rollout_kl"] * act).sum()), float(act.sum()), float((batch["adv"] * act).sum()),
+                        float((batch["adv"] ** 2 * act).sum()), *self._explained_variance_parts(batch),
+                        float(stats["groups_drawn"])])
+        n = max(sums[1], 1.0)
+        mean_adv = sums[2] / n
+        out.update({"rollout/kl": sums[0] / n, "advantages/mean": mean_adv,
+                    "advantages/std": max(sums[3] / n - mean_adv ** 2, 0.0) ** 0.5,
+                    "dynamic_sampling/groups_drawn": sums[-1], "dynamic_sampling/rounds": stats["rounds"]})
+        if self.cfg.critic_kind != "none":
+            r_sum, r_sq, d_sum, d_sq = sums[4:8]
+            var_r = r_sq / n - (r_sum / n) ** 2
+            var_d = d_sq / n - (d_sum / n) ** 2
+            out["explained_variance"] = 1.0 - var_d / var_r if var_r > 1e-12 else 0.0
+        generated = all_sum([float(lengths.sum() / self.world)])[0]
+        out.update({f"time/{k}": v for k, v in phases.seconds.items()})
+        out["generated_tokens_per_s"] = generated / max(phases.seconds.get("generate", 0.0), 1e-9)
+        return out
+
+    def _explained_variance_parts(self, batch: dict) -> list[float]:
+        act = batch["action"]
+        r, d = batch["returns"] * act, (batch["returns"] - batch["old_values"]) * act
+        return [float(r.sum()), float((r ** 2).sum()), float(d.sum()), float((d ** 2).sum())]
+
+    def _plateau(self, reward: float) -> None:
+        rule, p = self.cfg.switch, self.plateau
+        if rule is None:
+            return
+        if p["best"] is None or reward > p["best"] + rule.min_delta:
+            p["best"], p["since"] = reward, 0
+        else:
+            p["since"] += 1
+        p["stop"] = self.iteration >= rule.min_iterations and p["since"] >= rule.patience
+
+
+# ----------------------------------------------------------------------------- the stage's entry points
+
+
+def load_prompts(files: list[Path], model_cfg, tok, max_new_tokens: int) -> tuple[list[EvalTask], int]:
+    """The train split's tasks whose prompt leaves room for max_new_tokens, and how many did not."""
+    tasks = [t for f in sorted(files) for t in load_tasks(f)]
+    fits = [t for t in tasks if len(encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context]))
+            + max_new_tokens <= model_cfg.max_seq_len]
+    if not fits:
+        raise ValueError(f"none of the {len(tasks)} prompts in {[str(f) for f in files]} leaves room for "
+                         f"rollout.max_new_tokens={max_new_tokens} within max_seq_len={model_cfg.max_seq_len}")
+    return fits, len(tasks) - len(fits)
+
+
+def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None) -> dict:
+    """Run cfg.iterations of RL (resuming from the newest good checkpoint); rank 0's summary."""
+    ensure_process_group()
+    model_cfg = load_model_config(paths.init_model)
+    tok = load_tokenizer(paths.init_model)
+    tasks, too_long = load_prompts(paths.train_tasks, model_cfg, tok, cfg.rollout.max_new_tokens)
+    reference = None
+    if cfg.loss.kl_coef > 0:
+        reference = Reference(FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.micro_batch))
+    rewards = Rewards(cfg.rewards, RewardParams(length_budget=cfg.reward_terms.length_budget,
+                                                novelty_n=cfg.reward_terms.novelty_n,
+                                                novelty_history=cfg.reward_terms.novelty_history,
+                                                max_new_tokens=cfg.rollout.max_new_tokens,
+                                                overlong_buffer=cfg.reward_terms.overlong_buffer,
+                                                reward_model=cfg.reward_model))
+    identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16],
+                "model": sha256_file(paths.init_model / "model.safetensors")[:16]}
+    job = RlJob(cfg, tasks, tok, model_cfg, reference, rewards, seed, identity)
+    loop = train(cfg.train_config(), job, checkpoints=paths.checkpoints, hooks=hooks,
+                 make_model=lambda: ActorCritic.from_folder(paths.init_model, cfg.critic_kind),
+                 micro_batch=cfg.micro_batch, global_batch=cfg.minibatch)
+    loop.save_model(Path(paths.out) / "model", tok, model_max_length=model_cfg.max_seq_len)
+    if job.rank != 0:
+        return {}
+    last = {k: v for k, v in job.last_rollout.items() if k.startswith(("reward/", "response_length/"))}
+    return {**loop.summary(), **last, "iterations": job.iteration, "prompts": len(tasks), "prompts_too_long": too_long,
+            "algorithm": cfg.algorithm, "estimator": cfg.estimator, "critic": cfg.critic_kind,
+            "aggregation": cfg.aggregation, "entropy_coef": cfg.entropy_coef,
+            "ended_on_plateau": bool(job.plateau["stop"]) and job.iteration < cfg.iterations}
+
+
+def worker(payload: dict, hooks: Hooks) -> dict:
+    """The gang's entry point (cluster/train.py): JSON payload in, rank 0's summary out."""
+    paths = RlPaths(**paths_from_payload(payload["paths"]))
+    return rl(RlConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks)

@@ -1,0 +1,150 @@
+"""RL's roles as plain classes: policy (+ critic), reference, rollout and reward.
+
+    model = ActorCritic.from_folder("runs/r1/sft/model", critic="shared")   # the trainable role(s)
+    rollout = Rollout(model.policy.cfg, tok)                                 # sampling, own weights
+    rollout.sync(policy_weights(engine))                                     # before every rollout
+    gen = rollout.generate(prompt_ids, cfg.rollout, generator)
+    ref = Reference(frozen)                                                  # a FrozenModel, or None
+    ref.logprobs(batch)
+
+The policy and the critic train in one DeepSpeed engine over ``ActorCritic`` (their parameters
+are disjoint, so one AdamW over both equals two with the same settings; the clip norm is joint).
+``critic="shared"`` puts a value head on the policy's trunk; ``"separate"`` copies the start
+model's trunk (no lm_head) for the critic, as OpenRLHF/veRL initialise it from the SFT model.
+
+Rollout and training share one model module (training/model.py). The MoE router picks experts
+from the same weights and tokens in both, so ``ActorCritic`` turns off the training-only token
+dropping (capacity_factor), which would make the trained log-probs differ from the sampled ones.
+
+Shape legend: B completions, T positions, V vocabulary, D model width.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.generate import Generation, generate
+from training.model import Transformer
+
+
+def no_token_dropping(model: Transformer) -> Transformer:
+    """The same model with MoE capacity dropping off (it applies in training mode only)."""
+    cfg = model.cfg.model_copy(update={"capacity_factor": None})
+    model.cfg = cfg
+    for moe in model.moe_layers().values():
+        moe.cfg = cfg
+    return model
+
+
+class ActorCritic(nn.Module):
+    """The policy and, unless critic is "none", a value model: one forward gives (logits, values, aux)."""
+
+    def __init__(self, policy: Transformer, critic: str = "none"):
+        super().__init__()
+        if critic not in ("none", "shared", "separate"):
+            raise ValueError(f"critic={critic!r}: expected none, shared or separate")
+        self.critic_kind = critic
+        self.policy = no_token_dropping(policy)
+        self.critic_trunk = None
+        if critic == "separate":
+            trunk = copy.deepcopy(self.policy)
+            trunk.lm_head = None  # a value model: no vocabulary projection, no weights for it
+            self.critic_trunk = trunk
+        self.value_head = None
+        if critic != "none":
+            self.value_head = nn.Linear(policy.cfg.d_model, 1)
+            nn.init.zeros_(self.value_head.weight)  # values start at 0: the first advantages are the returns
+            nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, critic: str = "none") -> "ActorCritic":
+        from training.export import load_model
+        return cls(load_model(folder), critic)
+
+    def forward(self, ids_BT: torch.Tensor, real_BT: torch.Tensor | None = None):
+        """(logits_BTV, values_BT or None, aux loss) of right-padded rows."""
+        x_BTD, aux = self.policy._blocks(ids_BT, None, None, None, real_BT, None)
+        h_BTD = self.policy.norm(x_BTD)
+        logits_BTV = self.policy.lm_head(h_BTD)
+        values_BT = None
+        if self.critic_kind == "shared":
+            values_BT = self.value_head(h_BTD).squeeze(-1).float()
+        elif self.critic_kind == "separate":
+            hc_BTD, aux_c = self.critic_trunk.hidden(ids_BT, real_BT=real_BT)
+            values_BT = self.value_head(hc_BTD).squeeze(-1).float()
+            aux = aux + aux_c
+        return logits_BTV, values_BT, aux
+
+    # what the loop's metrics and balancing call, and activation checkpointing walks
+    @property
+    def blocks(self) -> list[nn.Module]:
+        return [*self.policy.blocks, *(self.critic_trunk.blocks if self.critic_trunk is not None else [])]
+
+    def expert_loads(self) -> dict[int, torch.Tensor]:
+        return self.policy.expert_loads()
+
+    def update_router_bias(self, all_reduce=None) -> None:
+        self.policy.update_router_bias(all_reduce)
+        if self.critic_trunk is not None:
+            self.critic_trunk.update_router_bias(all_reduce)
+
+
+def policy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The policy's weights (and router biases) out of an ActorCritic state dict."""
+    return {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
+
+
+class Rollout:
+    """Batched sampling with the KV cache on a model of its own, synced from the policy."""
+
+    def __init__(self, model_cfg, stop_ids: list[int], pad_id: int, device: torch.device | str = "cpu"):
+        self.model = no_token_dropping(Transformer(model_cfg)).to(device).eval()
+        self.model.requires_grad_(False)
+        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+
+    @torch.no_grad()
+    def sync(self, weights: dict[str, torch.Tensor]) -> None:
+        """The policy's current weights (every parameter and buffer, the router bias included)."""
+        self.model.load_state_dict(weights, strict=True)
+
+    def generate(self, prompts: list[list[int]], cfg, generator: torch.Generator | None) -> Generation:
+        """Completions of each prompt (prompts repeat G times for a group), decoded cfg.batch_size
+        at a time; tokens are padded to the batch's longest completion."""
+        tokens, lengths = [], []
+        for lo in range(0, len(prompts), cfg.batch_size):
+            out = generate(self.model, prompts[lo:lo + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
+                           stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=cfg.temperature,
+                           top_p=cfg.top_p if cfg.top_p < 1 else None, generator=generator)
+            tokens += list(out.tokens)
+            lengths.append(out.lengths)
+        width = max(len(t) for t in tokens)
+        padded = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            padded[i, :len(t)] = t.cpu()
+        return Generation(padded, torch.cat(lengths).cpu())
+
+
+class Reference:
+    """The frozen reference policy's per-token log-probs (training/engine.FrozenModel underneath)."""
+
+    def __init__(self, frozen):
+        self.frozen = frozen
+
+    @torch.no_grad()
+    def logprobs(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:
+        from training.engine import to_device
+        from training.logprobs import token_logprobs
+        ids, real = to_device((ids_BT, real_BT), self.frozen.device)
+        logits = self.frozen(ids, real_BT=real).logits
+        return token_logprobs(logits, action_targets(ids, action_BT.to(ids.device))).cpu()
+
+
+def action_targets(ids_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:
+    """Next-token targets at action positions, IGNORE elsewhere."""
+    from training.logprobs import IGNORE
+    targets = torch.full_like(ids_BT, IGNORE)
+    targets[:, :-1] = ids_BT[:, 1:]
+    return targets.masked_fill(~action_BT.bool(), IGNORE)
