@@ -23,7 +23,7 @@ from data_engine.ingest import IngestConfig
 from data_engine.pair_data import PairsConfig
 from data_engine.quality import QualityConfig
 from data_engine.task_data import TasksConfig
-from rl.config import DpoConfig, EvalConfig, RewardModelConfig
+from rl.config import DpoConfig, EvalConfig, PrlConfig, RewardModelConfig, RlConfig
 from training.config import PretrainConfig
 from training.config import SftConfig
 from training.tokenizer import TokenizerConfig
@@ -94,6 +94,29 @@ class RewardModelSection(RewardModelConfig):
     gang: GangConfig = GangConfig()
 
 
+class PrlStageSection(RlConfig):
+    """One PRL stage as the runner sees it: its resolved RL settings, the gang and the evaluation."""
+
+    init_model: Path | None = None  # prl_1 only: the policy's start; None: dpo's model/ (or sft's)
+    gang: GangConfig = GangConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+class PrlSection(PrlConfig):
+    """Progressive RL on the tasks stage's train prompts: shared settings and `stages`, each run
+    as the run store's stage prl_1, prl_2, ... on a DeepSpeed gang, each ending with the held-out
+    evaluation. List `prl` in the recipe's stages to run them all."""
+
+    init_model: Path | None = None  # the first stage's start; None: the dpo stage's model/ (or sft's)
+    gang: GangConfig = GangConfig()
+    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end of every PRL stage
+
+    def stage_section(self, k: int) -> PrlStageSection:
+        rl = self.stage_config(k).model_dump()
+        return PrlStageSection.model_validate({**rl, "init_model": self.init_model if k == 1 else None,
+                                               "gang": self.gang, "eval": self.eval})
+
+
 class DomainsSection(DomainsConfig):
     """Domain tagging; tagging keeps every row unless asked to drop unconfident ones."""
 
@@ -127,12 +150,13 @@ class PipelineConfig(Strict):
     pairs: PairsConfig | None = None
     dpo: DpoSection | None = None
     reward_model: RewardModelSection | None = None
+    prl: PrlSection | None = None
 
     @field_validator("stages")
     @classmethod
     def _known_stages(cls, stages: list[str]) -> list[str]:
         from pipelines.graph import STAGES
-        unknown = [s for s in stages if s not in STAGES]
+        unknown = [s for s in stages if s not in STAGES and s != "prl"]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
         if len(set(stages)) != len(stages):
@@ -140,7 +164,26 @@ class PipelineConfig(Strict):
         return stages
 
     @model_validator(mode="after")
+    def _expand_prl(self) -> "PipelineConfig":
+        """`prl` in stages stands for prl_1 .. prl_N, N the prl section's stages."""
+        listed = [s for s in self.stages if s == "prl" or s.startswith("prl_")]
+        if listed and self.prl is None:
+            raise ValueError(f"stages lists {listed[0]!r} but the recipe has no `prl:` section")
+        n = len(self.prl.stages) if self.prl is not None else 0
+        if "prl" in self.stages:
+            i = self.stages.index("prl")
+            self.stages = self.stages[:i] + [f"prl_{k}" for k in range(1, n + 1)] + self.stages[i + 1:]
+            if len(set(self.stages)) != len(self.stages):
+                raise ValueError("stages: list `prl` or its prl_<k> stages, not both")
+        beyond = [s for s in self.stages if s.startswith("prl_") and int(s[4:]) > n]
+        if beyond:
+            raise ValueError(f"stages lists {beyond} but prl.stages has {n} stage(s)")
+        return self
+
+    @model_validator(mode="after")
     def _training_stages_have_a_start(self) -> "PipelineConfig":
+        if "prl_1" in self.stages and self.prl.init_model is None and not {"dpo", "sft"} & set(self.stages):
+            raise ValueError("prl.init_model: give a model folder to start from, or put `dpo` or `sft` in stages")
         for stage, previous in (("sft", "pretrain"), ("dpo", "sft"), ("reward_model", "sft")):
             section = getattr(self, stage)
             if stage in self.stages and section is not None and section.init_model is None \
@@ -150,6 +193,8 @@ class PipelineConfig(Strict):
 
     def section(self, stage: str) -> Any:
         """The config section a stage runs with; error if the recipe lacks it."""
+        if stage.startswith("prl_") and self.prl is not None:
+            return self.prl.stage_section(int(stage[4:]))
         value = getattr(self, stage, None)
         if value is None:
             raise ConfigError(f"stage {stage!r} is selected but the recipe has no `{stage}:` section")

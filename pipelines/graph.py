@@ -84,7 +84,7 @@ def _load_stages() -> None:
     # Registering by import keeps each stage's wiring in its own small module.
     from pipelines.stages import ingest  # noqa: F401
     from pipelines.stages import dedup, quality, domains, difficulty  # noqa: F401
-    from pipelines.stages import tokenizer, tasks, pretrain, sft, pairs, dpo, reward_model  # noqa: F401
+    from pipelines.stages import tokenizer, tasks, pretrain, sft, pairs, dpo, reward_model, prl  # noqa: F401
 
 
 _load_stages()

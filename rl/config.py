@@ -141,7 +141,7 @@ class RolloutConfig(Strict):
     #: DAPO's dynamic sampling: groups whose rewards all tie are dropped and more prompts are
     #: sampled, up to max_refill_rounds; still-short batches keep some tied groups (counted)
     dynamic_sampling: bool = False
-    max_refill_rounds: int = Field(2, ge=0)
+    max_refill_rounds: int = Field(2, ge=0)  # dynamic sampling: extra draws of rollout.prompts at most
 
 
 class AdvantageConfig(Strict):
@@ -290,6 +290,8 @@ class PrlConfig(RlConfig):
     iterations, switch, ...); nested keys merge, a stage's `rewards` replace the shared ones. Stage k is the run store's stage prl_k; it starts from prl_{k-1}'s
     model (prl_1 from dpo's, or sft's), so editing stage 2 reruns prl_2 onwards only."""
 
+    #: the PRL stages in order, each a mapping of the keys above that it changes, e.g.
+    #: [{rewards: {accuracy: 1.0}}, {rewards: {accuracy: 1.0, conciseness: 0.3}, iterations: 20}]
     stages: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1, max_length=MAX_PRL_STAGES)
 
     @model_validator(mode="after")

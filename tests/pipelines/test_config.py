@@ -83,7 +83,8 @@ def test_config_reference_is_current():
 def test_every_registered_stage_has_a_config_section():
     from pipelines.config import PipelineConfig
     from pipelines.graph import STAGES
-    assert set(STAGES) <= set(PipelineConfig.model_fields)
+    # prl_1 .. prl_N are the prl section's stages
+    assert {s if not s.startswith("prl_") else "prl" for s in STAGES} <= set(PipelineConfig.model_fields)
 
 
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
@@ -93,6 +94,7 @@ def test_shipped_recipes_validate(recipe):
     assert order[:3] == ["tasks", "pretrain", "sft"] or order[:2] == ["pretrain", "sft"]  # every recipe trains
     if recipe.name == "demo.yaml":  # the demo runs the post-training half as far as it goes
         assert order == ["tasks", "pretrain", "sft", "pairs", "dpo"]
+        assert cfg.stages[-2:] == ["prl_1", "prl_2"]
     if recipe.name == "cluster.yaml":  # the GPU example: joins a cluster, bf16 over NCCL
         assert cfg.ray.address == "auto" and cfg.pretrain.gang.use_gpu and cfg.sft.gang.use_gpu
         for section in (cfg.pretrain, cfg.sft):
@@ -154,3 +156,64 @@ def test_a_tokenizer_folder_is_accepted_and_hashed_by_its_files(tmp_path):
     before = stage_config(load_config(recipe), "tokenizer")["files"]["tokenizer.path"]
     (folder / "tokenizer.json").write_text('{"changed": true}')
     assert stage_config(load_config(recipe), "tokenizer")["files"]["tokenizer.path"] != before
+
+
+PRL = """
+stages: [tasks, sft, prl]
+tasks: {{generator: {{train_per_cell: 2, eval_per_cell: 1}}}}
+sft: {{steps: 1, init_model: {init}}}
+prl:
+  iterations: 3
+  loss: {{kl_coef: 0.01}}
+  stages:
+    - {{rewards: {{accuracy: 1.0}}}}
+    - {stage2}
+"""
+
+
+def prl_recipe(tmp_path, stage2="{rewards: {accuracy: 1.0, conciseness: 0.3}, loss: {kl_coef: 0.05}}"):
+    recipe = tmp_path / "prl.yaml"
+    recipe.write_text(PRL.format(stage2=stage2, init=tmp_path))
+    return recipe
+
+
+def test_prl_expands_into_one_store_stage_per_entry(tmp_path):
+    cfg = load_config(prl_recipe(tmp_path))
+    assert cfg.stages == ["tasks", "sft", "prl_1", "prl_2"]
+    one, two = cfg.section("prl_1"), cfg.section("prl_2")
+    assert one.rewards == {"accuracy": 1.0} and two.rewards == {"accuracy": 1.0, "conciseness": 0.3}
+    assert (one.stage, two.stage) == (1, 2) and (one.entropy_coef, two.entropy_coef) == (0.01, 0.02)
+    assert (one.loss.kl_coef, two.loss.kl_coef) == (0.01, 0.05) and two.iterations == 3
+
+
+def test_editing_stage_two_leaves_stage_one_fingerprint_alone(tmp_path):
+    from pipelines.runner import stage_config
+    a = load_config(prl_recipe(tmp_path))
+    b = load_config(prl_recipe(tmp_path, "{rewards: {accuracy: 1.0, conciseness: 0.5}}"))
+    assert stage_config(a, "prl_1") == stage_config(b, "prl_1")
+    assert stage_config(a, "prl_2") != stage_config(b, "prl_2")
+
+
+@pytest.mark.parametrize("stage2, message", [
+    ("{loss: {klcoef: 1}}", "stages.1.loss.klcoef: unknown key"),
+    ("{rewards: {kindness: 1.0}}", "unknown term(s) ['kindness']"),
+    ("{stage: 7}", "stages.1.stage: set by the stage's position"),
+    ("{algorithm: ppo, critic: none}", "needs a critic"),
+])
+def test_a_bad_prl_stage_is_named(tmp_path, stage2, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(prl_recipe(tmp_path, stage2))
+    assert message in str(err.value) and "prl" in str(err.value)
+
+
+def test_prl_stages_need_a_section_and_a_start(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages: [tasks, prl]\ntasks: {}\n")
+    with pytest.raises(ConfigError, match="no `prl:` section"):
+        load_config(recipe)
+    recipe.write_text("stages: [tasks, prl]\ntasks: {}\nprl: {}\n")
+    with pytest.raises(ConfigError, match="prl.init_model"):
+        load_config(recipe)
+    recipe.write_text("stages: [tasks, sft, prl_3]\ntasks: {}\nsft: {}\nprl: {stages: [{}, {}]}\n")
+    with pytest.raises(ConfigError, match=r"\['prl_3'\] but prl.stages has 2"):
+        load_config(recipe)
