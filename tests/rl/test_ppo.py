@@ -120,3 +120,24 @@ def test_moe_router_makes_the_same_choices_in_rollout_and_training(reasoner):
         steps = [s.view(len(prompts), -1)[row] for s in seen_rollout[1:n]]
         sampled = torch.cat([prefill, torch.stack(steps)]) if steps else prefill
         assert torch.equal(sampled, trained[:len(p) + n - 1])
+
+
+def test_dynamic_sampling_draws_more_prompts_to_replace_tied_groups(reasoner, tmp_path):
+    # at temperature 1 the reasoner is mostly right: many groups tie at reward 1
+    rollout = {"temperature": 1.0, "dynamic_sampling": False}
+    plain, _ = run(reasoner, tmp_path / "plain", config(iterations=1, rollout=rollout))
+    dynamic, _ = run(reasoner, tmp_path / "dyn", config(iterations=1, rollout={**rollout, "dynamic_sampling": True,
+                                                                                "max_refill_rounds": 3}))
+    p, d = plain[0], dynamic[0]
+    assert p["zero_variance_groups"] > 0 and p["dynamic_sampling/groups_drawn"] == 8
+    assert d["dynamic_sampling/groups_drawn"] > 8 and d["dynamic_sampling/rounds"] > 1
+    assert d["zero_variance_groups"] < p["zero_variance_groups"]
+
+
+def test_a_reward_plateau_ends_the_stage_early_with_a_checkpoint(reasoner, tmp_path):
+    cfg = config(iterations=6, checkpoint_every=5, switch={"patience": 1, "min_delta": 10.0, "min_iterations": 2})
+    rows, summary = run(reasoner, tmp_path, cfg)
+    assert summary["ended_on_plateau"] and summary["iterations"] == 2 and summary["steps"] == 4
+    assert (tmp_path / "checkpoints" / "step_00000004").is_dir()
+    _, again = run(reasoner, tmp_path, cfg)  # a rerun finds the stage over, trains nothing more
+    assert again["steps"] == 4 and again["resumed_from_step"] == 4
