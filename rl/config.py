@@ -142,6 +142,11 @@ class RolloutConfig(Strict):
     #: sampled, up to max_refill_rounds; still-short batches keep some tied groups (counted)
     dynamic_sampling: bool = False
     max_refill_rounds: int = Field(2, ge=0)  # dynamic sampling: extra draws of rollout.prompts at most
+    #: 0: every gang worker samples with its own copy of the policy (colocated); N: a Ray actor
+    #: group of N rollout workers (cluster/roles.py) that the gang shares, synced before each rollout
+    workers: int = Field(0, ge=0)
+    use_gpu: bool = False  # rollout workers: one GPU each
+    cpus_per_worker: float = Field(1, gt=0)  # rollout workers: CPUs reserved each
 
 
 class AdvantageConfig(Strict):

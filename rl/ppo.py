@@ -38,9 +38,9 @@ from rl.config import RlConfig
 from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from rl.rewards import RewardParams, Rewards, Sample
-from rl.roles import ActorCritic, Reference, Rollout, action_targets, policy_state
+from rl.roles import ActorCritic, Reference, Rollout, RolloutGroup, action_targets, policy_state
 from training.checkpoint import sha256_file
-from training.distributed import all_gather, all_sum, rank_world
+from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
 from training.export import load_model_config, save_model
 from training.logprobs import token_logprobs
@@ -120,7 +120,7 @@ class RlJob:
                     "entropy", "response_length/mean", "iteration")
 
     def __init__(self, cfg: RlConfig, tasks: list[EvalTask], tok, model_cfg, reference: Reference | None,
-                 rewards: Rewards, seed: int, identity: dict):
+                 rewards: Rewards, seed: int, identity: dict, rollout_group: RolloutGroup | None = None):
         self.cfg, self.tasks, self.tok, self.model_cfg = cfg, tasks, tok, model_cfg
         self.reference, self.rewards, self.seed, self._identity = reference, rewards, seed, identity
         self.rank, self.world = rank_world()
@@ -135,7 +135,9 @@ class RlJob:
         self.last_rollout: dict = {}
         self.flops_per_token = flops_per_token(model_cfg, model_cfg.max_seq_len)
         self.engine: Engine | None = None
-        self.rollout: Rollout | None = None
+        # a group every rank shares (Ray actors, cluster/roles.py), or a Rollout in this process
+        self.rollout: RolloutGroup | None = rollout_group
+        self.shared_rollout = rollout_group is not None
         self._check_split()
 
     def _check_split(self) -> None:
@@ -149,7 +151,8 @@ class RlJob:
 
     def bind(self, engine: Engine) -> None:
         self.engine = engine
-        self.rollout = Rollout(self.model_cfg, self.stop_ids, self.pad_id, engine.device)
+        if not self.shared_rollout:
+            self.rollout = Rollout(self.model_cfg, self.stop_ids, self.pad_id, engine.device)
 
     def identity(self) -> dict:
         return self._identity
@@ -198,7 +201,7 @@ class RlJob:
         phases = Phases()
         self.iteration += 1
         with phases("sync"):
-            self.rollout.sync(policy_state(self.engine.full_state_dict(everywhere=True)))
+            self.sync_rollout()
         groups, stats = self.sample_groups(phases)
         with phases("logprobs"):
             batch = self.build_batch(groups)
@@ -213,9 +216,18 @@ class RlJob:
         self.last_rollout = metrics
         return metrics
 
-    def _generator(self, round_: int) -> torch.Generator:
-        g = torch.Generator(device=self.engine.device)
-        return g.manual_seed(((self.seed * 1_000_003 + self.iteration) * 101 + round_) * 64 + self.rank)
+    def sync_rollout(self) -> None:
+        """The rollout's weights <- the policy's: a shared group once (rank 0), a local copy per rank."""
+        if self.shared_rollout:
+            weights = self.engine.full_state_dict()  # collective under ZeRO-3; rank 0 gets them
+            if self.rank == 0:
+                self.rollout.sync(policy_state(weights))
+            barrier()
+        else:
+            self.rollout.sync(policy_state(self.engine.full_state_dict(everywhere=True)))
+
+    def _seed(self, round_: int) -> int:
+        return ((self.seed * 1_000_003 + self.iteration) * 101 + round_) * 64 + self.rank
 
     def sample_round(self, round_: int) -> list[Group]:
         """This rank's share of a fresh global draw of prompts, G completions each, scored."""
@@ -224,7 +236,7 @@ class RlJob:
         per = len(drawn) // self.world
         mine = drawn[self.rank * per:(self.rank + 1) * per]
         gen = self.rollout.generate([self.prompts[i] for i in mine for _ in range(G)], self.cfg.rollout,
-                                    self._generator(round_))
+                                    self._seed(round_))
         samples, completions = [], []
         for row, (tokens, length) in enumerate(zip(gen.tokens, gen.lengths.tolist())):
             task = self.tasks[mine[row // G]]
@@ -433,8 +445,11 @@ def load_prompts(files: list[Path], model_cfg, tok, max_new_tokens: int) -> tupl
     return fits, len(tasks) - len(fits)
 
 
-def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None) -> dict:
-    """Run cfg.iterations of RL (resuming from the newest good checkpoint); rank 0's summary."""
+def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None,
+       rollout_group: RolloutGroup | None = None) -> dict:
+    """Run cfg.iterations of RL (resuming from the newest good checkpoint); rank 0's summary.
+    rollout_group: a sampler every rank shares (cluster/roles.py's Ray actors); None: each rank
+    samples with its own copy of the policy."""
     ensure_process_group()
     model_cfg = load_model_config(paths.init_model)
     tok = load_tokenizer(paths.init_model)
@@ -450,7 +465,7 @@ def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None) 
                                                 reward_model=cfg.reward_model))
     identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16],
                 "model": sha256_file(paths.init_model / "model.safetensors")[:16]}
-    job = RlJob(cfg, tasks, tok, model_cfg, reference, rewards, seed, identity)
+    job = RlJob(cfg, tasks, tok, model_cfg, reference, rewards, seed, identity, rollout_group)
     loop = train(cfg.train_config(), job, checkpoints=paths.checkpoints, hooks=hooks,
                  make_model=lambda: ActorCritic.from_folder(paths.init_model, cfg.critic_kind),
                  micro_batch=cfg.micro_batch, global_batch=cfg.minibatch)
@@ -467,4 +482,5 @@ def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None) 
 def worker(payload: dict, hooks: Hooks) -> dict:
     """The gang's entry point (cluster/train.py): JSON payload in, rank 0's summary out."""
     paths = RlPaths(**paths_from_payload(payload["paths"]))
-    return rl(RlConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks)
+    return rl(RlConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks,
+              rollout_group=payload.get("rollout_group"))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -97,34 +98,61 @@ def policy_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k[len("policy."):]: v for k, v in state.items() if k.startswith("policy.")}
 
 
+class RolloutGroup(Protocol):
+    """What the RL loop needs of its sampler: load the policy's weights, sample completions.
+
+    ``Rollout`` is one in the worker's own process (colocated with the policy);
+    cluster/roles.py's ``RayRolloutGroup`` spreads the same work over Ray actors. Batch b of a
+    call samples with seed (seed, b), so the completions do not depend on where batches run."""
+
+    def sync(self, weights: dict[str, torch.Tensor]) -> None: ...
+
+    def generate(self, prompts: list[list[int]], cfg, seed: int) -> Generation: ...
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    return seed * 1_000_003 + batch
+
+
+def plan_rollout(prompts: list[list[int]], batch_size: int) -> list[tuple[int, list[list[int]]]]:
+    """(batch number, its prompts): the unit of work a rollout group spreads."""
+    return [(b, prompts[lo:lo + batch_size]) for b, lo in enumerate(range(0, len(prompts), batch_size))]
+
+
+def stack_generations(parts: list[Generation], pad_id: int) -> Generation:
+    """Batches' generations as one, tokens padded to the longest completion."""
+    tokens = [t for g in parts for t in g.tokens]
+    width = max(len(t) for t in tokens)
+    padded = torch.full((len(tokens), width), pad_id, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        padded[i, :len(t)] = t.cpu()
+    return Generation(padded, torch.cat([g.lengths.cpu() for g in parts]))
+
+
 class Rollout:
     """Batched sampling with the KV cache on a model of its own, synced from the policy."""
 
     def __init__(self, model_cfg, stop_ids: list[int], pad_id: int, device: torch.device | str = "cpu"):
         self.model = no_token_dropping(Transformer(model_cfg)).to(device).eval()
         self.model.requires_grad_(False)
-        self.stop_ids, self.pad_id = list(stop_ids), pad_id
+        self.stop_ids, self.pad_id, self.device = list(stop_ids), pad_id, torch.device(device)
 
     @torch.no_grad()
     def sync(self, weights: dict[str, torch.Tensor]) -> None:
         """The policy's current weights (every parameter and buffer, the router bias included)."""
         self.model.load_state_dict(weights, strict=True)
 
-    def generate(self, prompts: list[list[int]], cfg, generator: torch.Generator | None) -> Generation:
-        """Completions of each prompt (prompts repeat G times for a group), decoded cfg.batch_size
-        at a time; tokens are padded to the batch's longest completion."""
-        tokens, lengths = [], []
-        for lo in range(0, len(prompts), cfg.batch_size):
-            out = generate(self.model, prompts[lo:lo + cfg.batch_size], max_new_tokens=cfg.max_new_tokens,
-                           stop_ids=self.stop_ids, pad_id=self.pad_id, temperature=cfg.temperature,
-                           top_p=cfg.top_p if cfg.top_p < 1 else None, generator=generator)
-            tokens += list(out.tokens)
-            lengths.append(out.lengths)
-        width = max(len(t) for t in tokens)
-        padded = torch.full((len(tokens), width), self.pad_id, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            padded[i, :len(t)] = t.cpu()
-        return Generation(padded, torch.cat(lengths).cpu())
+    def generate_batch(self, batch: int, prompts: list[list[int]], cfg, seed: int) -> Generation:
+        g = torch.Generator(device=self.device).manual_seed(batch_seed(seed, batch))
+        out = generate(self.model, prompts, max_new_tokens=cfg.max_new_tokens, stop_ids=self.stop_ids,
+                       pad_id=self.pad_id, temperature=cfg.temperature,
+                       top_p=cfg.top_p if cfg.top_p < 1 else None, generator=g)
+        return Generation(out.tokens.cpu(), out.lengths.cpu())
+
+    def generate(self, prompts: list[list[int]], cfg, seed: int) -> Generation:
+        """Completions of each prompt (prompts repeat G times for a group), cfg.batch_size at a time."""
+        parts = [self.generate_batch(b, chunk, cfg, seed) for b, chunk in plan_rollout(prompts, cfg.batch_size)]
+        return stack_generations(parts, self.pad_id)
 
 
 class Reference:

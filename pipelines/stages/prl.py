@@ -37,7 +37,12 @@ def run(ctx: StageContext) -> dict:
     previous = f"prl_{k - 1}" if k > 1 else ("dpo" if "dpo" in ctx.inputs else "sft")
     paths = ppo.RlPaths(train_tasks=split_files(ctx, TASKS_STAGE, "train"), init_model=start_model(ctx, previous),
                         work=ctx.work, checkpoints=ctx.root / "checkpoints", out=ctx.out)
-    summary = train_on_gang(ctx, ppo.worker, cfg, paths)
+    group = rollout_group(cfg, paths.init_model, section.gang.placement_strategy)
+    try:
+        summary = train_on_gang(ctx, ppo.worker, cfg, paths, extra={"rollout_group": group} if group else None)
+    finally:
+        if group is not None:
+            group.shutdown()
     ctx.log(f"{cfg.algorithm} ({summary['estimator']}, critic {summary['critic']}): {summary['iterations']} "
             f"iterations, reward {summary.get('reward/mean', float('nan')):.3f}, accuracy "
             f"{summary.get('reward/accuracy/mean', float('nan')):.3f}, length "
@@ -45,6 +50,20 @@ def run(ctx: StageContext) -> dict:
             + (", ended on a reward plateau" if summary["ended_on_plateau"] else "")
             + (f", resumed from update {summary['resumed_from_step']}" if summary["resumed_from_step"] else ""))
     return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
+
+
+def rollout_group(cfg, init_model, strategy: str):
+    """rollout.workers > 0: a Ray actor group of rollout workers the gang shares; else None."""
+    if cfg.rollout.workers == 0:
+        return None
+    from cluster.roles import RayRolloutGroup
+    from training.export import load_model_config
+    from training.tokenizer import EOS, PAD, load_tokenizer, special_token_ids
+    ids = special_token_ids(load_tokenizer(init_model))
+    return RayRolloutGroup(load_model_config(init_model), [ids[EOS], ids["</answer>"]], ids[PAD],
+                           workers=cfg.rollout.workers, use_gpu=cfg.rollout.use_gpu,
+                           cpus_per_worker=cfg.rollout.cpus_per_worker, strategy=strategy,
+                           key="prl.rollout.workers")
 
 
 for _k in range(1, MAX_PRL_STAGES + 1):

@@ -53,12 +53,14 @@ def split_files(ctx: StageContext, stage: str, split: str) -> list[Path]:
     return files
 
 
-def train_on_gang(ctx: StageContext, worker, cfg, paths) -> dict:
+def train_on_gang(ctx: StageContext, worker, cfg, paths, extra: dict | None = None) -> dict:
     """Run a training worker function (training.sft.worker, rl.dpo.worker, ...) on the stage's
-    gang with its config and paths; the metrics go to W&B and the training log as they come."""
+    gang with its config and paths (and extra payload: RL's rollout group); the metrics go to
+    W&B and the training log as they come."""
     from cluster.train import run_gang
     payload = {"config": cfg.model_dump(mode="json"), "seed": ctx.config.seed,
-               "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()}}
+               "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()},
+               **(extra or {})}
     log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics)
     summary = run_gang(worker, payload, ctx.section.gang, checkpoints=paths.checkpoints, work=paths.work,
                        on_metrics=log.add, fault=ctx.fault, name=ctx.name, key=f"{ctx.name}.gang")

@@ -108,7 +108,7 @@ def test_moe_router_makes_the_same_choices_in_rollout_and_training(reasoner):
     record(rollout.model.blocks[1].ffn, seen_rollout)
     record(model.policy.blocks[1].ffn, seen_train)
     cfg = config().rollout.model_copy(update={"temperature": 1.0})
-    gen = rollout.generate(prompts, cfg, torch.Generator().manual_seed(0))
+    gen = rollout.generate(prompts, cfg, seed=0)
     for row, (p, toks, n) in enumerate(zip(prompts, gen.tokens, gen.lengths.tolist())):
         seen_train.clear()
         seq = torch.tensor([p + toks[:n].tolist()])
