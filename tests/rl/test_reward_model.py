@@ -109,3 +109,26 @@ def test_the_scorer_ranks_texts_as_training_scored_them(full, reasoner, pairs, e
     assert chosen[:8] == pytest.approx(c.tolist(), abs=1e-4) and rejected[:8] == pytest.approx(r.tolist(), abs=1e-4)
     with pytest.raises(ValueError, match="3 prompts, 2 responses"):
         scorer.score(["a", "b", "c"], ["x", "y"])
+
+
+def test_the_reward_model_is_an_rl_reward_term(full, reasoner, pairs, tmp_path):
+    from rl.config import RlConfig
+    from rl.ppo import RlPaths, rl
+    from rl.rewards import RewardParams, Rewards, Sample
+    folder = pairs / "rm-full" / "out" / "model"
+    row = pq.read_table(pairs / "eval" / "part-00000.parquet").to_pylist()[0]
+    samples = [Sample(row["prompt"], row[k], "0") for k in ("chosen", "rejected")]
+    scored = Rewards({"reward_model": 0.5}, RewardParams(reward_model=str(folder))).score(samples)
+    expected = RewardScorer.from_folder(folder).score([s.prompt for s in samples], [s.completion for s in samples])
+    assert scored.terms["reward_model"].tolist() == pytest.approx(expected)
+    assert scored.total_B.tolist() == pytest.approx([0.5 * e for e in expected])
+    cfg = RlConfig.model_validate({"iterations": 1, "minibatch": 16, "micro_batch": 8, "reward_model": str(folder),
+                                   "rollout": {"prompts": 4, "group_size": 4, "max_new_tokens": 24},
+                                   "rewards": {"accuracy": 1.0, "reward_model": 0.5},
+                                   "engine": {"zero_stage": 0, "optimizer": {"lr": 1e-4, "warmup_steps": 0}}})
+    rows = []
+    rl(cfg, RlPaths([reasoner.train_dir / "part-00000.parquet"], reasoner.model, tmp_path / "w", tmp_path / "c",
+                    tmp_path / "o"), seed=0, hooks=Hooks(on_metrics=lambda m, s: rows.append(m)))
+    assert rows[0]["reward/reward_model/std"] > 0
+    assert rows[0]["reward/mean"] == pytest.approx(rows[0]["reward/accuracy/mean"]
+                                                   + 0.5 * rows[0]["reward/reward_model/mean"], abs=1e-5)
