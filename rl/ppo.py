@@ -43,6 +43,7 @@ from training.checkpoint import sha256_file
 from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
 from training.export import load_model_config, save_model
+from training.generate import Generation
 from training.logprobs import token_logprobs
 from training.loop import Hooks, paths_from_payload, train
 from training.model import Transformer, flops_per_token
@@ -229,14 +230,19 @@ class RlJob:
     def _seed(self, round_: int) -> int:
         return ((self.seed * 1_000_003 + self.iteration) * 101 + round_) * 64 + self.rank
 
-    def sample_round(self, round_: int) -> list[Group]:
-        """This rank's share of a fresh global draw of prompts, G completions each, scored."""
+    def sample_round(self, round_: int) -> tuple[list[int], Generation]:
+        """This rank's share of a fresh global draw of prompts (task indices), G completions each."""
         G = self.cfg.rollout.group_size
         drawn = self.sampler.take(self.cfg.rollout.prompts)
         per = len(drawn) // self.world
         mine = drawn[self.rank * per:(self.rank + 1) * per]
         gen = self.rollout.generate([self.prompts[i] for i in mine for _ in range(G)], self.cfg.rollout,
                                     self._seed(round_))
+        return mine, gen
+
+    def score_round(self, mine: list[int], gen: Generation) -> list[Group]:
+        """The completions as text, scored by every reward term, grouped by prompt."""
+        G = self.cfg.rollout.group_size
         samples, completions = [], []
         for row, (tokens, length) in enumerate(zip(gen.tokens, gen.lengths.tolist())):
             task = self.tasks[mine[row // G]]
@@ -259,12 +265,13 @@ class RlJob:
         kept, tied, drawn, rounds = [], [], 0, 0
         while True:
             with phases("generate"):
-                fresh = self.sample_round(rounds)
-            drawn += len(fresh)
+                mine, gen = self.sample_round(rounds)
             with phases("score"):
-                for g in fresh:
-                    informative = bool(informative_groups(g.total, len(g.total))[0])
-                    (kept if informative or not self.cfg.rollout.dynamic_sampling else tied).append(g)
+                fresh = self.score_round(mine, gen)
+            drawn += len(fresh)
+            for g in fresh:
+                informative = bool(informative_groups(g.total, len(g.total))[0])
+                (kept if informative or not self.cfg.rollout.dynamic_sampling else tied).append(g)
             rounds += 1
             short = all_sum([float(max(0, quota - len(kept)))])[0]
             if not self.cfg.rollout.dynamic_sampling or short == 0 or rounds > self.cfg.rollout.max_refill_rounds:
