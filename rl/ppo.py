@@ -294,6 +294,13 @@ class RlJob:
         total = torch.cat([g.total for g in groups])
         return {"ids": ids, "real": real, "action": action, "scores": total}
 
+    @property
+    def on_policy(self) -> bool:
+        """One update per rollout, no critic, no KL in the reward: the old log-probs are the update's
+        own (detached), so the extra forward is skipped, as TRL does with num_iterations=1."""
+        c = self.cfg
+        return c.updates_per_iteration == 1 and c.critic_kind == "none" and not (c.loss.kl_coef and c.loss.kl_in == "reward")
+
     @torch.no_grad()
     def score_batch(self, batch: dict) -> None:
         """Old log-probs and values (the policy before this iteration's updates) and the reference's."""
@@ -302,18 +309,24 @@ class RlJob:
         module.eval()
         for lo in range(0, batch["ids"].shape[0], self.cfg.micro_batch):
             ids, real, act = (batch[k][lo:lo + self.cfg.micro_batch] for k in ("ids", "real", "action"))
-            logits, v, _ = module(ids.to(dev), real.to(dev))
-            old.append(token_logprobs(logits, action_targets(ids.to(dev), act.to(dev))).cpu())
-            values.append(v.cpu() if v is not None else torch.zeros(ids.shape))
+            if not self.on_policy:
+                logits, v, _ = module(ids.to(dev), real.to(dev))
+                old.append(token_logprobs(logits, action_targets(ids.to(dev), act.to(dev))).cpu())
+                values.append(v.cpu() if v is not None else torch.zeros(ids.shape))
             if self.reference is not None:
                 ref.append(self.reference.logprobs(ids, real, act))
         module.train()
-        batch["old_logp"], batch["old_values"] = torch.cat(old), torch.cat(values) * batch["action"]
+        zeros = torch.zeros(batch["ids"].shape)
+        batch["old_logp"] = torch.cat(old) if old else zeros  # on-policy: the update's own, detached
+        batch["old_values"] = (torch.cat(values) if values else zeros) * batch["action"]
         batch["ref_logp"] = torch.cat(ref) if ref else batch["old_logp"].clone()
+        batch["has_ref"] = torch.tensor(bool(ref))
 
     def advantages(self, batch: dict, groups: list[Group]) -> None:
         c = self.cfg
         kl = kl_penalty(batch["old_logp"], batch["ref_logp"], c.loss.kl_estimator) * batch["action"]
+        if self.on_policy:  # no old log-probs: the first update's `kl` is the rollout's
+            kl = torch.zeros_like(kl)
         batch["rollout_kl"] = kl
         rewards_BT = token_rewards(batch["scores"], batch["action"], kl if c.loss.kl_in == "reward" else None,
                                    c.loss.kl_coef)
@@ -346,6 +359,8 @@ class RlJob:
                 width = int(batch["real"][part].sum(-1).max())
                 mb = {k: batch[k][part][:, :width] for k in ("ids", "real", "action", "old_logp", "ref_logp",
                                                               "adv", "returns", "old_values")}
+                mb["on_policy"] = torch.tensor(self.on_policy)
+                mb["has_ref"] = batch["has_ref"]
                 mb["token_scale"] = torch.tensor(gas * self.world / max(actions, 1.0))
                 mb["seq_scale"] = torch.tensor(gas * self.world / c.minibatch)
                 micro.append(mb)
@@ -359,8 +374,9 @@ class RlJob:
         act = batch["action"]
         logits, values, aux = model(batch["ids"], batch["real"])
         logp = token_logprobs(logits, action_targets(batch["ids"], act))
+        old_logp = logp.detach() if bool(batch["on_policy"]) else batch["old_logp"]
         low, high = c.loss.clip_range()
-        pl = policy_loss(c.loss.policy, logp, batch["old_logp"], batch["adv"], act, eps_low=low, eps_high=high,
+        pl = policy_loss(c.loss.policy, logp, old_logp, batch["adv"], act, eps_low=low, eps_high=high,
                          dual_clip=c.loss.dual_clip)
         agg_scale = batch["token_scale"] if c.aggregation == "token-mean" else batch["seq_scale"]
 
@@ -372,7 +388,7 @@ class RlJob:
             return (x_BT * act).sum() * batch["token_scale"]
 
         entropy_BT = entropy_from_logits(logits)
-        kl_BT = kl_penalty(logp, batch["ref_logp"], c.loss.kl_estimator) * act
+        kl_BT = kl_penalty(logp, batch["ref_logp"], c.loss.kl_estimator) * act * batch["has_ref"]
         loss = agg(pl.loss_BT) - c.entropy_coef * agg(entropy_BT)
         if c.loss.kl_coef and c.loss.kl_in == "loss":
             loss = loss + c.loss.kl_coef * agg(kl_BT)

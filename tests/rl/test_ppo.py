@@ -141,3 +141,16 @@ def test_a_reward_plateau_ends_the_stage_early_with_a_checkpoint(reasoner, tmp_p
     assert (tmp_path / "checkpoints" / "step_00000004").is_dir()
     _, again = run(reasoner, tmp_path, cfg)  # a rerun finds the stage over, trains nothing more
     assert again["steps"] == 4 and again["resumed_from_step"] == 4
+
+
+def test_one_update_per_rollout_skips_the_old_logprob_pass_with_the_same_result(reasoner, tmp_path, monkeypatch):
+    from rl.ppo import RlJob
+    cfg = config(iterations=2, minibatch=32, micro_batch=8)  # 8 prompts x 4: one update per rollout
+    fast, _ = run(reasoner, tmp_path / "fast", cfg)
+    monkeypatch.setattr(RlJob, "on_policy", property(lambda self: False))
+    full, _ = run(reasoner, tmp_path / "full", cfg)
+    assert [r["step"] for r in fast] == [r["step"] for r in full] == [1, 2]
+    for a, b in zip(fast, full):
+        for key in ("loss", "policy_loss", "entropy", "reward/mean", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+        assert a["time/logprobs"] < b["time/logprobs"]
