@@ -24,11 +24,13 @@ class RayRolloutGroup:
     """N Rollout actors behind rl.roles.RolloutGroup's two calls."""
 
     def __init__(self, model_cfg, stop_ids: list[int], pad_id: int, *, workers: int, use_gpu: bool = False,
-                 cpus_per_worker: float = 1.0, strategy: str = "PACK", key: str = "rollout.workers"):
+                 cpus_per_worker: float = 1.0, strategy: str = "PACK", key: str = "rollout.workers",
+                 reserve: dict[str, float] | None = None):
+        """reserve: resources that must stay free beside the group (the gang that will use it)."""
         if workers < 1:
             raise ValueError(f"{key}={workers}: a rollout group needs at least one worker")
         bundle = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-        self._check_fits(bundle, workers, key)
+        self._check_fits(bundle, workers, key, reserve or {})
         self.pg = placement_group([bundle] * workers, strategy=strategy)
         ray.get(self.pg.ready())
         actor = ray.remote(Rollout)
@@ -39,13 +41,16 @@ class RayRolloutGroup:
         self.pad_id = pad_id
 
     @staticmethod
-    def _check_fits(bundle: dict, workers: int, key: str) -> None:
+    def _check_fits(bundle: dict, workers: int, key: str, reserve: dict[str, float]) -> None:
+        """Totals only (a placement may still wait on fragmentation): enough for the group and the gang."""
         free = ray.available_resources()
-        short = {k: v * workers for k, v in bundle.items() if free.get(k, 0) + 1e-9 < v * workers}
+        need = {k: v * workers for k, v in bundle.items()}
+        short = {k: v for k, v in need.items() if free.get(k, 0) - reserve.get(k, 0) + 1e-9 < v}
         if short:
-            raise ValueError(f"{key}={workers}: the rollout workers need {short} beside the gang, but the "
-                             f"cluster has {{{', '.join(f'{k}: {free.get(k, 0):g}' for k in short)}}} free; "
-                             "lower the workers or their cpus_per_worker, or set rollout.workers: 0 (colocated)")
+            raise ValueError(f"{key}={workers}: the rollout workers need {short} beside the gang's "
+                             f"{ {k: reserve[k] for k in short if k in reserve} }, but the cluster has "
+                             f"{ {k: free.get(k, 0) for k in short} } free; lower the workers or their "
+                             "cpus_per_worker, or set rollout.workers: 0 (colocated)")
 
     def sync(self, weights: dict) -> None:
         ref = ray.put(weights)

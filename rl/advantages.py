@@ -37,11 +37,16 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries; 0 outside the mask."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return ((x - mean) * torch.rsqrt(var + eps)) * mask.to(x.dtype)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, sum_over_ranks=None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries; 0 outside the mask. sum_over_ranks(list of floats)
+    -> their sums over the data-parallel ranks makes the statistics the whole batch's."""
+    m = mask.to(x.dtype)
+    parts = [float((x * m).sum()), float((x * x * m).sum()), float(m.sum())]
+    total, total_sq, n = sum_over_ranks(parts) if sum_over_ranks is not None else parts
+    n = max(n, 1.0)
+    mean = total / n
+    var = max(total_sq / n - mean * mean, 0.0)
+    return ((x - mean) * (var + eps) ** -0.5) * m
 
 
 def sequence_scores(token_rewards_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
@@ -60,7 +65,7 @@ def _per_token(adv_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
 
 
 def gae(token_rewards_BT, mask_BT, values_BT, gamma: float = 1.0, lam: float = 0.95, whiten: bool = True,
-        **_) -> Advantages:
+        sum_over_ranks=None, **_) -> Advantages:
     """Generalised advantage estimation with a critic; the returns (advantages + values) are the
     critic's targets. whiten normalises the advantages over the batch (PPO's usual step)."""
     if values_BT is None:
@@ -77,7 +82,7 @@ def gae(token_rewards_BT, mask_BT, values_BT, gamma: float = 1.0, lam: float = 0
         last_B = (delta + gamma * lam * next_m * last_B) * m_BT[:, t]
         adv_BT[:, t] = last_B
     returns_BT = (adv_BT + v_BT) * m_BT
-    return Advantages(masked_whiten(adv_BT, mask_BT) if whiten else adv_BT, returns_BT)
+    return Advantages(masked_whiten(adv_BT, mask_BT, sum_over_ranks=sum_over_ranks) if whiten else adv_BT, returns_BT)
 
 
 def grpo(token_rewards_BT, mask_BT, group_size: int, eps: float = 1e-6, **_) -> Advantages:
@@ -103,7 +108,7 @@ def rloo(token_rewards_BT, mask_BT, group_size: int, **_) -> Advantages:
     return Advantages(_per_token((g_GN - others).reshape(-1), mask_BT), None)
 
 
-def reinforce_pp(token_rewards_BT, mask_BT, gamma: float = 1.0, **_) -> Advantages:
+def reinforce_pp(token_rewards_BT, mask_BT, gamma: float = 1.0, sum_over_ranks=None, **_) -> Advantages:
     """Discounted token returns (KL penalty included per token), whitened over the whole batch."""
     m_BT = mask_BT.to(token_rewards_BT.dtype)
     r_BT = token_rewards_BT * m_BT
@@ -112,7 +117,7 @@ def reinforce_pp(token_rewards_BT, mask_BT, gamma: float = 1.0, **_) -> Advantag
     for t in reversed(range(r_BT.shape[1])):
         running = r_BT[:, t] + gamma * running
         ret_BT[:, t] = running
-    return Advantages(masked_whiten(ret_BT * m_BT, mask_BT), None)
+    return Advantages(masked_whiten(ret_BT * m_BT, mask_BT, sum_over_ranks=sum_over_ranks), None)
 
 
 ESTIMATORS: dict[str, Callable[..., Advantages]] = {
@@ -122,7 +127,8 @@ NEEDS_CRITIC = {"gae": True, "grpo": False, "dr_grpo": False, "rloo": False, "re
 
 def estimate(name: str, *, token_rewards_BT: torch.Tensor, mask_BT: torch.Tensor,
              values_BT: torch.Tensor | None = None, group_size: int = 1, **params) -> Advantages:
-    """The estimator `name` (a key of ESTIMATORS); params: gamma, lam, whiten, eps."""
+    """The estimator `name` (a key of ESTIMATORS); params: gamma, lam, whiten, eps, sum_over_ranks
+    (batch-wide whitening over every rank's completions: gae, reinforce_pp)."""
     if name not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {name!r}; known: {sorted(ESTIMATORS)}")
     if token_rewards_BT.shape != mask_BT.shape:

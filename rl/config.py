@@ -6,7 +6,7 @@ Plain pydantic, no torch at import, so loading a recipe stays cheap.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -201,6 +201,8 @@ class PlateauConfig(Strict):
 class RlConfig(Strict):
     """One RL stage: algorithm, rollout, rewards, loss and the engine; PRL stages are these."""
 
+    _validate_alone: ClassVar[bool] = True
+
     algorithm: Literal["ppo", "grpo"] = "grpo"  # presets of estimator, critic and aggregation
     iterations: int = Field(10, ge=1)  # generate -> score -> update rounds
     epochs: int = Field(1, ge=1)  # passes over each rollout batch
@@ -225,6 +227,8 @@ class RlConfig(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> "RlConfig":
+        if not self._validate_alone:
+            return self  # PRL's shared settings: only each stage's merged settings must hold together
         completions = self.rollout.prompts * self.rollout.group_size
         if completions % self.minibatch:
             raise ValueError(f"rollout.prompts x rollout.group_size = {completions} must be a multiple of "
@@ -233,6 +237,12 @@ class RlConfig(Strict):
             raise ValueError(f"minibatch={self.minibatch} must be a multiple of micro_batch={self.micro_batch}")
         if self.estimator == "gae" and self.critic_kind == "none":
             raise ValueError("advantage.estimator=gae needs a critic: set critic to shared or separate")
+        if self.estimator != "gae" and self.critic_kind != "none":
+            raise ValueError(f"critic={self.critic_kind} needs advantage.estimator=gae (the critic learns GAE's "
+                             f"returns; {self.estimator} has none): set critic to none or the estimator to gae")
+        if "overlong" in self.rewards and self.reward_terms.overlong_buffer > self.rollout.max_new_tokens:
+            raise ValueError(f"reward_terms.overlong_buffer={self.reward_terms.overlong_buffer} must be <= "
+                             f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(f"advantage.estimator={self.estimator} needs rollout.group_size >= 2")
         unknown = [n for n in self.rewards if n not in REWARD_TERMS and ":" not in n]
@@ -298,6 +308,7 @@ class PrlConfig(RlConfig):
     #: the PRL stages in order, each a mapping of the keys above that it changes, e.g.
     #: [{rewards: {accuracy: 1.0}}, {rewards: {accuracy: 1.0, conciseness: 0.3}, iterations: 20}]
     stages: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1, max_length=MAX_PRL_STAGES)
+    _validate_alone: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _stages_valid(self) -> "PrlConfig":
@@ -319,7 +330,7 @@ class PrlConfig(RlConfig):
             # a stage's reward weights are its own: the shared mapping is replaced, not merged into
             return RlConfig.model_validate(deep_merge(shared, {**override, "stage": k}, whole=("rewards",)))
         except ValidationError as err:
-            problems = "; ".join(f"stages.{k - 1}.{'.'.join(str(p) for p in e['loc'])}: "
+            problems = "; ".join(f"{'.'.join([f'stages.{k - 1}', *(str(p) for p in e['loc'])])}: "
                                  f"{'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
                                  for e in err.errors())
             raise ValueError(problems) from None

@@ -38,7 +38,7 @@ from rl.config import RlConfig
 from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from rl.rewards import RewardParams, Rewards, Sample
-from rl.roles import ActorCritic, Reference, Rollout, RolloutGroup, action_targets, policy_state
+from rl.roles import ActorCritic, Reference, Rollout, RolloutGroup, action_targets, mix_seed, policy_state
 from training.checkpoint import sha256_file
 from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
@@ -69,7 +69,7 @@ class PromptSampler:
         self._order = self._permutation()
 
     def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
         return torch.randperm(self.n, generator=g).tolist()
 
     def take(self, k: int) -> list[int]:
@@ -228,7 +228,7 @@ class RlJob:
             self.rollout.sync(policy_state(self.engine.full_state_dict(everywhere=True)))
 
     def _seed(self, round_: int) -> int:
-        return ((self.seed * 1_000_003 + self.iteration) * 101 + round_) * 64 + self.rank
+        return mix_seed(self.seed, self.iteration, round_, self.rank)
 
     def sample_round(self, round_: int) -> tuple[list[int], Generation]:
         """This rank's share of a fresh global draw of prompts (task indices), G completions each."""
@@ -277,7 +277,9 @@ class RlJob:
             if not self.cfg.rollout.dynamic_sampling or short == 0 or rounds > self.cfg.rollout.max_refill_rounds:
                 break
         groups = (kept + tied)[:quota]
-        return groups, {"rounds": rounds, "groups_drawn": drawn}
+        # the figures describe every drawn group (kept or not), so ties, rewards and lengths are the
+        # policy's, not the filter's, and the plateau rule sees the real reward
+        return groups, {"rounds": rounds, "groups_drawn": drawn, "all": kept + tied}
 
     def build_batch(self, groups: list[Group]) -> dict:
         """Right-padded prompt + completion rows; action_BT marks the positions whose next token
@@ -311,7 +313,8 @@ class RlJob:
             ids, real, act = (batch[k][lo:lo + self.cfg.micro_batch] for k in ("ids", "real", "action"))
             if not self.on_policy:
                 logits, v, _ = module(ids.to(dev), real.to(dev))
-                old.append(token_logprobs(logits, action_targets(ids.to(dev), act.to(dev))).cpu())
+                old.append(token_logprobs(logits / self.cfg.rollout.temperature,
+                                          action_targets(ids.to(dev), act.to(dev))).cpu())
                 values.append(v.cpu() if v is not None else torch.zeros(ids.shape))
             if self.reference is not None:
                 ref.append(self.reference.logprobs(ids, real, act))
@@ -333,7 +336,7 @@ class RlJob:
         adv = estimate(c.estimator, token_rewards_BT=rewards_BT, mask_BT=batch["action"],
                        values_BT=batch["old_values"] if c.critic_kind != "none" else None,
                        group_size=c.rollout.group_size, gamma=c.advantage.gamma, lam=c.advantage.lam,
-                       whiten=c.advantage.whiten)
+                       whiten=c.advantage.whiten, sum_over_ranks=all_sum)
         batch["adv"] = adv.advantages_BT
         batch["returns"] = adv.returns_BT if adv.returns_BT is not None else torch.zeros_like(adv.advantages_BT)
 
@@ -345,7 +348,7 @@ class RlJob:
         gas = c.minibatch // (c.micro_batch * self.world)
         plans = []
         for epoch in range(c.epochs):
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + self.iteration) * 31 + epoch)
+            g = torch.Generator().manual_seed(mix_seed(self.seed, self.iteration, epoch))
             order = torch.randperm(n, generator=g)
             plans += [order[lo:lo + per_rank] for lo in range(0, n, per_rank)]
         counts = all_sum([float(x) for rows in plans
@@ -373,6 +376,7 @@ class RlJob:
         c = self.cfg
         act = batch["action"]
         logits, values, aux = model(batch["ids"], batch["real"])
+        logits = logits / c.rollout.temperature  # the distribution the completions were sampled from
         logp = token_logprobs(logits, action_targets(batch["ids"], act))
         old_logp = logp.detach() if bool(batch["on_policy"]) else batch["old_logp"]
         low, high = c.loss.clip_range()
@@ -405,9 +409,10 @@ class RlJob:
     # ---- metrics and the plateau rule
 
     def rollout_metrics(self, groups: list[Group], batch: dict, stats: dict, phases: Phases) -> dict:
-        """Every rank's completions together: reward terms, lengths, ties, KL, advantages, timing."""
+        """Every rank's completions together: reward terms, lengths and ties of every drawn group;
+        KL and advantages of the trained batch; timing."""
         local = [[float(g.total[i]), *(float(g.terms[k][i]) for k in sorted(g.terms)), s.n_tokens, float(s.truncated)]
-                 for g in groups for i, s in enumerate(g.samples)]
+                 for g in stats["all"] for i, s in enumerate(g.samples)]
         rows = torch.tensor([r for part in all_gather(local) for r in part], dtype=torch.float64)
         names = sorted(groups[0].terms)
         G = self.cfg.rollout.group_size
@@ -425,9 +430,12 @@ class RlJob:
                         float(stats["groups_drawn"])])
         n = max(sums[1], 1.0)
         mean_adv = sums[2] / n
-        out.update({"rollout/kl": sums[0] / n, "advantages/mean": mean_adv,
+        if not self.on_policy:  # on-policy there are no old log-probs: the first update's `kl` is it
+            out["rollout/kl"] = sums[0] / n
+        out.update({"advantages/mean": mean_adv,
                     "advantages/std": max(sums[3] / n - mean_adv ** 2, 0.0) ** 0.5,
-                    "dynamic_sampling/groups_drawn": sums[-1], "dynamic_sampling/rounds": stats["rounds"]})
+                    "dynamic_sampling/groups_drawn": sums[-1], "dynamic_sampling/rounds": stats["rounds"],
+                    "dynamic_sampling/tied_groups_trained": self._tied_share(groups)})
         if self.cfg.critic_kind != "none":
             r_sum, r_sq, d_sum, d_sq = sums[4:8]
             var_r = r_sq / n - (r_sum / n) ** 2
@@ -437,6 +445,12 @@ class RlJob:
         out.update({f"time/{k}": v for k, v in phases.seconds.items()})
         out["generated_tokens_per_s"] = generated / max(phases.seconds.get("generate", 0.0), 1e-9)
         return out
+
+    def _tied_share(self, groups: list[Group]) -> float:
+        """Share of the trained groups (all ranks) whose rewards tie: 0 unless dynamic sampling fell short."""
+        tied = [float(not bool(informative_groups(g.total, len(g.total))[0])) for g in groups]
+        total = all_sum([sum(tied), float(len(tied))])
+        return total[0] / max(total[1], 1.0)
 
     def _explained_variance_parts(self, batch: dict) -> list[float]:
         act = batch["action"]
@@ -479,7 +493,8 @@ def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None,
     tasks, too_long = load_prompts(paths.train_tasks, model_cfg, tok, cfg.rollout.max_new_tokens)
     reference = None
     if cfg.loss.kl_coef > 0:
-        reference = Reference(FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.micro_batch))
+        reference = Reference(FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.micro_batch),
+                              temperature=cfg.rollout.temperature)
     rewards = Rewards(cfg.rewards, RewardParams(length_budget=cfg.reward_terms.length_budget,
                                                 novelty_n=cfg.reward_terms.novelty_n,
                                                 novelty_history=cfg.reward_terms.novelty_history,

@@ -21,6 +21,7 @@ Shape legend: B completions, T positions, V vocabulary, D model width.
 from __future__ import annotations
 
 import copy
+import hashlib
 from pathlib import Path
 from typing import Protocol
 
@@ -110,8 +111,14 @@ class RolloutGroup(Protocol):
     def generate(self, prompts: list[list[int]], cfg, seed: int) -> Generation: ...
 
 
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (any size): no overflow, no collisions between nearby tuples."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def batch_seed(seed: int, batch: int) -> int:
-    return seed * 1_000_003 + batch
+    return mix_seed(seed, batch)
 
 
 def plan_rollout(prompts: list[list[int]], batch_size: int) -> list[tuple[int, list[list[int]]]]:
@@ -158,15 +165,15 @@ class Rollout:
 class Reference:
     """The frozen reference policy's per-token log-probs (training/engine.FrozenModel underneath)."""
 
-    def __init__(self, frozen):
-        self.frozen = frozen
+    def __init__(self, frozen, temperature: float = 1.0):
+        self.frozen, self.temperature = frozen, temperature
 
     @torch.no_grad()
     def logprobs(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:
         from training.engine import to_device
         from training.logprobs import token_logprobs
         ids, real = to_device((ids_BT, real_BT), self.frozen.device)
-        logits = self.frozen(ids, real_BT=real).logits
+        logits = self.frozen(ids, real_BT=real).logits / self.temperature
         return token_logprobs(logits, action_targets(ids, action_BT.to(ids.device))).cpu()
 
 

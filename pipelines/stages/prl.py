@@ -37,7 +37,7 @@ def run(ctx: StageContext) -> dict:
     previous = f"prl_{k - 1}" if k > 1 else ("dpo" if "dpo" in ctx.inputs else "sft")
     paths = ppo.RlPaths(train_tasks=split_files(ctx, TASKS_STAGE, "train"), init_model=start_model(ctx, previous),
                         work=ctx.work, checkpoints=ctx.root / "checkpoints", out=ctx.out)
-    group = rollout_group(cfg, paths.init_model, section.gang.placement_strategy)
+    group = rollout_group(cfg, paths.init_model, section.gang)
     try:
         summary = train_on_gang(ctx, ppo.worker, cfg, paths, extra={"rollout_group": group} if group else None)
     finally:
@@ -52,8 +52,9 @@ def run(ctx: StageContext) -> dict:
     return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
 
 
-def rollout_group(cfg, init_model, strategy: str):
-    """rollout.workers > 0: a Ray actor group of rollout workers the gang shares; else None."""
+def rollout_group(cfg, init_model, gang):
+    """rollout.workers > 0: a Ray actor group of rollout workers the gang shares (checked to leave
+    room for the gang); else None."""
     if cfg.rollout.workers == 0:
         return None
     from cluster.roles import RayRolloutGroup
@@ -62,8 +63,9 @@ def rollout_group(cfg, init_model, strategy: str):
     ids = special_token_ids(load_tokenizer(init_model))
     return RayRolloutGroup(load_model_config(init_model), [ids[EOS], ids["</answer>"]], ids[PAD],
                            workers=cfg.rollout.workers, use_gpu=cfg.rollout.use_gpu,
-                           cpus_per_worker=cfg.rollout.cpus_per_worker, strategy=strategy,
-                           key="prl.rollout.workers")
+                           cpus_per_worker=cfg.rollout.cpus_per_worker, strategy=gang.placement_strategy,
+                           key="prl.rollout.workers",
+                           reserve={k: v * gang.num_workers for k, v in gang.worker_resources().items()})
 
 
 for _k in range(1, MAX_PRL_STAGES + 1):

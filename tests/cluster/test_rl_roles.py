@@ -83,5 +83,8 @@ def test_a_gang_sampling_through_the_group_matches_the_colocated_run(reasoner, r
 
 def test_a_group_that_cannot_fit_is_refused_by_name(reasoner, ray_cluster):
     stop, pad = stops(reasoner.model)
-    with pytest.raises(ValueError, match=r"prl.rollout.workers=64: the rollout workers need \{'CPU': 64"):
+    with pytest.raises(ValueError, match=r"prl.rollout.workers=64: the rollout workers need \{.CPU.: 64(\.0)?\} beside the gang"):
         RayRolloutGroup(load_model_config(reasoner.model), stop, pad, workers=64, key="prl.rollout.workers")
+    # one worker fits the idle cluster, but not beside the 2-worker gang that will use it
+    with pytest.raises(ValueError, match="beside the gang's {'CPU': 2"):
+        RayRolloutGroup(load_model_config(reasoner.model), stop, pad, workers=1, reserve={"CPU": 2.0})

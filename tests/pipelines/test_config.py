@@ -199,6 +199,8 @@ def test_editing_stage_two_leaves_stage_one_fingerprint_alone(tmp_path):
     ("{rewards: {kindness: 1.0}}", "unknown term(s) ['kindness']"),
     ("{stage: 7}", "stages.1.stage: set by the stage's position"),
     ("{algorithm: ppo, critic: none}", "needs a critic"),
+    ("{critic: shared}", "critic=shared needs advantage.estimator=gae"),
+    ("{rewards: {overlong: 1.0}, rollout: {max_new_tokens: 16}}", "overlong_buffer=32 must be <= rollout.max_new_tokens=16"),
 ])
 def test_a_bad_prl_stage_is_named(tmp_path, stage2, message):
     with pytest.raises(ConfigError) as err:
@@ -216,4 +218,15 @@ def test_prl_stages_need_a_section_and_a_start(tmp_path):
         load_config(recipe)
     recipe.write_text("stages: [tasks, sft, prl_3]\ntasks: {}\nsft: {}\nprl: {stages: [{}, {}]}\n")
     with pytest.raises(ConfigError, match=r"\['prl_3'\] but prl.stages has 2"):
+        load_config(recipe)
+
+
+def test_prl_shared_settings_need_not_hold_alone(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"stages: [tasks, sft, prl]\ntasks: {{}}\nsft: {{init_model: {tmp_path}}}\n"
+                      "prl: {minibatch: 24, stages: [{minibatch: 16}]}\n")
+    assert load_config(recipe).section("prl_1").minibatch == 16
+    recipe.write_text(f"stages: [tasks, sft, prl]\ntasks: {{}}\nsft: {{init_model: {tmp_path}}}\n"
+                      "prl: {minibatch: 24, stages: [{}]}\n")
+    with pytest.raises(ConfigError, match="stages.0: .*must be a multiple of minibatch=24"):
         load_config(recipe)

@@ -110,3 +110,19 @@ def test_unknown_estimator_and_bad_group_are_named():
         estimate("ppo2", token_rewards_BT=r, mask_BT=m)
     with pytest.raises(ValueError, match="group_size=2"):
         estimate("grpo", token_rewards_BT=r, mask_BT=m, group_size=2)
+
+
+def test_whitening_over_ranks_equals_whitening_the_whole_batch():
+    from rl.advantages import masked_whiten
+    torch.manual_seed(0)
+    x, mask = torch.randn(4, 5), torch.rand(4, 5) > 0.3
+    whole = masked_whiten(x, mask)
+    halves = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+
+    def sum_over_ranks(parts):  # what all_sum gives two ranks: both halves' sums
+        m = [hm.float() for _, hm in halves]
+        sums = [[float((hx * hm).sum()), float((hx * hx * hm).sum()), float(hm.sum())] for (hx, _), hm in zip(halves, m)]
+        return [a + b for a, b in zip(*sums)]
+    parts = [masked_whiten(hx, hm, sum_over_ranks=sum_over_ranks) for hx, hm in halves]
+    close(torch.cat(parts), whole)
+    assert float(whole[mask].mean()) == pytest.approx(0, abs=1e-6)
