@@ -32,11 +32,6 @@ class Advantages(NamedTuple):
     returns_BT: torch.Tensor | None       # the critic's targets (gae only)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(x.dtype)
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8, sum_over_ranks=None) -> torch.Tensor:
     """(x - mean) / std over the masked entries; 0 outside the mask. sum_over_ranks(list of floats)
     -> their sums over the data-parallel ranks makes the statistics the whole batch's."""

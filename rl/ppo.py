@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from rl.advantages import estimate, informative_groups, masked_mean, token_rewards
+from rl.advantages import estimate, informative_groups, token_rewards
 from rl.config import RlConfig
 from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
@@ -106,7 +106,6 @@ class Phases:
 @dataclass
 class Group:
     """One prompt's G completions with their scores."""
-    task: int
     prompt: list[int]
     completions: list[list[int]]
     samples: list[Sample]
@@ -120,15 +119,15 @@ class RlJob:
     summary_keys = ("reward/mean", "reward/accuracy/mean", "reward/format/mean", "policy_loss", "kl",
                     "entropy", "response_length/mean", "iteration")
 
-    def __init__(self, cfg: RlConfig, tasks: list[EvalTask], tok, model_cfg, reference: Reference | None,
+    def __init__(self, cfg: RlConfig, tasks: list[EvalTask], prompts: list[list[int]], tok, model_cfg,
+                 reference: Reference | None,
                  rewards: Rewards, seed: int, identity: dict, rollout_group: RolloutGroup | None = None):
         self.cfg, self.tasks, self.tok, self.model_cfg = cfg, tasks, tok, model_cfg
         self.reference, self.rewards, self.seed, self._identity = reference, rewards, seed, identity
         self.rank, self.world = rank_world()
         ids = special_token_ids(tok)
         self.pad_id, self.stop_ids = ids[PAD], [ids[EOS], ids["</answer>"]]
-        self.prompts = [encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context])
-                        for t in tasks]
+        self.prompts = prompts  # each task's rendered prompt, token ids
         self.sampler = PromptSampler(len(tasks), seed)
         self.iteration = 0
         self.plateau = {"best": None, "since": 0, "stop": False}
@@ -208,7 +207,7 @@ class RlJob:
             batch = self.build_batch(groups)
             self.score_batch(batch)
         with phases("advantages"):
-            self.advantages(batch, groups)
+            self.advantages(batch)
             self.queue = self.plan_updates(batch)
         self.rewards.remember([c for part in all_gather([s.completion for g in groups for s in g.samples])
                                for c in part])
@@ -253,7 +252,7 @@ class RlJob:
                                   group=row // G, n_tokens=length, truncated=truncated, system=task.system,
                                   family=task.family, difficulty=task.difficulty))
         scored = self.rewards.score(samples)
-        return [Group(t, self.prompts[t], completions[j * G:(j + 1) * G], samples[j * G:(j + 1) * G],
+        return [Group(self.prompts[t], completions[j * G:(j + 1) * G], samples[j * G:(j + 1) * G],
                       scored.total_B[j * G:(j + 1) * G], {k: v[j * G:(j + 1) * G] for k, v in scored.terms.items()})
                 for j, t in enumerate(mine)]
 
@@ -325,7 +324,7 @@ class RlJob:
         batch["ref_logp"] = torch.cat(ref) if ref else batch["old_logp"].clone()
         batch["has_ref"] = torch.tensor(bool(ref))
 
-    def advantages(self, batch: dict, groups: list[Group]) -> None:
+    def advantages(self, batch: dict) -> None:
         c = self.cfg
         kl = kl_penalty(batch["old_logp"], batch["ref_logp"], c.loss.kl_estimator) * batch["action"]
         if self.on_policy:  # no old log-probs: the first update's `kl` is the rollout's
@@ -471,15 +470,17 @@ class RlJob:
 # ----------------------------------------------------------------------------- the stage's entry points
 
 
-def load_prompts(files: list[Path], model_cfg, tok, max_new_tokens: int) -> tuple[list[EvalTask], int]:
-    """The train split's tasks whose prompt leaves room for max_new_tokens, and how many did not."""
+def load_prompts(files: list[Path], model_cfg, tok, max_new_tokens: int) -> tuple[list[EvalTask], list[list[int]], int]:
+    """The train split's tasks whose prompt leaves room for max_new_tokens, their prompts' token
+    ids (encoded once, here), and how many did not fit."""
     tasks = [t for f in sorted(files) for t in load_tasks(f)]
-    fits = [t for t in tasks if len(encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context]))
-            + max_new_tokens <= model_cfg.max_seq_len]
+    encoded = [(t, encode_prompt(tok, t.prompt, t.system, [{"role": r, "content": c} for r, c in t.context]))
+               for t in tasks]
+    fits = [(t, ids) for t, ids in encoded if len(ids) + max_new_tokens <= model_cfg.max_seq_len]
     if not fits:
         raise ValueError(f"none of the {len(tasks)} prompts in {[str(f) for f in files]} leaves room for "
                          f"rollout.max_new_tokens={max_new_tokens} within max_seq_len={model_cfg.max_seq_len}")
-    return fits, len(tasks) - len(fits)
+    return [t for t, _ in fits], [ids for _, ids in fits], len(tasks) - len(fits)
 
 
 def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None,
@@ -490,20 +491,16 @@ def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None,
     ensure_process_group()
     model_cfg = load_model_config(paths.init_model)
     tok = load_tokenizer(paths.init_model)
-    tasks, too_long = load_prompts(paths.train_tasks, model_cfg, tok, cfg.rollout.max_new_tokens)
+    tasks, prompts, too_long = load_prompts(paths.train_tasks, model_cfg, tok, cfg.rollout.max_new_tokens)
     reference = None
     if cfg.loss.kl_coef > 0:
         reference = Reference(FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.micro_batch),
                               temperature=cfg.rollout.temperature)
-    rewards = Rewards(cfg.rewards, RewardParams(length_budget=cfg.reward_terms.length_budget,
-                                                novelty_n=cfg.reward_terms.novelty_n,
-                                                novelty_history=cfg.reward_terms.novelty_history,
-                                                max_new_tokens=cfg.rollout.max_new_tokens,
-                                                overlong_buffer=cfg.reward_terms.overlong_buffer,
-                                                reward_model=cfg.reward_model))
+    rewards = Rewards(cfg.rewards, RewardParams(**cfg.reward_terms.model_dump(), reward_model=cfg.reward_model,
+                                                max_new_tokens=cfg.rollout.max_new_tokens))
     identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16],
                 "model": sha256_file(paths.init_model / "model.safetensors")[:16]}
-    job = RlJob(cfg, tasks, tok, model_cfg, reference, rewards, seed, identity, rollout_group)
+    job = RlJob(cfg, tasks, prompts, tok, model_cfg, reference, rewards, seed, identity, rollout_group)
     loop = train(cfg.train_config(), job, checkpoints=paths.checkpoints, hooks=hooks,
                  make_model=lambda: ActorCritic.from_folder(paths.init_model, cfg.critic_kind),
                  micro_batch=cfg.micro_batch, global_batch=cfg.minibatch)
