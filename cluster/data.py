@@ -141,6 +141,8 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
     Returns (stats of every finished shard, errors of shards that failed).
     """
     out_dir = Path(out_dir)
+    # how many shards this pass has, for the progress line (pipelines/progress.py)
+    _write_text_atomic(json.dumps({"total": len(items)}), out_dir / "plan.json")
     done = _current_shards(out_dir, items)
     todo = [it for it in items if it["index"] not in done]
     errors = []

@@ -61,16 +61,26 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def run_task(fn, *args, resources: dict | None = None):
+def run_task(fn, *args, resources: dict | None = None, poll=None, interval: float = 0.5):
     """Run ``fn(*args)`` as one Ray task and wait for it; the task is never retried.
 
     A stage's side effects (files) are not idempotent mid-way, so a crashed
     worker must surface as a failed stage that the runner resumes, not as a
-    silent re-execution.
+    silent re-execution. ``poll()``, if given, is called every ``interval`` seconds
+    while the task runs (the CLI's progress line reads the stage's files there).
     """
     opts = {"num_cpus": 0, "max_retries": 0, **(resources or {})}
     ref = ray.remote(fn).options(**opts).remote(*args)
     try:
+        if poll is not None:
+            while not ray.wait([ref], timeout=interval)[0]:
+                poll()
         return ray.get(ref)
     except ray.exceptions.RayTaskError as err:
         raise err.as_instanceof_cause() from None
+
+
+def error_cause(err: BaseException) -> BaseException:
+    """The user's exception inside a Ray task's error (its message without Ray's traceback)."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) and isinstance(err, ray.exceptions.RayError) else err

@@ -4,7 +4,9 @@
     r1pipe run recipes/demo.yaml --stages ingest       # one stage
     r1pipe run recipes/demo.yaml --from dedup --force  # a stage and all after it
     r1pipe status [RUN_ID] [--json]
+    r1pipe report [RUN_ID] [--out FILE]                # one self-contained HTML file
     r1pipe eval runs/demo/sft [--tasks FILE] [--seed N --n N] [--json]
+    r1pipe lineage runs/demo/prl_2/model [--json]      # what a model was made from
     r1pipe submit recipes/cluster.yaml --address http://HEAD:8265 --follow
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -39,27 +43,80 @@ def run(config: str = typer.Argument(..., help="a YAML recipe, e.g. recipes/demo
         run_id: Optional[str] = typer.Option(None, help="default: the recipe's name"),
         runs_dir: Optional[str] = typer.Option(None, help="default: the recipe's runs_dir"),
         address: Optional[str] = typer.Option(None, help="join an existing Ray cluster ('auto', ray://...)"),
+        verbose: bool = typer.Option(False, "--verbose", "-v",
+                                     help="show Ray's and DeepSpeed's logs and a failed stage's trace"),
         set_: Optional[list[str]] = SetOpt) -> None:
-    """Run a recipe's stages in order; finished stages are skipped."""
-    from pipelines.runner import StageFailed, resolve_runs_dir, run_pipeline
+    """Run a recipe's stages in order; finished stages are skipped.
+
+    Shows one progress line per running stage; Ray's, DeepSpeed's and the stages' own logs go
+    to <run>/logs/ (--verbose shows them instead)."""
+    from pipelines.runner import StageFailed, resolve_runs_dir
+    log_path, run_root = None, None
     try:
         cfg = load_config(config, set_ or [])
         if address:
             cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
         cfg = resolve_runs_dir(cfg, runs_dir)
         rid = run_id or cfg.name
-        console.print(f"run [bold]{rid}[/] in {cfg.runs_dir}/{rid}")
-        run_pipeline(cfg, rid, stages=_split(stages), from_stage=from_stage, force=force,
-                     echo=console.print, fault=os.environ.get("R1PIPE_FAULT"))
+        run_root = Path(cfg.runs_dir) / rid
+        console.print(f"run [bold]{rid}[/] in {run_root}")
+        if not verbose:
+            log_path = run_root / "logs" / time.strftime("run-%Y%m%d-%H%M%S.log")
+            console.print(f"logs  {log_path}", style="dim")
+        _run_with_progress(cfg, rid, stages=_split(stages), from_stage=from_stage, force=force,
+                           log_path=log_path)
     except (ConfigError, ValueError) as err:
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     except StageFailed as err:
-        err_console.print(f"[red]failed:[/] {err}")
+        err_console.print(f"[red]failed:[/] stage [bold]{err.stage}[/]: {err.error}")
+        if verbose:
+            err_console.print(err.detail, markup=False)
+        else:
+            err_console.print(f"the trace is in {log_path} (--verbose prints it)", style="dim")
         raise typer.Exit(1)
     finally:
-        from cluster.session import shutdown
-        shutdown()
+        if run_root is not None:
+            _final_report(run_root)
+
+
+def _final_report(run_root: Path) -> None:
+    """Every run ends by writing its report; a report that cannot be written never fails the run."""
+    from pipelines.report import write_report
+    if not (run_root / "pipeline.json").is_file():
+        return  # stopped before anything ran
+    try:
+        path = write_report(run_root.parent, run_root.name)
+    except Exception as err:  # noqa: BLE001 - the run's own outcome is what the exit code says
+        err_console.print(f"[yellow]warning:[/] the report could not be written: {type(err).__name__}: {err}")
+        return
+    console.print(f"report {path}", style="dim")
+
+
+def _run_with_progress(cfg, rid: str, *, stages, from_stage, force, log_path: Optional[Path]) -> None:
+    """run_pipeline with a live progress line and the process's other output in log_path
+    (None: everything on the terminal, no progress line)."""
+    from cluster.session import shutdown
+    from pipelines.progress import LiveProgress, quiet_output
+    from pipelines.runner import StageFailed, run_pipeline
+    fault = os.environ.get("R1PIPE_FAULT")
+    if log_path is None:
+        try:
+            run_pipeline(cfg, rid, stages=stages, from_stage=from_stage, force=force,
+                         echo=console.print, fault=fault)
+        finally:
+            shutdown()
+        return
+    with quiet_output(log_path) as (out, _):
+        term = Console(file=out, highlight=False)
+        try:
+            run_pipeline(cfg, rid, stages=stages, from_stage=from_stage, force=force,
+                         echo=term.print, fault=fault, watch=LiveProgress(term))
+        except StageFailed as err:
+            print(err.detail, file=sys.stderr)  # into the log
+            raise
+        finally:
+            shutdown()
 
 
 @app.command()
@@ -77,6 +134,21 @@ def status(run_id: Optional[str] = typer.Argument(None, help="default: the newes
         sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
     else:
         render(report, console)
+
+
+@app.command()
+def report(run_id: Optional[str] = typer.Argument(None, help="default: the newest run"),
+           runs_dir: str = typer.Option("runs", help="where runs live"),
+           out: Optional[str] = typer.Option(None, help="default: <runs_dir>/<run>/report.html")) -> None:
+    """Write one self-contained HTML file about a run (opens offline): stage timeline and configs,
+    data funnel, difficulty grading, training curves, expert loads, held-out evaluation, lineage."""
+    from pipelines.report import write_report
+    try:
+        path = write_report(runs_dir, run_id, out)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    console.print(f"report {path}")
 
 
 @app.command()
@@ -120,6 +192,27 @@ def export(stage_folder: str = typer.Argument(..., help="a training stage folder
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     console.print(f"exported {stage_folder} -> {path}")
+
+
+@app.command()
+def lineage(path: str = typer.Argument(..., help="a stage folder, its model/ or a checkpoint in it, or an export"),
+            as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table")) -> None:
+    """Show what a model was made from: every upstream stage with its fingerprint, code version and
+    finish time, and the sha256 of the files each read."""
+    from pipelines.lineage import find_lineage, render
+    try:
+        found = find_lineage(path)
+    except ValueError as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    if found is None:
+        err_console.print(f"[red]error:[/] {path}: no lineage here; give a stage folder of a run, its model/ "
+                          f"or checkpoints/, or an exported model with lineage.json")
+        raise typer.Exit(2)
+    if as_json:
+        sys.stdout.write(json.dumps(found, indent=2, sort_keys=True) + "\n")
+    else:
+        render(found, console)
 
 
 @app.command("eval")

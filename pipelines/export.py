@@ -1,4 +1,5 @@
-"""`r1pipe export`: a training stage's model to a transformers folder, published atomically."""
+"""`r1pipe export`: a training stage's model to a transformers folder, published atomically,
+with the model's lineage.json (pipelines/lineage.py) beside the weights."""
 from __future__ import annotations
 
 import os
@@ -6,6 +7,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipelines.lineage import LINEAGE_FILE, find_lineage
+from pipelines.store import write_json_atomic
 from training.export import WEIGHTS, export_folder
 
 
@@ -33,6 +36,7 @@ def export_stage(stage_folder: str | Path, out: str | Path, *, overwrite: bool =
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         export_folder(model_dir, tmp, find_tokenizer(stage_folder, model_dir))
+        copy_lineage(model_dir, tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -40,3 +44,12 @@ def export_stage(stage_folder: str | Path, out: str | Path, *, overwrite: bool =
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def copy_lineage(model_dir: Path, out: Path) -> None:
+    """The model's lineage into OUT: its lineage.json (with its stage's finish time filled in), or,
+    for a model published before stages wrote one, its lineage built from the run store; nothing
+    for a model folder outside a run."""
+    lineage = find_lineage(model_dir)
+    if lineage is not None:
+        write_json_atomic(out / LINEAGE_FILE, lineage)

@@ -10,22 +10,39 @@ version, so a changed config reruns that stage and everything downstream.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
-from cluster.session import RaySettings, connect, run_task
+from cluster.session import RaySettings, connect, error_cause, run_task
 from pipelines.config import ConfigError, PipelineConfig, input_files
 from pipelines.graph import STAGES, StageContext, check_order
+from pipelines.lineage import record_lineage
 from pipelines.store import RunStore, code_version, fingerprint, sha256_file
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, error: str):
+    """A stage raised: ``error`` is one line naming the cause, ``detail`` its whole trace."""
+
+    def __init__(self, stage: str, error: str, detail: str = ""):
         super().__init__(f"stage {stage!r} failed: {error}")
-        self.stage, self.error = stage, error
+        self.stage, self.error, self.detail = stage, error, detail
+
+
+# Errors a user causes (a recipe, an input file, a gang the cluster cannot hold): their message
+# alone says what to fix. Anything else is named with its type, which points at a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class Watcher(Protocol):
+    """What the runner tells a progress display: a stage started, it is still running, it ended."""
+
+    def start(self, stage: str, root: Path) -> None: ...
+    def poll(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 @dataclass
@@ -84,7 +101,8 @@ def _content_hash(path: Path) -> str:
 
 def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None = None,
                  from_stage: str | None = None, force: bool = False,
-                 echo: Callable[[str], None] = print, fault: str | None = None) -> list[StageResult]:
+                 echo: Callable[[str], None] = print, fault: str | None = None,
+                 watch: Watcher | None = None) -> list[StageResult]:
     selected = select(cfg, stages, from_stage)
     store = RunStore(cfg.runs_dir, run_id)
     code = code_version()
@@ -101,9 +119,10 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
         fps[name] = fp
         if not force and stage_dir.is_done(fp) and not stage_dir.verify():
             echo(f"skip  {name}: done, fingerprint {fp[:12]} unchanged")
+            store.event(name, "skip", fingerprint=fp)
             results.append(StageResult(name, "skipped", fp, metrics=stage_dir.manifest()["metrics"]))
             continue
-        results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault))
+        results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault, watch))
     return results
 
 
@@ -135,25 +154,54 @@ def _upstream_fingerprint(store: RunStore, name: str, expected: str, selected: l
     return manifest["fingerprint"]
 
 
-def _run_stage(cfg, store, name, fp, inputs, echo, fault) -> StageResult:
+def _run_stage(cfg, store, name, fp, inputs, echo, fault, watch: Watcher | None) -> StageResult:
     stage_dir = store.stage(name)
     manifest = stage_dir.begin(fp, inputs, stage_config(cfg, name))
     verb = "resume" if manifest["resumed"] else "run  "
     echo(f"{verb} {name}: fingerprint {fp[:12]}")
+    store.event(name, verb.strip(), fingerprint=fp)
     connect(RaySettings(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard,
                         cfg.ray.node_ip_address))
     started = time.time()
+    if watch:
+        watch.start(name, stage_dir.root)
     try:
         metrics = run_task(execute_stage, cfg, store.run_id, name, fault,
-                           resources=STAGES[name].resources)
+                           resources=STAGES[name].resources, poll=watch.poll if watch else None)
+        manifest = record_lineage(store, name, manifest)  # model/lineage.json is an output
     except BaseException as err:  # noqa: BLE001 - record every failure, then re-raise
-        message = f"{type(err).__name__}: {err}"
-        stage_dir.fail(manifest, message + "\n" + traceback.format_exc(limit=5))
-        raise StageFailed(name, message) from err
+        message, detail = describe_failure(err)
+        stage_dir.fail(manifest, message + "\n" + detail)
+        store.event(name, "fail", error=message)
+        raise StageFailed(name, message, detail) from err
+    finally:
+        if watch:
+            watch.stop()
     stage_dir.publish(manifest, metrics)
     seconds = time.time() - started
     echo(f"done  {name} in {seconds:.1f}s: " + _headline(metrics))
+    for warning in stage_warnings(metrics, manifest):
+        echo(f"warn  {name}: {warning}")
+    store.event(name, "done", seconds=round(seconds, 2))
     return StageResult(name, "ran", fp, seconds, metrics)
+
+
+def stage_warnings(metrics: dict, manifest: dict) -> list[str]:
+    """What a finished stage should tell its user even when its workers' logs go to a file:
+    damaged checkpoints skipped on resume, inputs that changed after they were read."""
+    out = [f"damaged checkpoint(s) skipped on resume: {', '.join(map(str, skipped))}"
+           for skipped in [metrics.get("corrupt_checkpoints_skipped")] if skipped]
+    return out + list((manifest.get("lineage") or {}).get("warnings", []))
+
+
+def describe_failure(err: BaseException) -> tuple[str, str]:
+    """(one line naming the cause, the whole trace). A Ray task's error is unwrapped to the
+    stage's own exception; a user's mistake is its message alone, anything else gets its type."""
+    cause = error_cause(err)
+    text = str(cause).strip() or type(cause).__name__
+    line = text if isinstance(cause, USER_ERRORS) else f"{type(cause).__name__}: {text.splitlines()[0]}"
+    detail = "".join(traceback.format_exception(err))
+    return line, detail
 
 
 def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None = None) -> dict:
@@ -181,9 +229,22 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
         sink.finish(exit_code=1)
         raise
     sink.log(metrics)
-    sink.summary(metrics)
+    log_report_figures(sink, name, metrics, stage_dir.staging / "train_log.jsonl")
+    # the W&B runs of the stages it read (named <run id>/<stage>), with their fingerprints
+    sink.summary({**metrics, "upstream": {
+        dep: f"{run_id}/{dep} {(store.stage(dep).manifest() or {}).get('fingerprint', '')[:12]}"
+        for dep in ctx.inputs}})
     sink.finish()
     return metrics
+
+
+def log_report_figures(sink, name: str, metrics: dict, train_log: Path) -> None:
+    """The stage's part of `r1pipe report`, as charts in its W&B run."""
+    from pipelines.report import stage_figures
+    log = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()] \
+        if train_log.is_file() else []
+    for key, fig in stage_figures(name, metrics, log).items():
+        sink.figure(key, fig)
 
 
 def check_rows_in(store: RunStore, name: str, metrics: dict) -> None:
@@ -202,7 +263,9 @@ def check_rows_in(store: RunStore, name: str, metrics: dict) -> None:
 
 
 def _headline(metrics: dict) -> str:
-    keys = [k for k, v in metrics.items() if isinstance(v, (int, float))][:5]
+    """The first few figures of a stage, and its held-out accuracy where it was evaluated."""
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("eval/")][:5]
+    keys += [k for k in ("eval/accuracy",) if k in metrics]
     return ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
                      for k in keys)
 

@@ -8,24 +8,17 @@ row each in the evaluation table: stage x accuracy / format / length / pass@k.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.store import RunStore, latest_run
+from pipelines.store import open_run
 
 _SCALARS = (int, float, str, bool)
 
 
 def collect(runs_dir: str, run_id: str | None) -> dict:
-    run_id = run_id or latest_run(runs_dir)
-    if run_id is None:
-        raise ValueError(f"no runs in {Path(runs_dir).resolve()}")
-    store = RunStore(runs_dir, run_id)
-    pipeline = store.pipeline()
-    if pipeline is None:
-        raise ValueError(f"no run {run_id!r} in {Path(runs_dir).resolve()}")
+    store, pipeline = open_run(runs_dir, run_id)
     stages = []
     for name in pipeline["stages"]:
         m = store.stage(name).manifest() or {}
@@ -37,7 +30,7 @@ def collect(runs_dir: str, run_id: str | None) -> dict:
             "fingerprint": m.get("fingerprint"), "error": (m.get("error") or "").split("\n")[0] or None,
             "metrics": m.get("metrics", {}),
         })
-    return {"run_id": run_id, "root": str(store.root.resolve()),
+    return {"run_id": store.run_id, "root": str(store.root.resolve()),
             "code_version": pipeline.get("code_version"), "stages": stages}
 
 

@@ -181,6 +181,41 @@ class RunStore:
     def pipeline(self) -> dict | None:
         return read_json(self.root / "pipeline.json")
 
+    def event(self, stage: str, action: str, **fields: Any) -> None:
+        """Append what an invocation did with a stage (run, resume, skip, done, fail) to
+        events.jsonl: the run's history, which manifests (the latest state only) do not keep."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        line = json.dumps({"time": time.time(), "stage": stage, "action": action, **fields},
+                          sort_keys=True, default=str)
+        with open(self.root / "events.jsonl", "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    def events(self) -> list[dict]:
+        """The events so far; a line cut short by a crash mid-write is left out."""
+        path = self.root / "events.jsonl"
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return out
+
+
+def open_run(runs_dir: str | Path, run_id: str | None) -> tuple[RunStore, dict]:
+    """(the run's store, its pipeline.json) for a run id, or the newest run; a ValueError naming
+    the folder when there is none."""
+    run_id = run_id or latest_run(runs_dir)
+    if run_id is None:
+        raise ValueError(f"no runs in {Path(runs_dir).resolve()}")
+    store = RunStore(runs_dir, run_id)
+    pipeline = store.pipeline()
+    if pipeline is None:
+        raise ValueError(f"no run {run_id!r} in {Path(runs_dir).resolve()}")
+    return store, pipeline
+
 
 def latest_run(runs_dir: str | Path) -> str | None:
     runs = [p for p in Path(runs_dir).glob("*/pipeline.json")]

@@ -33,6 +33,10 @@ class WandbSink:
         table = wandb.Table(columns=[label, value], data=rows)
         self.run.log({key: wandb.plot.bar(table, label, value, title=title)})
 
+    def figure(self, key: str, fig: Any) -> None:
+        """A plotly figure, shown as an interactive chart in the W&B run."""
+        self.run.log({key: wandb.Plotly(fig)})
+
     def summary(self, metrics: dict[str, Any]) -> None:
         self.run.summary.update(_flat(metrics))
 

@@ -50,7 +50,8 @@ def _input_files(ctx: StageContext) -> list[tuple[str, str, str | None]]:
 
 def run(ctx: StageContext) -> dict:
     cfg = ctx.section
-    chunks = plan_chunks(_input_files(ctx), cfg)
+    files = _input_files(ctx)
+    chunks = plan_chunks(files, cfg)
     items = [{"index": i, "chunk": c.to_dict()} for i, c in enumerate(chunks)]
     ctx.log(f"{len(items)} chunks from {len({c.file for c in chunks})} file(s)")
     stats, errors = run_sharded(IngestStep, {"fields": cfg.fields.model_dump()}, items,
@@ -59,6 +60,7 @@ def run(ctx: StageContext) -> dict:
     if errors:
         raise RuntimeError("ingest: unreadable chunk(s): " + "; ".join(
             f"{e['item']['chunk']['file']}: {e['error']}" for e in errors[:5]))
+    _check_no_empty_files([f for f, _, _ in files], stats)
     unique = ctx.work / "unique"
     _reject_duplicate_ids(ctx.work / "shards", unique, chunks, ctx.fault)
     reasons, per_file, unreadable = Counter(), Counter(), {}
@@ -77,6 +79,19 @@ def run(ctx: StageContext) -> dict:
     check_budget("ingest", metrics, cfg.max_reject_fraction, per_file)
     publish_shards(unique, ctx.out)
     return metrics
+
+
+def _check_no_empty_files(files: list[str], stats: list[dict]) -> None:
+    """An input file that yields no row at all (empty, or blank lines only) is a mistake in the
+    recipe's inputs, not a stage that is done with nothing: fail naming the file(s)."""
+    rows = Counter({f: 0 for f in files})
+    for s in stats:
+        rows[s["item"]["chunk"]["file"]] += s["kept"] + s["rejected"]
+    empty = [f for f, n in rows.items() if n == 0]
+    if empty:
+        raise ValueError(f"ingest: input file {empty[0]} holds no rows (empty file)"
+                         + (f", and {len(empty) - 1} more: {empty[1:4]}" if len(empty) > 1 else "")
+                         + "; remove it from ingest.inputs or fix it")
 
 
 def _check_unreadable(unreadable: dict[str, str], n_files: int, max_fraction: float) -> None:

@@ -9,21 +9,28 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from pipelines.graph import StageContext
+from pipelines.progress import PROGRESS_FILE
+from pipelines.store import write_json_atomic
 
 TASKS_STAGE = "tasks"
 PAIRS_STAGE = "pairs"
 
 
 class TrainLog:
-    """Rank 0's metrics as they arrive: to W&B and to a log that survives a crashed run."""
+    """Rank 0's metrics as they arrive: to W&B, to a log that survives a crashed run, and to the
+    progress file that `r1pipe run` draws its progress line from (pipelines/progress.py)."""
 
-    def __init__(self, path: Path, sink):
-        self.path, self.sink = path, sink
+    def __init__(self, path: Path, sink, total: int | None = None, counter: str = "step"):
+        # counter: the metric that counts toward total (RL stages count iterations, not steps)
+        self.path, self.sink, self.total, self.counter = path, sink, total, counter
 
     def add(self, metrics: dict) -> None:
         self.sink.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        write_json_atomic(self.path.parent / PROGRESS_FILE, {
+            "unit": f"{self.counter}s", "done": metrics.get(self.counter, metrics["step"]), "total": self.total,
+            "loss": metrics.get("loss")})
 
     def publish(self, out: Path) -> list[dict]:
         """The log without steps replayed after a restart (the latest record of a step wins)."""
@@ -61,7 +68,9 @@ def train_on_gang(ctx: StageContext, worker, cfg, paths, extra: dict | None = No
     payload = {"config": cfg.model_dump(mode="json"), "seed": ctx.config.seed,
                "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()},
                **(extra or {})}
-    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics)
+    rl = hasattr(cfg, "iterations")
+    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics, cfg.iterations if rl else cfg.steps,
+                   counter="iteration" if rl else "step")
     summary = run_gang(worker, payload, ctx.section.gang, checkpoints=paths.checkpoints, work=paths.work,
                        on_metrics=log.add, fault=ctx.fault, name=ctx.name, key=f"{ctx.name}.gang")
     log_tables(ctx, log.publish(ctx.out))
@@ -103,6 +112,7 @@ def evaluate_stage(ctx: StageContext, model_dir: Path, cfg) -> dict:
         ctx.log(f"no held-out evaluation: the tasks stage's eval split is empty ({split})")
         return {}
     tasks = load_tasks(split)
+    write_json_atomic(ctx.work / PROGRESS_FILE, {"unit": "tasks", "phase": f"held-out evaluation, {len(tasks)} tasks"})
     figures, records = evaluate_on_ray(model_dir, tasks, cfg, seed=ctx.config.seed)
     with open(ctx.out / "eval_completions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)

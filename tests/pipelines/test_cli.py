@@ -58,6 +58,38 @@ def test_run_twice_skips_then_status(recipe, tmp_path):
     assert "data funnel" in table.output and "bad_json=1" in table.output
 
 
+def test_a_users_mistake_is_one_line_naming_stage_and_cause(recipe, tmp_path):
+    over_budget = ["run", str(recipe), "--set", "ingest.max_reject_fraction=0.01"]
+    res = runner.invoke(app, over_budget, env={"COLUMNS": "500"})
+    assert res.exit_code == 1
+    assert "failed: stage ingest: ingest: 5 of 100 rows rejected, over the error budget" in res.output
+    assert "RayTaskError" not in res.output and "Traceback" not in res.output
+    [log] = (tmp_path / "runs" / "cli" / "logs").glob("run-*.log")  # Ray's logs and the trace went here
+    assert "Traceback" in log.read_text() and str(log) in res.output
+    assert "Traceback" in runner.invoke(app, over_budget + ["--verbose"], env={"COLUMNS": "500"}).output
+
+    report = runner.invoke(app, ["report", "cli", "--runs-dir", str(tmp_path / "runs")])
+    assert report.exit_code == 0, report.output
+    html = (tmp_path / "runs" / "cli" / "report.html").read_text()
+    assert "failed" in html and "over the error budget" in html  # the failed stage and its cause
+
+
+def test_an_empty_input_file_is_an_error_naming_it(tmp_path):
+    write_jsonl_with_malformed(tmp_path / "in.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    recipe = write_recipe(tmp_path / "r.yaml", f"""
+name: cli
+runs_dir: {tmp_path / 'runs'}
+stages: [ingest]
+ray: {{num_cpus: 2, data_concurrency: 1}}
+ingest:
+  inputs: [{{path: {tmp_path / 'in.jsonl'}}}, {{path: {tmp_path / 'empty.jsonl'}}}]
+""")
+    res = runner.invoke(app, ["run", str(recipe)], env={"COLUMNS": "500"})
+    assert res.exit_code == 1
+    assert f"failed: stage ingest: ingest: input file {tmp_path / 'empty.jsonl'} holds no rows" in res.output
+
+
 def _r1pipe(*args, env=None, **kw):
     return subprocess.Popen([str(VENV_BIN / "r1pipe"), *args], env={**os.environ, **(env or {})},
                             start_new_session=True, stdout=subprocess.PIPE,

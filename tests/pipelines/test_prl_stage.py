@@ -71,5 +71,14 @@ def test_prl_stages_resume_mid_schedule_and_rerun_only_what_changed(reasoner, tm
         row = next(line for line in lines[header:] if line.strip("│ ").startswith(name))
         assert f"{metrics['eval/accuracy']:.4g}" in row
 
+    # the report shows the RL stages with no change of its own: reward terms, KL, entropy, length
+    from pipelines import report_data as rd
+    run = rd.load_run(tmp_path / "runs", "t")
+    prl_2 = rd.curves(next(s for s in run.stages if s.name == "prl_2").log)
+    assert {"reward/mean", "reward/accuracy/mean", "reward/conciseness/mean"} <= set(prl_2["reward terms"])
+    assert {"kl", "entropy"} <= set(prl_2["KL and entropy"]) and "response_length/mean" in prl_2["response length"]
+    assert rd.evaluation(run)["stages"] == ["prl_1", "prl_2"]
+    assert [e["action"] for e in run.events if e["stage"] == "prl_2"] == ["run", "resume", "done"]
+
     edited = load_config(reasoner_recipe(tmp_path / "r2.yaml", RECIPE, reasoner, tmp_path / "runs", weight=0.25))
     assert [r.action for r in run_pipeline(edited, "t")] == ["skipped", "skipped", "ran"]
