@@ -74,7 +74,8 @@ def describe(progress: dict | None) -> str:
     if unit != "shards":
         loss = progress.get("loss")
         return f"{unit}, loss {loss:.4g}" if isinstance(loss, (int, float)) else unit
-    return f"shards ({progress['pass']})" if progress.get("pass") else "shards"
+    named = progress.get("pass") not in (None, "shards")  # a stage with several passes names them
+    return f"shards ({progress['pass']})" if named else "shards"
 
 
 class LiveProgress:

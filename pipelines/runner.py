@@ -264,7 +264,7 @@ def check_rows_in(store: RunStore, name: str, metrics: dict) -> None:
 
 def _headline(metrics: dict) -> str:
     """The first few figures of a stage, and its held-out accuracy where it was evaluated."""
-    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("eval/")][:5]
+    keys = [k for k, v in metrics.items() if isinstance(v, (int, float)) and not k.startswith("eval/")][:4]
     keys += [k for k in ("eval/accuracy",) if k in metrics]
     return ", ".join(f"{k}={metrics[k]:.4g}" if isinstance(metrics[k], float) else f"{k}={metrics[k]}"
                      for k in keys)

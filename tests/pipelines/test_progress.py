@@ -23,6 +23,7 @@ def test_shard_progress_counts_markers_of_the_latest_pass(tmp_path):
     write_json_atomic(work / "grading" / "done" / "part-00001.json", {})
     assert stage_progress(tmp_path) == {"unit": "shards", "done": 1, "total": 3, "pass": "grading"}
     assert describe(stage_progress(tmp_path)) == "shards (grading)"
+    assert describe({"unit": "shards", "done": 0, "total": 4, "pass": "shards"}) == "shards"
 
 
 def test_training_progress_wins_and_shows_the_loss(tmp_path):
