@@ -3,8 +3,8 @@
 For each preset of training/model.py that fits one 80 GB GPU (`small`, and `moe-1b`, the
 cluster preset: 2.3B parameters, 0.82B active; no larger model is defined here), three cases
 train the same model on the same random token batches:
-  bare   fp32 weights, torch.autocast(bf16), torch.optim.AdamW (foreach) over the engine's
-         parameter groups, the same accumulation and global-norm clipping (1.0);
+  bare   fp32 weights, torch.autocast(bf16), torch.optim.AdamW over the engine's parameter
+         groups, the same accumulation and global-norm clipping (1.0);
   zero1  training.engine.Engine, DeepSpeed ZeRO-1, bf16, a NCCL group of one;
   zero2  the same with ZeRO-2 (the GPU default).
 Each case runs in its own process: a 2.3B-parameter engine does not reliably give its memory
@@ -19,6 +19,11 @@ bf16 (989.4 TFLOP/s) and a bf16 8192^3 matmul measured in the same run, before a
     python3 benchmarks/gpu_throughput.py --out benchmarks/out/gpu_throughput.json       # one GPU, ~4 min
     python3 benchmarks/gpu_throughput.py --presets small --cases bare zero2 --steps 10   # a subset
     python3 benchmarks/gpu_throughput.py --shape moe-1b=2048,4,2 --profile --out ...     # other shape, profiled
+    python3 benchmarks/gpu_throughput.py --compile dense --out ...   # torch.compile of the dense parts, both
+    python3 benchmarks/gpu_throughput.py --fused off --out ...       # foreach AdamW (the figures before fused)
+
+--compile and --fused apply to the bare loop and the engine alike, so each change is measured on
+its own against the same loop; AdamW is fused on CUDA by default (--fused auto), as in the engine.
     .venv/bin/python benchmarks/gpu_throughput.py --device cpu --presets tiny --steps 2 --warmup 1 \\
         --matmul-n 512 --out /tmp/smoke.json                                              # plumbing check
 """
@@ -37,6 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.compile import compile_model  # noqa: E402
 from training.model import ModelConfig, Transformer, flops_per_token, param_counts  # noqa: E402
 
 SPEC_PEAK = 989.4e12  # H100 SXM, dense bf16 (NVIDIA datasheet; 1979 is with 2:4 sparsity)
@@ -135,9 +141,14 @@ def token_batches(cfg: ModelConfig, shape: tuple, device: torch.device, n_steps:
     return steps
 
 
-def bare_step_fn(model: Transformer, device: torch.device, gas: int):
+def fused_adamw(fused: str, device: torch.device) -> bool | None:
+    """--fused: auto (the engine's default: fused on CUDA), on, off."""
+    return {"auto": device.type == "cuda", "on": True, "off": False}[fused] or None
+
+
+def bare_step_fn(model: Transformer, device: torch.device, gas: int, fused: bool | None):
     from training.engine import _param_groups  # the engine's decay / no-decay split
-    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(_param_groups(model, 0.1), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
     def step(micro: list[tuple]) -> float:
         total = torch.zeros((), device=device)
@@ -154,12 +165,12 @@ def bare_step_fn(model: Transformer, device: torch.device, gas: int):
     return step
 
 
-def engine_step_fn(model: Transformer, zero_stage: int, shape: tuple):
+def engine_step_fn(model: Transformer, zero_stage: int, shape: tuple, compile_mode: str, fused: bool | None):
     from training.config import EngineConfig, OptimizerConfig
     from training.engine import Engine
     seq, micro, gas = shape
-    cfg = EngineConfig(zero_stage=zero_stage, precision="bf16", grad_clip=1.0,
-                       optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0))
+    cfg = EngineConfig(zero_stage=zero_stage, precision="bf16", grad_clip=1.0, compile=compile_mode,
+                       optimizer=OptimizerConfig(lr=1e-4, warmup_steps=0, fused=bool(fused)))
     engine = Engine(model, cfg, micro_batch=micro, global_batch=micro * gas, total_steps=10_000)
     return lambda batch: engine.train_step(batch).loss
 
@@ -171,10 +182,12 @@ def run_case(args) -> dict:
     torch.manual_seed(0)
     with device:  # initialise on the device: seconds instead of minutes for 2.3B parameters
         model = Transformer(cfg)
+    fused = fused_adamw(args.fused, device)
     if args.case == "bare":
-        step = bare_step_fn(model, device, shape[2])
+        compile_model(model, args.compile)  # the same modules the engine compiles
+        step = bare_step_fn(model, device, shape[2], fused)
     else:
-        step = engine_step_fn(model, int(args.case[-1]), shape)
+        step = engine_step_fn(model, int(args.case[-1]), shape, args.compile, fused)
     batches = token_batches(cfg, shape, device, 4)
     losses = [step(batches[i % 4]) for i in range(args.warmup)]
     timer = StepTimer(device)
@@ -204,7 +217,7 @@ def spawn_case(args, preset: str, case: str) -> dict:
         out = Path(tmp) / "case.json"
         cmd = [sys.executable, __file__, "--child", "--preset", preset, "--case", case, "--device", args.device,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--out", str(out),
-               "--expert-kernel", args.expert_kernel]
+               "--expert-kernel", args.expert_kernel, "--compile", args.compile, "--fused", args.fused]
         cmd += ["--profile"] if args.profile else []
         cmd += [a for spec in args.shape for a in ("--shape", spec)]
         start = time.perf_counter()
@@ -290,7 +303,8 @@ def run_all(args) -> dict:
     for r in results:
         if r.get("profile"):
             print(profile_table(r), flush=True)
-    return {"environment": environment(device), "expert_kernel": args.expert_kernel, "peaks": {**peaks, "matmul_before": peak_before,
+    return {"environment": environment(device), "expert_kernel": args.expert_kernel, "compile": args.compile,
+            "fused_adamw": args.fused, "peaks": {**peaks, "matmul_before": peak_before,
             "matmul_after": peak_after, "matmul_n": args.matmul_n},
             "presets": {p: {**param_counts(ModelConfig.from_preset(p)), "shape": SHAPES[p]} for p in args.presets},
             "note": "presets of training/model.py only; moe-1b is the largest defined and fits one 80 GB GPU",
@@ -305,6 +319,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="timed steps per case")
     ap.add_argument("--expert-kernel", default="auto", choices=["auto", "loop"],
                     help="ModelConfig.expert_kernel: auto = torch._grouped_mm on Hopper, loop = per expert")
+    ap.add_argument("--compile", default="off", choices=["off", "dense", "blocks"],
+                    help="EngineConfig.compile, for the engine and the bare loop alike")
+    ap.add_argument("--fused", default="auto", choices=["auto", "on", "off"],
+                    help="fused AdamW for both (auto: on CUDA, the engine's default)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--matmul-n", type=int, default=8192)

@@ -28,6 +28,9 @@ class OptimizerConfig(Strict):
     weight_decay: float = Field(0.1, ge=0)  # on matrices only, never on norms
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
     eps: float = Field(1e-8, gt=0)  # AdamW epsilon
+    #: torch's fused AdamW kernel (one launch for every tensor); None: on CUDA only, where it
+    #: replaces hundreds of small kernels per step; the CPU path keeps the foreach implementation
+    fused: bool | None = None
 
 
 class EngineConfig(Strict):
@@ -40,6 +43,9 @@ class EngineConfig(Strict):
     activation_checkpointing: bool = False  # recompute each block in backward
     offload_optimizer: bool = False  # optimizer states in host memory (ZeRO 1-3)
     offload_params: bool = False  # parameters in host memory (ZeRO-3 only)
+    #: torch.compile in place (training/compile.py): off; dense (norms, attention, SwiGLU FFNs,
+    #: LM head; the MoE layer eager); blocks (whole blocks, MoE included, with graph breaks)
+    compile: Literal["off", "dense", "blocks"] = "off"
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "EngineConfig":

@@ -58,6 +58,7 @@ from deepspeed.accelerator import get_accelerator
 from torch import nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from training.compile import compile_model
 from training.config import EngineConfig, OptimizerConfig
 from training.distributed import collective_device  # noqa: F401 - part of the seam's API
 
@@ -255,10 +256,12 @@ class Engine(_Wrapped):
         self.rank = dist.get_rank()
         if cfg.activation_checkpointing:
             enable_activation_checkpointing(model)
+        compile_model(model, cfg.compile)  # in place: parameter names and checkpoints unchanged
         self._skip = _SkipFlag()
         opt = cfg.optimizer
+        fused = torch.cuda.is_available() if opt.fused is None else opt.fused
         optimizer = _SkippableAdamW(_param_groups(model, opt.weight_decay), self._skip, lr=opt.lr,
-                                    betas=opt.betas, eps=opt.eps)
+                                    betas=opt.betas, eps=opt.eps, fused=fused or None)
         ds_config = deepspeed_config(cfg, micro_batch=micro_batch, global_batch=global_batch,
                                      world_size=self.world_size, load_universal=load_universal)
         self.ds, _, _, _ = deepspeed.initialize(
