@@ -63,3 +63,53 @@ def check_fits(gang: GangConfig, key: str, nodes: list[dict] | None = None) -> N
         raise ValueError(
             f"{key}: a gang of {n} workers x {need} ({gang.placement_strategy}) can never be placed on "
             f"this cluster (nodes: {have}); lower {key}.num_workers or the per-worker resources")
+
+
+def autoscaler_max_nodes(cap: int) -> list[dict] | None:
+    """The nodes an autoscaling cluster may grow to, from the cluster config its autoscaler
+    publishes in the GCS (KubeRay, the cluster launcher): each node group's resources, max_count
+    times (an unbounded group counts ``cap`` times). None on a fixed cluster."""
+    import ray
+    config = ray._private.state.state.get_cluster_config()  # Ray's own reader of that record
+    if config is None or not config.node_group_configs:
+        return None
+    nodes = []
+    for group in config.node_group_configs:
+        count = cap if group.max_count == -1 else min(group.max_count, cap)
+        nodes += [dict(group.resources)] * count
+    return nodes
+
+
+def preflight(gang: GangConfig, key: str, extra: dict[str, float] | None = None) -> str | None:
+    """Before any stage runs: raise ValueError naming ``key`` when the gang (and ``extra``
+    resources that must be free beside it: an RL stage's rollout workers) can never be placed,
+    not even on the largest cluster the autoscaler may build; return what the run will wait for
+    when it fits only once the autoscaler adds nodes; None when it fits now."""
+    import ray
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    largest = autoscaler_max_nodes(cap=gang.num_workers + 1)
+    try:
+        _check_all(gang, key, alive, extra)
+        return None
+    except ValueError:
+        if largest is None:
+            raise
+    try:
+        _check_all(gang, key, largest, extra)
+    except ValueError as err:
+        raise ValueError(f"{err} (the autoscaler's largest cluster cannot hold it either)") from None
+    need = {k: v * gang.num_workers for k, v in gang.worker_resources().items()}
+    return (f"needs {need}{f' and {extra}' if extra else ''}, more than the cluster has now; the "
+            "autoscaler can add the nodes, so the stage will wait for them")
+
+
+def _check_all(gang: GangConfig, key: str, nodes: list[dict], extra: dict[str, float] | None) -> None:
+    check_fits(gang, key, nodes)
+    if extra:
+        need = {k: v * gang.num_workers for k, v in gang.worker_resources().items()}
+        total = {k: sum(n.get(k, 0) for n in nodes) for k in set(need) | set(extra)}
+        short = {k: need.get(k, 0) + extra.get(k, 0) for k in total
+                 if need.get(k, 0) + extra.get(k, 0) > total[k] + 1e-9}
+        if short:
+            raise ValueError(f"{key}: the gang ({need}) and its rollout workers ({extra}) need {short} in all, "
+                             f"but the cluster has {total}")

@@ -104,6 +104,7 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
                  echo: Callable[[str], None] = print, fault: str | None = None,
                  watch: Watcher | None = None) -> list[StageResult]:
     selected = select(cfg, stages, from_stage)
+    check_gangs(cfg, selected, echo)
     store = RunStore(cfg.runs_dir, run_id)
     code = code_version()
     store.write_pipeline(cfg.model_dump(mode="json"), cfg.stages)
@@ -124,6 +125,34 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
             continue
         results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault, watch))
     return results
+
+
+def check_gangs(cfg: PipelineConfig, selected: list[str], echo: Callable[[str], None]) -> None:
+    """Every selected training stage's gang (and an RL stage's rollout workers beside it) against
+    the cluster, before the first stage runs: an impossible gang fails now, naming its key, not
+    after hours of data stages; on an autoscaling cluster, one that must wait for nodes says so."""
+    from cluster.gang import preflight
+    gangs = [(name, cfg.section(name)) for name in selected]
+    gangs = [(name, section) for name, section in gangs
+             if getattr(section, "gang", None) is not None and section.gang.check_fit]
+    if not gangs:
+        return
+    connect(RaySettings(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard, cfg.ray.node_ip_address))
+    for name, section in gangs:
+        wait = preflight(section.gang, f"{name}.gang", rollout_resources(section))
+        if wait:
+            echo(f"wait  {name}: {wait}")
+
+
+def rollout_resources(section) -> dict[str, float] | None:
+    """What an RL stage's rollout workers hold beside its gang (None: they share the gang's)."""
+    rollout = getattr(section, "rollout", None)
+    if rollout is None or not getattr(rollout, "workers", 0):
+        return None
+    need = {"CPU": rollout.cpus_per_worker * rollout.workers}
+    if rollout.use_gpu:
+        need["GPU"] = float(rollout.workers)
+    return need
 
 
 def input_fingerprint(store: RunStore, stage: str, dep: str, fps: dict[str, str]) -> str:

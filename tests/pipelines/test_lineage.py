@@ -171,6 +171,7 @@ def test_run_pipeline_writes_lineage_into_the_model_before_the_done_manifest(tmp
     monkeypatch.setattr("pipelines.store.code_version", lambda: "test")
     monkeypatch.setattr("pipelines.runner.connect", lambda settings: None)
     monkeypatch.setattr("pipelines.runner.run_task", _fake_stage_bodies)
+    monkeypatch.setattr("pipelines.runner.check_gangs", lambda cfg, selected, echo: None)  # no cluster here
     train, evals = write_echo_tasks(tmp_path / "user", n_train=4, n_eval=2)
     (tmp_path / "init").mkdir()
     recipe = write_recipe(tmp_path / "r.yaml", RECIPE.format(runs=tmp_path / "runs", init=tmp_path / "init",
