@@ -7,6 +7,7 @@
     r1pipe report [RUN_ID] [--out FILE]                # one self-contained HTML file
     r1pipe eval runs/demo/sft [--tasks FILE] [--seed N --n N] [--json]
     r1pipe lineage runs/demo/prl_2/model [--json]      # what a model was made from
+    r1pipe plan recipes/cluster.yaml --preset h100-80g-x8 --nodes 2   # memory and step time per stage
     r1pipe submit recipes/cluster.yaml --address http://HEAD:8265 --follow
 """
 from __future__ import annotations
@@ -149,6 +150,32 @@ def report(run_id: Optional[str] = typer.Argument(None, help="default: the newes
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
     console.print(f"report {path}")
+
+
+@app.command()
+def plan(config: str = typer.Argument(..., help="a YAML recipe"),
+         preset: str = typer.Option("h100-80g-x8", help="the GPU nodes: a100-80g-x8 | h100-80g-x8"),
+         nodes: int = typer.Option(1, min=1, help="nodes of that preset"),
+         mfu: float = typer.Option(0.4, min=0.01, max=1.0, help="the MFU the step time assumes"),
+         as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+         set_: Optional[list[str]] = SetOpt) -> None:
+    """Memory per GPU, the largest micro-batch and the step time of each training stage, before it runs."""
+    from dataclasses import asdict
+
+    from pipelines.plan import plan_recipe, render
+    from training.plan import PRESETS
+    try:
+        if preset not in PRESETS:
+            raise ValueError(f"--preset {preset!r}: one of {sorted(PRESETS)}")
+        cfg = load_config(config, set_ or [], check_files=False)
+        plans = plan_recipe(cfg, PRESETS[preset], nodes=nodes, mfu=mfu)
+    except (ConfigError, ValueError) as err:
+        err_console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(2)
+    if as_json:
+        sys.stdout.write(json.dumps([asdict(p) for p in plans], indent=2) + "\n")
+    else:
+        render(plans, PRESETS[preset], mfu, console)
 
 
 @app.command()
