@@ -1,0 +1,110 @@
+"""The Ray cluster launcher's config, generated from a recipe (examples in cluster/manifests/).
+
+    r1pipe cluster manifest recipes/cluster.yaml --target launcher --preset h100-80g-x8 --nodes 2 \\
+        --image ghcr.io/you/r1pipe:0.1.0 > cluster.yaml
+    ray up cluster.yaml && ray attach cluster.yaml   # then: r1pipe run recipes/cluster.yaml
+
+The GPU worker group is ``nodes`` nodes of the preset (8 GPUs each); the head is a CPU node that
+runs the driver. Every training stage's gang is checked against the GPU nodes first: one that
+cannot be held is an error naming the gang. The containers get the shared storage mounted where
+the recipe's ``runs_dir`` lies, NCCL settings, and the names (never the values) of the secrets they
+take from the launching environment: WANDB_API_KEY and Ray's token (RAY_AUTH_TOKEN, with token
+auth on). The dashboard listens on the head's loopback only; reach it through `ray dashboard`.
+"""
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+from cluster.gang import GangConfig
+from training.plan import GpuPreset
+
+# Instance types per preset, on the clouds the launcher drives (A100 80 GB: p4de / a2-ultragpu).
+INSTANCE_TYPES = {
+    "aws": {"a100-80g-x8": "p4de.24xlarge", "h100-80g-x8": "p5.48xlarge", "head": "m6i.8xlarge"},
+    "gcp": {"a100-80g-x8": "a2-ultragpu-8g", "h100-80g-x8": "a3-highgpu-8g", "head": "n2-standard-32"},
+}
+HEAD_CPUS = 32
+SECRETS = ("WANDB_API_KEY", "RAY_AUTH_TOKEN")  # passed by name: the value stays in the caller's env
+NCCL_ENV = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_IB_DISABLE": "0"}
+
+
+def check_gangs_fit(gangs: dict[str, GangConfig], preset: GpuPreset, nodes: int) -> None:
+    """ValueError naming the first gang that ``nodes`` nodes of ``preset`` cannot hold."""
+    node = {"CPU": preset.cpus_per_node, "GPU": preset.gpus_per_node}
+    for key, gang in gangs.items():
+        need = gang.worker_resources()
+        unknown = sorted(set(need) - set(node))
+        if unknown:
+            raise ValueError(f"{key}: asks for {unknown}, which {preset.name} nodes do not have")
+        per_node = min(int(node[k] // v) for k, v in need.items())
+        fits = {"STRICT_PACK": per_node >= gang.num_workers,
+                "STRICT_SPREAD": per_node >= 1 and nodes >= gang.num_workers}.get(
+            gang.placement_strategy, per_node * nodes >= gang.num_workers)
+        if not fits:
+            raise ValueError(f"{key}: {gang.num_workers} workers x {need} ({gang.placement_strategy}) do not fit "
+                             f"{nodes} {preset.name} node(s) of {node}; raise --nodes or lower {key}.num_workers")
+
+
+def _docker(image: str, storage: str) -> dict:
+    env = [f"-e {k}={v}" for k, v in NCCL_ENV.items()] + [f"-e {k}" for k in SECRETS] + ["-e RAY_AUTH_MODE=token"]
+    return {"image": image, "container_name": "r1pipe", "pull_before_run": True,
+            "run_options": ["--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864",
+                            f"-v {storage}:{storage}", *env]}
+
+
+def launcher_config(*, name: str, gangs: dict[str, GangConfig], runs_dir: str, preset: GpuPreset, nodes: int,
+                    image: str, provider: str = "aws", region: str = "us-west-2",
+                    storage: str | None = None) -> dict:
+    """The Ray cluster launcher's config (``ray up``) for a recipe's gangs on ``nodes`` GPU nodes."""
+    if provider not in INSTANCE_TYPES:
+        raise ValueError(f"--provider {provider!r}: one of {sorted(INSTANCE_TYPES)}")
+    if nodes < 1:
+        raise ValueError(f"--nodes {nodes}: at least 1")
+    check_gangs_fit(gangs, preset, nodes)
+    storage = storage or str(PurePosixPath(runs_dir).parent)
+    if not PurePosixPath(runs_dir).is_relative_to(storage):
+        raise ValueError(f"runs_dir {runs_dir!r} is not under the shared storage {storage!r} every node mounts; "
+                         "set --storage to the mount that holds it")
+    types = INSTANCE_TYPES[provider]
+    placement = {"aws": {"InstanceType": types[preset.name]}, "gcp": {"machineType": types[preset.name]}}[provider]
+    head = {"aws": {"InstanceType": types["head"]}, "gcp": {"machineType": types["head"]}}[provider]
+    return {
+        "cluster_name": name,
+        "max_workers": nodes,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": 10,
+        "provider": {"type": provider, "region": region, **({"availability_zone": f"{region}a"} if provider == "aws" else {}),
+                     "cache_stopped_nodes": False},
+        "docker": _docker(image, storage),
+        "head_node_type": "head",
+        "available_node_types": {
+            # the driver and the data stages' coordination; no GPU, and no stage work scheduled on it
+            "head": {"node_config": head, "resources": {"CPU": 0}, "min_workers": 0, "max_workers": 0},
+            f"gpu-{preset.name}": {"node_config": placement, "min_workers": nodes, "max_workers": nodes,
+                                   "resources": {"CPU": preset.cpus_per_node, "GPU": preset.gpus_per_node}},
+        },
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [".venv/**", "runs/**", "**/.git/**"],
+        "rsync_filter": [".gitignore"],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [
+            "ray stop",
+            "ray start --head --port=6379 --dashboard-host=127.0.0.1 --object-manager-port=8076 "
+            "--autoscaling-config=~/ray_bootstrap_config.yaml --disable-usage-stats",
+        ],
+        "worker_start_ray_commands": [
+            "ray stop",
+            "ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076 --disable-usage-stats",
+        ],
+    }
+
+
+def recipe_gangs(cfg) -> dict[str, GangConfig]:
+    """{"<stage>.gang": gang} for every training stage of a recipe."""
+    return {f"{name}.gang": cfg.section(name).gang for name in cfg.stages
+            if getattr(cfg.section(name), "gang", None) is not None}
