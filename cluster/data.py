@@ -30,8 +30,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-FAULT_ENV = "R1PIPE_FAULT"
-
 
 def configure(shuffle: str = "sort", progress_bars: bool = False) -> None:
     """Ray Data settings for this process (each stage task builds its own datasets).

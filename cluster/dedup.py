@@ -48,7 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from cluster.data import write_parquet_atomic
+from cluster.data import shard_name, write_parquet_atomic
 from data_engine.dedup import (
     KEEP_ORDER, REMOVED_SCHEMA, DedupConfig, apply_removals, attach_roots, band_rows,
     bucket_edges, choose_survivors, component_labels, connected_components, exact_keys,
@@ -120,7 +120,7 @@ def _concat(tables: list[pa.Table], schema: pa.Schema) -> pa.Table:
 
 
 def sig_path(sig_dir: str | Path, shard: int) -> Path:
-    return Path(sig_dir) / f"part-{shard:05d}.parquet"
+    return Path(sig_dir) / f"{shard_name(shard)}.parquet"
 
 
 def _key_rows_task(items: pa.Table, cfg: dict, parts: int, sig_dir: str) -> pa.Table:
@@ -377,7 +377,7 @@ def write_removals(removals: pa.Table, n_shards: int, folder: Path) -> list[Path
     bounds = np.searchsorted(shard, np.arange(n_shards + 1))
     paths = []
     for i in range(n_shards):
-        path = folder / f"part-{i:05d}.parquet"
+        path = folder / f"{shard_name(i)}.parquet"
         write_parquet_atomic(ordered.slice(bounds[i], bounds[i + 1] - bounds[i]), path)  # fsynced
         paths.append(path)
     return paths

@@ -1,19 +1,22 @@
 """Exact and MinHash-LSH near-duplicate removal, as batch functions.
 
-Every function here maps pyarrow Tables to pyarrow Tables, so an executor can
-compose them. The in-process executor is ``dedup_table``; on Ray Data the same
-steps run as (``cfg`` is a ``DedupConfig``):
+The batch functions here map pyarrow Tables to pyarrow Tables and know nothing
+of where they run, so an executor can compose them (``cfg`` is a ``DedupConfig``):
 
-    exact:  exact_keys (map_batches) -> groupby("exact_hash")
-            -> choose_survivors(group_col="exact_hash", reason="exact_duplicate")
-    near:   signature_batch (map_batches) -> band_rows (map_batches)
-            -> groupby(["band", "key"]) -> bucket_edges     candidate pairs
-            -> verify_edges (needs the signatures of the edge endpoints only:
-               filter the signature table to those ids, or join on id)
-            -> component_roots (driver; vectorised, a few integers per edge)
-            -> attach_roots (map_batches, with the id->root dict)
-            -> groupby("root") -> choose_survivors          removed ids
-    both:   apply_removals(batch, removed) -> (kept, rejected)
+  in process  ``dedup_table`` (tests, small local runs): the exact pass, then the near
+              pass on what it kept, each ending in apply_removals -> (kept, rejected)
+      exact:  exact_keys -> choose_survivors(group_col="exact_hash", reason="exact_duplicate")
+      near:   signature_batch -> band_rows -> bucket_edges(sigs=...)   verified candidate pairs
+              -> connected_components -> attach_roots -> choose_survivors
+  Ray Data    cluster/dedup.py (its docstring has the passes in full), both passes at once:
+              per shard, exact_keys and band_rows become key rows, each with a ``part``
+              (a hash of (band, key) mod P) -> groupby("part") -> per part,
+              choose_survivors on its exact groups and bucket_edges on its LSH buckets
+              (one sort splits a part into buckets; grouping on (band, key) itself would
+              call Python once per bucket, and almost every bucket is a singleton);
+              component_labels (driver) puts each candidate component in a cluster part
+              -> per part verify_edges -> connected_components -> attach_roots
+              -> choose_survivors; per shard apply_removals.
 
 Band rows carry ids, not signatures: a signature is num_perm*4 bytes and a
 doc has one row per band, so shuffling signatures with the bands would move
@@ -32,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasketch import MinHash
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from data_engine.schema import REJECT_SCHEMA
+from data_engine.schema import REJECT_SCHEMA, Strict
 
 DEDUP_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("duplicate_of", pa.string())).append(
     pa.field("jaccard", pa.float64()))
@@ -57,10 +60,8 @@ _OPERATOR_RE = re.compile(rf"[{_OPERATORS}-]")
 _NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the n-gram polynomial mixes every word
 
 
-class DedupConfig(BaseModel):
+class DedupConfig(Strict):
     """Dedup settings. ``bands``/``rows`` are derived from ``threshold`` when not given."""
-    model_config = ConfigDict(extra="forbid")
-
     num_perm: int = Field(128, ge=2, le=1024)  # MinHash permutations per signature
     # Verified pairs need an estimated Jaccard >= threshold. At 0.7 and 128
     # permutations a pair at true J=0.8 passes with p~0.997 and one at J=0.5
@@ -317,19 +318,13 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     return (sig_a == sig_b).mean(axis=1) if len(sig_a) else np.zeros(0)
 
 
-def verify_edges(edges: pa.Table, sigs: pa.Table | None, cfg: DedupConfig) -> pa.Table:
+def verify_edges(edges: pa.Table, sigs: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Score edges with estimated Jaccard; if cfg.verify keep those >= cfg.threshold.
 
-    Signatures come from ``sigs`` (Table(id, sig)), or from columns sig_a and
-    sig_b on ``edges`` when an executor has joined them on already.
+    ``sigs`` (Table(id, sig)) holds the signature of every edge endpoint.
     """
-    if sigs is None:
-        sig_a = sig_matrix(edges.column("sig_a"), cfg.num_perm)
-        sig_b = sig_matrix(edges.column("sig_b"), cfg.num_perm)
-    else:
-        sig_a = _lookup_sigs(edges.column("a"), sigs, cfg.num_perm)
-        sig_b = _lookup_sigs(edges.column("b"), sigs, cfg.num_perm)
-    est = estimate_jaccard(sig_a, sig_b)
+    est = estimate_jaccard(_lookup_sigs(edges.column("a"), sigs, cfg.num_perm),
+                           _lookup_sigs(edges.column("b"), sigs, cfg.num_perm))
     scored = pa.table({"a": edges.column("a"), "b": edges.column("b"),
                        "jaccard_est": pa.array(est, pa.float64())}, schema=EDGE_SCHEMA)
     if not cfg.verify:

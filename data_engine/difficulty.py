@@ -55,9 +55,9 @@ from typing import Iterable, Literal, Mapping
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from data_engine.schema import DIFFICULTIES, DOMAINS
+from data_engine.schema import DIFFICULTIES, DOMAINS, Strict
 
 GLOBAL = "*"  # key of the corpus-wide cuts in quantile_cuts' result
 KENLM_TOOLS = ("lmplz", "build_binary")
@@ -66,9 +66,7 @@ _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 _DIGIT_RE = re.compile(r"\d")
 
 
-class DifficultyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DifficultyConfig(Strict):
     order: int = Field(3, ge=2, le=6)  # KenLM is built with KENLM_MAX_ORDER=6
     #: the KenLM training subset (module docstring)
     reference: Literal["top_domain_score", "fraction", "sources"] = "top_domain_score"

@@ -46,9 +46,9 @@ from typing import Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from data_engine.schema import DOMAINS
+from data_engine.schema import DOMAINS, Strict
 
 RESOURCES = Path(__file__).resolve().parent / "resources"
 SEED_PATH = RESOURCES / "domain_seed.jsonl"
@@ -78,9 +78,7 @@ _STEM_LEN = 5
 _BIGRAM_MUL = np.uint64(0x9E3779B1)  # odd multiplier: mixes the pair's hashes
 
 
-class DomainsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class DomainsConfig(Strict):
     # Dev macro accuracy and docs/s, one run on a shared 2-core CPU (BENCHMARKS.md):
     #   student 0.733, ~500x the teacher's docs/s, needs nothing optional;
     #   cascade 0.839 at the threshold below (teacher on 41% of rows), ~2.5x

@@ -17,9 +17,9 @@ from typing import Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-from data_engine.schema import RECORD_SCHEMA, REJECT_SCHEMA, content_id
+from data_engine.schema import RECORD_SCHEMA, REJECT_SCHEMA, Strict, content_id
 
 INGEST_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("file", pa.string())).append(
     pa.field("line", pa.int64()))
@@ -27,17 +27,13 @@ FORMATS = ("jsonl", "json", "parquet", "hf")
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DemoSource(_Strict):
+class DemoSource(Strict):
     """Generate the bundled demo corpus (see data_engine/demo_corpus.py) and read it."""
     n_docs: int = Field(3000, ge=100)  # fewer leaves some domain or noise kind empty
     seed: int = 0  # seed of the generated corpus
 
 
-class InputSpec(_Strict):
+class InputSpec(Strict):
     path: str | None = None  # a file, a folder, or a glob
     #: auto: by extension; hf: a saved datasets folder
     format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
@@ -51,7 +47,7 @@ class InputSpec(_Strict):
         return self
 
 
-class FieldMap(_Strict):
+class FieldMap(Strict):
     """Which input fields hold the id, text and source."""
 
     id: str | None = "id"  # the id field; None or missing: a hash of text and source
@@ -60,7 +56,7 @@ class FieldMap(_Strict):
     meta: list[str] | Literal["rest", "none"] = "rest"  # which fields go into `meta`
 
 
-class IngestConfig(_Strict):
+class IngestConfig(Strict):
     """Read the inputs into validated Parquet shards; bad rows go to rejected/."""
 
     inputs: list[InputSpec] = Field(default_factory=list, min_length=1)  # files or the demo

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_engine.ingest import InputSpec, resolve_files
-from data_engine.schema import DIFFICULTIES
+from data_engine.schema import DIFFICULTIES, Strict
 from data_engine.task_data import TASK_REJECT_SCHEMA, RowError, Where, from_messages, read_user_files, scalar_field
 from data_engine.tasks import REJECT_KINDS, Task, make_preference_pair
 
@@ -39,11 +39,7 @@ PAIR_SCHEMA = pa.schema([
 PAIR_REJECT_SCHEMA = TASK_REJECT_SCHEMA
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class OfflinePairsConfig(_Strict):
+class OfflinePairsConfig(Strict):
     """Pairs made from the generator's tasks: the worked solution against a plausible wrong one."""
 
     enabled: bool = True  # false: user files only
@@ -61,7 +57,7 @@ class OfflinePairsConfig(_Strict):
         return kinds
 
 
-class OnPolicyPairsConfig(_Strict):
+class OnPolicyPairsConfig(Strict):
     """Pairs sampled from a model (the sft stage's): k responses per train prompt, scored by the
     task's checker and the format check, the best against the worst; all-tied prompts skipped."""
 
@@ -76,7 +72,7 @@ class OnPolicyPairsConfig(_Strict):
     use_gpu: bool = False  # one GPU per sampling worker
 
 
-class PairFieldMap(_Strict):
+class PairFieldMap(Strict):
     """Which fields of a user file hold each part of a pair (None: the file has none)."""
 
     id: str | None = "id"  # None or missing: a hash of source, prompt, chosen and rejected
@@ -88,7 +84,7 @@ class PairFieldMap(_Strict):
     difficulty: str | None = "difficulty"  # basic / advanced / expert, or missing
 
 
-class PairFileSpec(_Strict):
+class PairFileSpec(Strict):
     """A user file of preference pairs: JSONL, JSON, Parquet or an HF datasets folder."""
 
     path: str  # a file, a folder or a glob
@@ -202,7 +198,7 @@ def tables(rows: list[dict], rejected: list[dict]) -> tuple[pa.Table, pa.Table]:
             pa.Table.from_pylist(rejected, schema=PAIR_REJECT_SCHEMA))
 
 
-class PairsConfig(_Strict):
+class PairsConfig(Strict):
     """The pairs stage: offline pairs from the generated tasks and/or user files, train and held out."""
 
     offline: OfflinePairsConfig = OfflinePairsConfig()

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import Field, PrivateAttr
 
-from data_engine.schema import reject_table
+from data_engine.schema import Strict, reject_table
 
 PII_KINDS = ("secret", "email", "ip", "phone")  # also the order they are searched in
 PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>", "secret": "<SECRET>"}
@@ -40,10 +40,8 @@ NgramN = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0, le=1)]
 
 
-class QualityConfig(BaseModel):
+class QualityConfig(Strict):
     """Every threshold of the quality stage; ``None`` disables that rule."""
-    model_config = ConfigDict(extra="forbid")
-
     # Gopher: 50..100k. 50 would drop 86% of stdlib docstrings and most short
     # problems; below 5 words ("Return self+value.") there is nothing to learn.
     min_words: int | None = Field(5, ge=0)  # quality:word_count below this many words

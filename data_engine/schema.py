@@ -1,4 +1,5 @@
-"""The record schema shared by every data stage, and the shared vocabulary.
+"""The record schema shared by every data stage, the shared vocabulary, and the base of
+every data config (``Strict``: an unknown key is an error naming it).
 
 A data stage reads Parquet shards of records and writes two kinds of shards:
   data/*.parquet      kept rows: RECORD_SCHEMA plus the columns the stage adds
@@ -13,6 +14,7 @@ import hashlib
 import json
 
 import pyarrow as pa
+from pydantic import BaseModel, ConfigDict
 
 DOMAINS: tuple[str, ...] = (
     "math", "code", "physics", "chemistry", "biology", "medicine", "law",
@@ -57,3 +59,8 @@ def reject_table(rows: list[dict]) -> pa.Table:
             "detail": detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True),
         }
     return pa.Table.from_pylist([norm(r) for r in rows], schema=REJECT_SCHEMA)
+
+
+class Strict(BaseModel):
+    # data_engine/ is a leaf, so its configs cannot share training.config.Strict
+    model_config = ConfigDict(extra="forbid")

@@ -33,11 +33,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from data_engine.dedup import DedupConfig, cross_edges, normalize_text, shingle_hashes
 from data_engine.ingest import InputSpec, file_rows, resolve_files
-from data_engine.schema import DIFFICULTIES
+from data_engine.schema import DIFFICULTIES, Strict
 from data_engine.tasks import CHECKERS, FAMILIES, Task, generate_tasks
 
 TASK_SCHEMA = pa.schema([
@@ -53,11 +53,7 @@ SPLITS = ("train", "eval")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class GeneratorConfig(_Strict):
+class GeneratorConfig(Strict):
     """The verifiable task generator (data_engine/tasks.py): counts per family and difficulty."""
 
     enabled: bool = True  # false: user files only
@@ -97,7 +93,7 @@ def _known(key: str, names: list[str], known) -> None:
         raise ValueError(f"{key}: unknown or repeated {unknown or names}; known: {', '.join(known)}")
 
 
-class TaskFieldMap(_Strict):
+class TaskFieldMap(Strict):
     """Which fields of a user file hold each part of a task (None: the file has none)."""
 
     id: str | None = "id"  # None or missing: a hash of source, prompt and response
@@ -111,7 +107,7 @@ class TaskFieldMap(_Strict):
     difficulty: str | None = "difficulty"  # basic / advanced / expert, or missing
 
 
-class TaskFileSpec(_Strict):
+class TaskFileSpec(Strict):
     """A user file of tasks: JSONL, JSON, Parquet or an HF datasets folder (`save_to_disk`)."""
 
     path: str  # a file, a folder or a glob
@@ -130,7 +126,7 @@ class TaskFileSpec(_Strict):
         return name
 
 
-class DecontaminationConfig(_Strict):
+class DecontaminationConfig(Strict):
     """How 'the same problem' is found between the eval split and every training input."""
 
     ngram: int = Field(5, ge=1)  # word n-grams of the MinHash and of the corpus containment
@@ -145,7 +141,7 @@ class DecontaminationConfig(_Strict):
         return DedupConfig(ngram=self.ngram, num_perm=self.num_perm, threshold=self.threshold)
 
 
-class TasksConfig(_Strict):
+class TasksConfig(Strict):
     """The tasks stage: generated tasks and/or user files, split into train and held-out eval."""
 
     generator: GeneratorConfig = GeneratorConfig()

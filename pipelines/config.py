@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from cluster.gang import GangConfig
 from data_engine.dedup import DedupConfig
@@ -24,17 +24,13 @@ from data_engine.pair_data import PairsConfig
 from data_engine.quality import QualityConfig
 from data_engine.task_data import TasksConfig
 from rl.config import DpoConfig, EvalConfig, PrlConfig, RewardModelConfig, RlConfig
-from training.config import PretrainConfig
+from training.config import PretrainConfig, Strict
 from training.config import SftConfig
 from training.tokenizer import TokenizerConfig
 
 
 class ConfigError(ValueError):
     """A recipe or an override is wrong; the message names the key and its origin."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 class WandbConfig(Strict):

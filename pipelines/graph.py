@@ -44,7 +44,6 @@ class Stage:
     run: Callable[[StageContext], dict]
     # Resources of the stage's own driver task; its Ray Data / Ray Train workers ask for theirs.
     resources: dict = field(default_factory=lambda: {"num_cpus": 0})
-    summary: str = ""
     # Inputs used when the recipe has them (pretrain evaluates on `tasks` if there is one)
     optional: tuple[str, ...] = ()
     # input -> a metric of its manifest that stands for it in this stage's fingerprint, when the

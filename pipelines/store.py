@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.hashing import sha256_file
+
 RUNNING, DONE, FAILED = "running", "done", "failed"
 _KEEP_ACROSS_RUNS = {".work", "checkpoints", "manifest.json"}
 
@@ -68,14 +70,6 @@ def fingerprint(stage: str, config: Any, inputs: dict[str, str], code: str) -> s
     blob = json.dumps({"stage": stage, "config": config, "inputs": inputs, "code": code},
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
-from training.config import CurriculumConfig, EngineConfig, OptimizerConfig, TrainConfig
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from training.config import CurriculumConfig, EngineConfig, OptimizerConfig, Strict, TrainConfig
 
 
 # rl/rewards.py's built-in terms; a custom term is 'package.module:function'

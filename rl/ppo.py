@@ -39,11 +39,11 @@ from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from rl.rewards import RewardParams, Rewards, Sample
 from rl.roles import ActorCritic, Reference, Rollout, RolloutGroup, action_targets, mix_seed, policy_state
-from training.checkpoint import sha256_file
 from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
 from training.export import load_model_config, save_model
 from training.generate import Generation
+from training.hashing import sha256_file
 from training.logprobs import token_logprobs
 from training.loop import Hooks, paths_from_payload, train
 from training.model import Transformer, flops_per_token

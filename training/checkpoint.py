@@ -17,7 +17,6 @@ digests, never by a crash half-way through loading.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from training.hashing import sha256_file
 
 TRAINER = "trainer.json"
 _STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -59,14 +60,6 @@ def read_state(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- digests
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def files_of(folder: Path) -> list[str]:

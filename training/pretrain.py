@@ -158,9 +158,3 @@ def worker(payload: dict, hooks: Hooks) -> dict:
 
 def round_up(n: int, multiple: int) -> int:
     return (n + multiple - 1) // multiple * multiple
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    """One JSON line per step, the latest record of a step winning (steps replayed after a restart)."""
-    by_step = {r["step"]: r for r in rows}
-    Path(path).write_text("".join(json.dumps(by_step[s]) + "\n" for s in sorted(by_step)))

@@ -17,8 +17,10 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from training.config import Strict
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLES = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -28,9 +30,7 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, *ROLES, *REASONING)
 N_BYTES = 256  # a byte-level alphabet always holds every byte
 
 
-class TokenizerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class TokenizerConfig(Strict):
     vocab_size: int = Field(8192, description="including the byte alphabet and special tokens")
     min_frequency: int = Field(2, ge=1, description="merges seen fewer times are not learned")
     split_digits: bool = Field(False, description="every digit its own token (as LLaMA's tokenizer): "

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 
+from cluster.data import shard_name
 from cluster.dedup import DedupApplyStep, find_removals, write_removals
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import (
@@ -54,7 +55,7 @@ def run(ctx: StageContext) -> dict:
     shards = input_shards(ctx, "ingest")
     stats = _removals(ctx, shards)
     items = [{"index": i, "path": path,
-              "removals": str(ctx.work / "removals" / f"part-{i:05d}.parquet")}
+              "removals": str(ctx.work / "removals" / f"{shard_name(i)}.parquet")}
              for i, path in enumerate(shards)]
     shard_stats = map_shards(ctx, DedupApplyStep, {}, items, ctx.work / "shards", actors=False)
     metrics = shard_funnel("dedup", shard_stats, ctx.work / "shards",
@@ -68,4 +69,4 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-register(Stage("dedup", ("ingest",), run, summary="exact + MinHash-LSH near-duplicate removal"))
+register(Stage("dedup", ("ingest",), run))

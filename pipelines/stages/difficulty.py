@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.data import maybe_fault
+from cluster.data import maybe_fault, shard_name
 from data_engine.difficulty import (
     GLOBAL, CrossFitScorer, assign_difficulty, domain_score_thresholds, fold_training_mask,
     quantile_cuts, reference_mask, row_folds, train_kenlm,
@@ -219,7 +219,7 @@ def run(ctx: StageContext) -> dict:
     items = [{"index": i, "path": p} for i, p in enumerate(shards)]
     scoring = map_shards(ctx, ScoreStep, {"models": [str(m) for m in models]}, items,
                          ctx.work / "scored", fault_name=f"{ctx.name}:score")
-    scored = [str(ctx.work / "scored" / "data" / f"part-{i:05d}.parquet") for i in range(len(shards))]
+    scored = [str(ctx.work / "scored" / "data" / f"{shard_name(i)}.parquet") for i in range(len(shards))]
     cuts, ppl = _cuts(scored, cfg)
     items = [{"index": i, "path": p, "scored": s} for i, (p, s) in enumerate(zip(shards, scored))]
     stats = map_shards(ctx, GradeStep, {"cuts": cuts, "max_ppl": cfg.max_ppl}, items,
@@ -240,5 +240,4 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-register(Stage("difficulty", ("domains",), run,
-               summary="KenLM perplexity -> basic/advanced/expert per domain"))
+register(Stage("difficulty", ("domains",), run))

@@ -93,4 +93,4 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-register(Stage("domains", ("quality",), run, summary="tag rows with one of 18 domains"))
+register(Stage("domains", ("quality",), run))

@@ -42,5 +42,4 @@ def run(ctx: StageContext) -> dict:
     return {**summary, **figures, "tables": {**tables, **figures.get("tables", {})}}
 
 
-register(Stage("dpo", (PAIRS_STAGE,), run, optional=("sft", TASKS_STAGE),
-               summary="preference optimisation against a frozen reference, then held-out evaluation"))
+register(Stage("dpo", (PAIRS_STAGE,), run, optional=("sft", TASKS_STAGE)))

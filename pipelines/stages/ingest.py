@@ -184,4 +184,4 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-register(Stage("ingest", (), run, summary="read raw files into Parquet record shards"))
+register(Stage("ingest", (), run))

@@ -89,5 +89,4 @@ def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejecte
             "train_by_family": dict(sorted(Counter(r["family"] for r in train_rows).items()))}
 
 
-register(Stage(PAIRS_STAGE, (TASKS_STAGE,), run, reads_input_rows=False, optional=("sft",),
-               summary="preference pairs: offline from the tasks and user files, train and held out"))
+register(Stage(PAIRS_STAGE, (TASKS_STAGE,), run, reads_input_rows=False, optional=("sft",)))

@@ -43,5 +43,5 @@ def run(ctx: StageContext) -> dict:
     return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
 
 
-register(Stage("pretrain", ("tokenizer", CORPUS_STAGE), run, optional=(TASKS_STAGE,), views={TASKS_STAGE: "eval_digest"},
-               summary="curriculum pretraining on a DeepSpeed gang (Ray Train), then held-out evaluation"))
+register(Stage("pretrain", ("tokenizer", CORPUS_STAGE), run, optional=(TASKS_STAGE,),
+               views={TASKS_STAGE: "eval_digest"}))

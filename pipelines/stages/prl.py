@@ -70,5 +70,4 @@ def rollout_group(cfg, init_model, gang):
 
 for _k in range(1, MAX_PRL_STAGES + 1):
     register(Stage(f"prl_{_k}", (TASKS_STAGE,) + ((f"prl_{_k - 1}",) if _k > 1 else ()), run,
-                   optional=(("dpo", "sft") if _k == 1 else ()) + ("reward_model",),
-                   summary=f"progressive RL stage {_k} (PPO or GRPO on verifiable rewards), then held-out evaluation"))
+                   optional=(("dpo", "sft") if _k == 1 else ()) + ("reward_model",)))

@@ -48,4 +48,4 @@ def run(ctx: StageContext) -> dict:
     return metrics
 
 
-register(Stage("quality", ("dedup",), run, summary="heuristic quality, blocklist and PII filters"))
+register(Stage("quality", ("dedup",), run))

@@ -38,5 +38,4 @@ def run(ctx: StageContext) -> dict:
     return {**summary, "tables": pair_accuracy_table(ctx, summary, "val/accuracy")}
 
 
-register(Stage("reward_model", (PAIRS_STAGE,), run, optional=("sft",),
-               summary="a Bradley-Terry reward model (trunk + linear head) on the preference pairs"))
+register(Stage("reward_model", (PAIRS_STAGE,), run, optional=("sft",)))

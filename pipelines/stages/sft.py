@@ -39,5 +39,4 @@ def run(ctx: StageContext) -> dict:
     return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
 
 
-register(Stage("sft", (TASKS_STAGE,), run, optional=("pretrain",),
-               summary="supervised fine-tuning on worked solutions (prompt masked), then held-out evaluation"))
+register(Stage("sft", (TASKS_STAGE,), run, optional=("pretrain",)))

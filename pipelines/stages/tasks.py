@@ -93,10 +93,11 @@ def _write(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], rej
 def write_splits(ctx: StageContext, splits: dict[str, list[dict]], rejected: list[dict], schema: pa.Schema,
                  reject_schema: pa.Schema) -> None:
     """<split>/part-00000.parquet per split and rejected/part-00000.parquet, each published atomically."""
-    from cluster.data import write_parquet_atomic
+    from cluster.data import shard_name, write_parquet_atomic
+    name = f"{shard_name(0)}.parquet"
     for folder, rows in splits.items():
-        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), ctx.out / folder / "part-00000.parquet")
-    write_parquet_atomic(pa.Table.from_pylist(rejected, schema=reject_schema), ctx.out / "rejected" / "part-00000.parquet")
+        write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), ctx.out / folder / name)
+    write_parquet_atomic(pa.Table.from_pylist(rejected, schema=reject_schema), ctx.out / "rejected" / name)
 
 
 def _funnel(rows_in: int, train_rows: list[dict], eval_rows: list[dict], rejected: list[dict]) -> dict:
@@ -162,5 +163,4 @@ def _table_args(table: dict) -> tuple[list, list]:
     return table["columns"], table["rows"]
 
 
-register(Stage("tasks", (), run, optional=(CORPUS_STAGE,),
-               summary="verifiable tasks: train split and a held-out eval split, decontaminated"))
+register(Stage("tasks", (), run, optional=(CORPUS_STAGE,)))

@@ -54,5 +54,4 @@ def run(ctx: StageContext) -> dict:
 
 
 # BPE training runs in this task (Rust threads), so it asks for a CPU
-register(Stage("tokenizer", (CORPUS_STAGE,), run, resources={"num_cpus": 1},
-               summary="train a byte-level BPE on the curated corpus"))
+register(Stage("tokenizer", (CORPUS_STAGE,), run, resources={"num_cpus": 1}))

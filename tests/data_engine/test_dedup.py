@@ -345,14 +345,13 @@ def test_sharded_composition_matches_the_local_executor():
     assert_partition(table, kept, rejected)
 
 
-def test_verify_edges_accepts_joined_signature_columns():
+def test_verify_edges_scores_by_estimated_jaccard_and_keeps_those_at_threshold():
     cfg = DedupConfig()
     sigs = signature_batch(records({"a": edited([]), "b": edited([100]), "c": edited(
         list(range(0, 200, 5)))}), cfg)
     m = sig_matrix(sigs["sig"], cfg.num_perm)
-    joined = pa.table({"a": ["a", "a"], "b": ["b", "c"],
-                       "sig_a": sigs["sig"].take([0, 0]), "sig_b": sigs["sig"].take([1, 2])})
-    edges = verify_edges(joined, None, cfg)
+    candidates = pa.table({"a": ["a", "a"], "b": ["b", "c"]})
+    edges = verify_edges(candidates, sigs, cfg)
     assert list(zip(edges["a"].to_pylist(), edges["b"].to_pylist())) == [("a", "b")]
     assert edges["jaccard_est"][0].as_py() == pytest.approx((m[0] == m[1]).mean())
 
