@@ -11,6 +11,12 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 
+# Stages whose outputs several other stages read: one home for their names.
+CORPUS_STAGE = "difficulty"  # the graded corpus: the tokenizer and pretraining read its data/
+TASKS_STAGE = "tasks"        # verifiable tasks: SFT data, RL prompts, every held-out evaluation
+PAIRS_STAGE = "pairs"        # preference pairs: DPO and the reward model
+
+
 class MetricsSink(Protocol):
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
     def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...

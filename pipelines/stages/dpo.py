@@ -16,8 +16,8 @@ accuracy, format rate and length (eval/*).
 """
 from __future__ import annotations
 
-from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.train_common import (PAIRS_STAGE, TASKS_STAGE, evaluate_stage, fresh_start_clears_checkpoints,
+from pipelines.graph import PAIRS_STAGE, TASKS_STAGE, Stage, StageContext, register
+from pipelines.stages.train_common import (evaluate_stage, fresh_start_clears_checkpoints,
                                            pair_accuracy_table, split_files, start_model, train_on_gang)
 
 

@@ -17,9 +17,9 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from pipelines.graph import Stage, StageContext, register
+from pipelines.graph import PAIRS_STAGE, TASKS_STAGE, Stage, StageContext, register
 from pipelines.stages.tasks import EVAL, TRAIN, check_budget, drop_user_overlaps, unique_ids, write_splits
-from pipelines.stages.train_common import PAIRS_STAGE, TASKS_STAGE, split_files
+from pipelines.stages.train_common import split_files
 
 
 def run(ctx: StageContext) -> dict:

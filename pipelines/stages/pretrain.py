@@ -12,10 +12,9 @@ resumed from, and the held-out accuracy, format rate and length (eval/*).
 """
 from __future__ import annotations
 
-from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.tokenizer import CORPUS_STAGE, corpus_files
-from pipelines.stages.train_common import (TASKS_STAGE, TrainLog, evaluate_stage, fresh_start_clears_checkpoints,
-                                           log_tables)
+from pipelines.graph import CORPUS_STAGE, TASKS_STAGE, Stage, StageContext, register
+from pipelines.stages.tokenizer import corpus_files
+from pipelines.stages.train_common import TrainLog, evaluate_stage, fresh_start_clears_checkpoints, log_tables
 
 
 def run(ctx: StageContext) -> dict:

@@ -15,9 +15,9 @@ task accuracy.
 """
 from __future__ import annotations
 
-from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.train_common import (PAIRS_STAGE, fresh_start_clears_checkpoints, pair_accuracy_table,
-                                           split_files, start_model, train_on_gang)
+from pipelines.graph import PAIRS_STAGE, Stage, StageContext, register
+from pipelines.stages.train_common import (fresh_start_clears_checkpoints, pair_accuracy_table, split_files,
+                                           start_model, train_on_gang)
 
 
 def run(ctx: StageContext) -> dict:

@@ -14,8 +14,8 @@ it resumed from, and the held-out accuracy, format rate and length (eval/*).
 """
 from __future__ import annotations
 
-from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.train_common import (TASKS_STAGE, evaluate_stage, fresh_start_clears_checkpoints, split_files,
+from pipelines.graph import TASKS_STAGE, Stage, StageContext, register
+from pipelines.stages.train_common import (evaluate_stage, fresh_start_clears_checkpoints, split_files,
                                            start_model, train_on_gang)
 
 

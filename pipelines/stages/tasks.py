@@ -20,8 +20,8 @@ from functools import partial
 
 import pyarrow as pa
 
-from pipelines.graph import Stage, StageContext, register
-from pipelines.stages.tokenizer import CORPUS_STAGE, corpus_files
+from pipelines.graph import CORPUS_STAGE, Stage, StageContext, register
+from pipelines.stages.tokenizer import corpus_files
 
 TRAIN, EVAL = "train", "eval"
 

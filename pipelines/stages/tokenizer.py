@@ -12,9 +12,8 @@ from typing import Iterator
 
 import pyarrow.parquet as pq
 
-from pipelines.graph import Stage, StageContext, register
+from pipelines.graph import CORPUS_STAGE, Stage, StageContext, register
 
-CORPUS_STAGE = "difficulty"
 
 
 def corpus_files(stage_root: Path) -> list[Path]:

@@ -8,12 +8,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipelines.graph import StageContext
+from pipelines.graph import TASKS_STAGE, StageContext
 from pipelines.progress import PROGRESS_FILE
 from pipelines.store import write_json_atomic
 
-TASKS_STAGE = "tasks"
-PAIRS_STAGE = "pairs"
 
 
 class TrainLog:
