@@ -14,13 +14,20 @@ def plan(*args):
     return runner.invoke(app, ["plan", *map(str, args)], env={"COLUMNS": "250"})
 
 
+def rows_of(output: str) -> list[dict]:
+    """The JSON array of `plan --json`. Worker logs of a Ray session that an earlier test left in
+    this process may be printed into the captured output around it."""
+    start = output.index("[\n")
+    return json.loads(output[start:output.index("\n]", start) + 2])
+
+
 def test_every_shipped_recipe_gets_a_row_per_training_stage():
     for name, stages in (("demo", ["pretrain", "sft", "dpo", "reward_model", "prl_1", "prl_2"]),
                          ("reasoning", ["pretrain", "sft", "dpo", "reward_model", "prl_1", "prl_2"]),
                          ("cluster", ["pretrain", "sft"])):
         res = plan(RECIPES / f"{name}.yaml", "--json")
         assert res.exit_code == 0, res.output
-        rows = json.loads(res.output)
+        rows = rows_of(res.output)
         assert [r["stage"] for r in rows] == stages
         for r in rows:
             m = r["memory"]
@@ -30,7 +37,7 @@ def test_every_shipped_recipe_gets_a_row_per_training_stage():
 
 
 def test_the_cluster_recipes_model_on_one_h100_node():
-    [pretrain, _] = json.loads(plan(RECIPES / "cluster.yaml", "--json").output)
+    [pretrain, _] = rows_of(plan(RECIPES / "cluster.yaml", "--json").output)
     assert pretrain["params_total"] > 2e9 and pretrain["engine"] == "ZeRO-2 bf16" and pretrain["world"] == 8
     assert 0 < pretrain["memory"]["total"] < 80 and pretrain["largest_micro_batch"] >= 4
     assert pretrain["step_seconds"] > 0
