@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from cluster.gang import GangConfig
+from cluster.gang import GangConfig, check_fits
 from training.plan import GpuPreset
 
 # Instance types per preset, on the clouds the launcher drives (A100 80 GB: p4de / a2-ultragpu).
@@ -36,13 +36,11 @@ def check_gangs_fit(gangs: dict[str, GangConfig], preset: GpuPreset, nodes: int)
         unknown = sorted(set(need) - set(node))
         if unknown:
             raise ValueError(f"{key}: asks for {unknown}, which {preset.name} nodes do not have")
-        per_node = min(int(node[k] // v) for k, v in need.items())
-        fits = {"STRICT_PACK": per_node >= gang.num_workers,
-                "STRICT_SPREAD": per_node >= 1 and nodes >= gang.num_workers}.get(
-            gang.placement_strategy, per_node * nodes >= gang.num_workers)
-        if not fits:
+        try:  # the placement rule of the run-time check, on the nodes the manifest asks for
+            check_fits(gang.model_copy(update={"check_fit": True}), key, [node] * nodes)
+        except ValueError:
             raise ValueError(f"{key}: {gang.num_workers} workers x {need} ({gang.placement_strategy}) do not fit "
-                             f"{nodes} {preset.name} node(s) of {node}; raise --nodes or lower {key}.num_workers")
+                             f"{nodes} {preset.name} node(s) of {node}; raise --nodes or lower {key}.num_workers") from None
 
 
 def _docker(image: str, storage: str) -> dict:

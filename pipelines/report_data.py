@@ -57,10 +57,12 @@ def load_run(runs_dir: str | Path, run_id: str | None = None) -> RunData:
 
 
 def _load_stage(root: Path, name: str) -> StageData:
-    log_path = root / "train_log.jsonl"
-    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] \
-        if log_path.is_file() else []
-    return StageData(name, read_json(root / "manifest.json") or {}, log)
+    return StageData(name, read_json(root / "manifest.json") or {}, read_train_log(root / "train_log.jsonl"))
+
+
+def read_train_log(path: Path) -> list[dict]:
+    """A training log's rows ([] where the stage has none)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 # --- timeline ---------------------------------------------------------------------------------

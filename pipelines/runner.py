@@ -10,7 +10,6 @@ version, so a changed config reruns that stage and everything downstream.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -270,9 +269,8 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
 def log_report_figures(sink, name: str, metrics: dict, train_log: Path) -> None:
     """The stage's part of `r1pipe report`, as charts in its W&B run."""
     from pipelines.report import stage_figures
-    log = [json.loads(line) for line in train_log.read_text().splitlines() if line.strip()] \
-        if train_log.is_file() else []
-    for key, fig in stage_figures(name, metrics, log).items():
+    from pipelines.report_data import read_train_log
+    for key, fig in stage_figures(name, metrics, read_train_log(train_log)).items():
         sink.figure(key, fig)
 
 
