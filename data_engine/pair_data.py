@@ -42,11 +42,12 @@ PAIR_REJECT_SCHEMA = TASK_REJECT_SCHEMA
 class OfflinePairsConfig(Strict):
     """Pairs made from the generator's tasks: the worked solution against a plausible wrong one."""
 
-    enabled: bool = True  # false: user files only
-    kinds: list[str] = Field(default_factory=lambda: list(REJECT_KINDS))  # drawn uniformly per pair
-    per_task: int = Field(1, ge=1)  # pairs per task (each with its own drawn rejected response)
-    max_train: int | None = Field(None, ge=0)  # at most this many train pairs (a seeded sample); None: all
-    max_eval: int | None = Field(None, ge=0)  # held-out pairs, from the eval split's tasks
+    enabled: bool = Field(True, description="false: user files only")
+    kinds: list[str] = Field(default_factory=lambda: list(REJECT_KINDS), description="drawn uniformly per pair")
+    per_task: int = Field(1, ge=1, description="pairs per task (each with its own drawn rejected response)")
+    max_train: int | None = Field(None, ge=0, description=(
+        "at most this many train pairs (a seeded sample); None: all"))
+    max_eval: int | None = Field(None, ge=0, description="held-out pairs, from the eval split's tasks")
 
     @field_validator("kinds")
     @classmethod
@@ -61,38 +62,41 @@ class OnPolicyPairsConfig(Strict):
     """Pairs sampled from a model (the sft stage's): k responses per train prompt, scored by the
     task's checker and the format check, the best against the worst; all-tied prompts skipped."""
 
-    enabled: bool = False  # true: add these pairs to the training split
-    model: Path | None = None  # the model folder to sample; None: the sft stage's model/
-    k: int = Field(4, ge=2)  # samples per prompt
-    max_prompts: int | None = Field(256, ge=1)  # train prompts sampled (spread over families); None: all
-    temperature: float = Field(1.0, gt=0)  # sampling temperature
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass
-    max_new_tokens: int = Field(256, ge=1)  # longest response
-    batch_size: int = Field(32, ge=1)  # sequences decoded together (prompts x k)
-    use_gpu: bool = False  # one GPU per sampling worker
+    enabled: bool = Field(False, description="true: add these pairs to the training split")
+    model: Path | None = Field(None, description="the model folder to sample; None: the sft stage's model/")
+    k: int = Field(4, ge=2, description="samples per prompt")
+    max_prompts: int | None = Field(256, ge=1, description=(
+        "train prompts sampled (spread over families); None: all"))
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    max_new_tokens: int = Field(256, ge=1, description="longest response")
+    batch_size: int = Field(32, ge=1, description="sequences decoded together (prompts x k)")
+    use_gpu: bool = Field(False, description="one GPU per sampling worker")
 
 
 class PairFieldMap(Strict):
     """Which fields of a user file hold each part of a pair (None: the file has none)."""
 
-    id: str | None = "id"  # None or missing: a hash of source, prompt, chosen and rejected
-    prompt: str | None = "prompt"  # a string, or chat messages ending with the user's turn; None: implicit
-    chosen: str = "chosen"  # a string, or chat messages ending with the assistant's turn
-    rejected: str = "rejected"  # the dispreferred response, in the same shape as chosen
-    system: str | None = None  # a system message, when the prompt is a string
-    family: str | None = "family"  # groups the figures; missing: the file's `family`
-    difficulty: str | None = "difficulty"  # basic / advanced / expert, or missing
+    id: str | None = Field("id", description="None or missing: a hash of source, prompt, chosen and rejected")
+    prompt: str | None = Field("prompt", description=(
+        "a string, or chat messages ending with the user's turn; None: implicit"))
+    chosen: str = Field("chosen", description="a string, or chat messages ending with the assistant's turn")
+    rejected: str = Field("rejected", description="the dispreferred response, in the same shape as chosen")
+    system: str | None = Field(None, description="a system message, when the prompt is a string")
+    family: str | None = Field("family", description="groups the figures; missing: the file's `family`")
+    difficulty: str | None = Field("difficulty", description="basic / advanced / expert, or missing")
 
 
 class PairFileSpec(Strict):
     """A user file of preference pairs: JSONL, JSON, Parquet or an HF datasets folder."""
 
-    path: str  # a file, a folder or a glob
-    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"  # auto: by extension; hf: a datasets folder
-    split: Literal["train", "eval"] = "train"  # eval: held out for the preference accuracy
+    path: str = Field(description="a file, a folder or a glob")
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = Field("auto", description=(
+        "auto: by extension; hf: a datasets folder"))
+    split: Literal["train", "eval"] = Field("train", description="eval: held out for the preference accuracy")
     fields: PairFieldMap = PairFieldMap()
-    family: str = "user"  # for rows without a family field
-    source: str | None = None  # default: the file's stem
+    family: str = Field("user", description="for rows without a family field")
+    source: str | None = Field(None, description="default: the file's stem")
 
 
 # ---------------------------------------------------------------- offline pairs
@@ -202,9 +206,11 @@ class PairsConfig(Strict):
     """The pairs stage: offline pairs from the generated tasks and/or user files, train and held out."""
 
     offline: OfflinePairsConfig = OfflinePairsConfig()
-    on_policy: OnPolicyPairsConfig = OnPolicyPairsConfig()  # training pairs sampled from the SFT model
-    files: list[PairFileSpec] = Field(default_factory=list)  # user files, beside or instead of offline pairs
-    max_reject_fraction: float = Field(0.5, ge=0, le=1)  # error budget over user-file rows
+    on_policy: OnPolicyPairsConfig = Field(OnPolicyPairsConfig(), description=(
+        "training pairs sampled from the SFT model"))
+    files: list[PairFileSpec] = Field(default_factory=list, description=(
+        "user files, beside or instead of offline pairs"))
+    max_reject_fraction: float = Field(0.5, ge=0, le=1, description="error budget over user-file rows")
 
     @model_validator(mode="after")
     def _has_a_source(self) -> "PairsConfig":

@@ -56,15 +56,17 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 class GeneratorConfig(Strict):
     """The verifiable task generator (data_engine/tasks.py): counts per family and difficulty."""
 
-    enabled: bool = True  # false: user files only
-    families: list[str] | None = None  # None: every family of data_engine.tasks.FAMILIES
-    train_per_cell: int = Field(200, ge=0)  # train tasks per (family, difficulty)
-    eval_per_cell: int = Field(10, ge=0)  # held-out tasks per (family, difficulty)
-    train_difficulties: list[str] = Field(default_factory=lambda: list(DIFFICULTIES))  # levels of the train split
-    eval_difficulties: list[str] = Field(default_factory=lambda: list(DIFFICULTIES))  # levels of the eval split
-    #: train counts that differ from train_per_cell: "family" or "family/difficulty" -> count
-    cells: dict[str, int] = Field(default_factory=dict)
-    seed: int | None = None  # None: the pipeline's seed
+    enabled: bool = Field(True, description="false: user files only")
+    families: list[str] | None = Field(None, description="None: every family of data_engine.tasks.FAMILIES")
+    train_per_cell: int = Field(200, ge=0, description="train tasks per (family, difficulty)")
+    eval_per_cell: int = Field(10, ge=0, description="held-out tasks per (family, difficulty)")
+    train_difficulties: list[str] = Field(default_factory=lambda: list(DIFFICULTIES), description=(
+        "levels of the train split"))
+    eval_difficulties: list[str] = Field(default_factory=lambda: list(DIFFICULTIES), description=(
+        "levels of the eval split"))
+    cells: dict[str, int] = Field(default_factory=dict, description=(
+        "train counts that differ from train_per_cell: \"family\" or \"family/difficulty\" -> count"))
+    seed: int | None = Field(None, description="None: the pipeline's seed")
 
     @model_validator(mode="after")
     def _known_names(self) -> "GeneratorConfig":
@@ -96,27 +98,31 @@ def _known(key: str, names: list[str], known) -> None:
 class TaskFieldMap(Strict):
     """Which fields of a user file hold each part of a task (None: the file has none)."""
 
-    id: str | None = "id"  # None or missing: a hash of source, prompt and response
-    prompt: str | None = "prompt"  # the user's message (or use `messages`)
-    response: str | None = "response"  # the worked solution SFT trains on
-    messages: str | None = None  # chat messages [{role, content}]: the last assistant turn is the response
-    system: str | None = None  # a system message for the prompt
-    answer: str | None = "answer"  # the expected answer rewards and evaluation check against
-    checker: str | None = "checker"  # the name of its checker (data_engine.tasks.CHECKERS)
-    family: str | None = "family"  # groups the evaluation table; missing: the file's `family`
-    difficulty: str | None = "difficulty"  # basic / advanced / expert, or missing
+    id: str | None = Field("id", description="None or missing: a hash of source, prompt and response")
+    prompt: str | None = Field("prompt", description="the user's message (or use `messages`)")
+    response: str | None = Field("response", description="the worked solution SFT trains on")
+    messages: str | None = Field(None, description=(
+        "chat messages [{role, content}]: the last assistant turn is the response"))
+    system: str | None = Field(None, description="a system message for the prompt")
+    answer: str | None = Field("answer", description="the expected answer rewards and evaluation check against")
+    checker: str | None = Field("checker", description="the name of its checker (data_engine.tasks.CHECKERS)")
+    family: str | None = Field("family", description=(
+        "groups the evaluation table; missing: the file's `family`"))
+    difficulty: str | None = Field("difficulty", description="basic / advanced / expert, or missing")
 
 
 class TaskFileSpec(Strict):
     """A user file of tasks: JSONL, JSON, Parquet or an HF datasets folder (`save_to_disk`)."""
 
-    path: str  # a file, a folder or a glob
-    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"  # auto: by extension; hf: a datasets folder
-    split: Literal["train", "eval"] = "train"  # eval: held out, and every train row is checked against it
+    path: str = Field(description="a file, a folder or a glob")
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = Field("auto", description=(
+        "auto: by extension; hf: a datasets folder"))
+    split: Literal["train", "eval"] = Field("train", description=(
+        "eval: held out, and every train row is checked against it"))
     fields: TaskFieldMap = TaskFieldMap()
-    checker: str = "answer"  # for rows with an answer and no checker field
-    family: str = "user"  # for rows without a family field
-    source: str | None = None  # default: the file's stem
+    checker: str = Field("answer", description="for rows with an answer and no checker field")
+    family: str = Field("user", description="for rows without a family field")
+    source: str | None = Field(None, description="default: the file's stem")
 
     @field_validator("checker")
     @classmethod
@@ -129,13 +135,14 @@ class TaskFileSpec(Strict):
 class DecontaminationConfig(Strict):
     """How 'the same problem' is found between the eval split and every training input."""
 
-    ngram: int = Field(5, ge=1)  # word n-grams of the MinHash and of the corpus containment
-    num_perm: int = Field(128, ge=16, le=1024)  # MinHash permutations
-    threshold: float = Field(0.7, gt=0, le=1)  # near-duplicate: estimated Jaccard at least this
-    same_numbers: bool = True  # same family + numbers in order + answer = the same problem
-    #: a corpus document holding at least this share of an eval prompt's n-grams is left out of pretraining
-    corpus_containment: float = Field(0.8, gt=0, le=1)
-    corpus_text_column: str = "text"  # the corpus column scanned for eval prompts (pretrain's data.text_column)
+    ngram: int = Field(5, ge=1, description="word n-grams of the MinHash and of the corpus containment")
+    num_perm: int = Field(128, ge=16, le=1024, description="MinHash permutations")
+    threshold: float = Field(0.7, gt=0, le=1, description="near-duplicate: estimated Jaccard at least this")
+    same_numbers: bool = Field(True, description="same family + numbers in order + answer = the same problem")
+    corpus_containment: float = Field(0.8, gt=0, le=1, description=(
+        "a corpus document holding at least this share of an eval prompt's n-grams is left out of pretraining"))
+    corpus_text_column: str = Field("text", description=(
+        "the corpus column scanned for eval prompts (pretrain's data.text_column)"))
 
     def dedup(self) -> DedupConfig:
         return DedupConfig(ngram=self.ngram, num_perm=self.num_perm, threshold=self.threshold)
@@ -145,9 +152,10 @@ class TasksConfig(Strict):
     """The tasks stage: generated tasks and/or user files, split into train and held-out eval."""
 
     generator: GeneratorConfig = GeneratorConfig()
-    files: list[TaskFileSpec] = Field(default_factory=list)  # user files, beside or instead of the generator
+    files: list[TaskFileSpec] = Field(default_factory=list, description=(
+        "user files, beside or instead of the generator"))
     decontamination: DecontaminationConfig = DecontaminationConfig()
-    max_reject_fraction: float = Field(0.5, ge=0, le=1)  # error budget over user-file rows
+    max_reject_fraction: float = Field(0.5, ge=0, le=1, description="error budget over user-file rows")
 
     @model_validator(mode="after")
     def _has_a_source(self) -> "TasksConfig":

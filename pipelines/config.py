@@ -36,64 +36,69 @@ class ConfigError(ValueError):
 class WandbConfig(Strict):
     """Weights & Biases: one run per stage execution."""
 
-    mode: Literal["offline", "online", "disabled"] = "offline"  # offline needs no key or network
-    project: str = "r1pipe"  # W&B project
-    entity: str | None = None  # W&B team or user
-    dir: str | None = None  # default: <run folder>/wandb
+    mode: Literal["offline", "online", "disabled"] = Field("offline", description=(
+        "offline needs no key or network"))
+    project: str = Field("r1pipe", description="W&B project")
+    entity: str | None = Field(None, description="W&B team or user")
+    dir: str | None = Field(None, description="default: <run folder>/wandb")
 
 
 class RayConfig(Strict):
     """The Ray cluster: an embedded local one, or an address to join."""
 
-    address: str | None = None           # None: start an embedded local cluster
-    num_cpus: int | None = Field(None, gt=0)  # CPUs of the embedded cluster (default: all)
-    include_dashboard: bool = False      # ~0.7 GiB more RAM locally (NOTES.md)
-    node_ip_address: str = "127.0.0.2"   # any 127.x but .1 keeps Ray on loopback
-    data_concurrency: int | None = Field(None, gt=0)  # parallel Ray Data tasks per step
-    shuffle: Literal["sort", "hash"] = "sort"  # Ray Data shuffle for groupbys
+    address: str | None = Field(None, description="None: start an embedded local cluster")
+    num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded cluster (default: all)")
+    include_dashboard: bool = Field(False, description="~0.7 GiB more RAM locally (NOTES.md)")
+    node_ip_address: str = Field("127.0.0.2", description="any 127.x but .1 keeps Ray on loopback")
+    data_concurrency: int | None = Field(None, gt=0, description="parallel Ray Data tasks per step")
+    shuffle: Literal["sort", "hash"] = Field("sort", description="Ray Data shuffle for groupbys")
 
 
 class TokenizerSection(TokenizerConfig):
     """Byte-level BPE on the curated corpus, or `path` to an existing tokenizer.json."""
 
-    max_docs: int | None = Field(None, ge=1)  # train on at most this many documents (None: all)
-    text_column: str = "text"  # the Parquet column to train on
+    max_docs: int | None = Field(None, ge=1, description="train on at most this many documents (None: all)")
+    text_column: str = Field("text", description="the Parquet column to train on")
 
 
 class PretrainSection(PretrainConfig):
     """Curriculum pretraining on a DeepSpeed gang; `gang` says how many workers and where."""
 
     gang: GangConfig = GangConfig()
-    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end (with a tasks stage)
+    eval: EvalConfig = Field(EvalConfig(), description="held-out evaluation at the end (with a tasks stage)")
 
 
 class SftSection(SftConfig):
     """Supervised fine-tuning on the tasks stage's worked solutions, on a DeepSpeed gang."""
 
-    init_model: Path | None = None  # a model folder to start from; None: the pretrain stage's model/
+    init_model: Path | None = Field(None, description=(
+        "a model folder to start from; None: the pretrain stage's model/"))
     gang: GangConfig = GangConfig()
-    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end
+    eval: EvalConfig = Field(EvalConfig(), description="held-out evaluation at the end")
 
 
 class DpoSection(DpoConfig):
     """Preference optimisation on the pairs stage's pairs, on a DeepSpeed gang."""
 
-    init_model: Path | None = None  # the policy's start and the reference; None: the sft stage's model/
+    init_model: Path | None = Field(None, description=(
+        "the policy's start and the reference; None: the sft stage's model/"))
     gang: GangConfig = GangConfig()
-    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end
+    eval: EvalConfig = Field(EvalConfig(), description="held-out evaluation at the end")
 
 
 class RewardModelSection(RewardModelConfig):
     """A reward model trained on the pairs stage's pairs, on a DeepSpeed gang."""
 
-    init_model: Path | None = None  # the trunk's start (a model folder); None: the sft stage's model/
+    init_model: Path | None = Field(None, description=(
+        "the trunk's start (a model folder); None: the sft stage's model/"))
     gang: GangConfig = GangConfig()
 
 
 class PrlStageSection(RlConfig):
     """One PRL stage as the runner sees it: its resolved RL settings, the gang and the evaluation."""
 
-    init_model: Path | None = None  # prl_1 only: the policy's start; None: dpo's model/ (or sft's)
+    init_model: Path | None = Field(None, description=(
+        "prl_1 only: the policy's start; None: dpo's model/ (or sft's)"))
     gang: GangConfig = GangConfig()
     eval: EvalConfig = EvalConfig()
 
@@ -103,9 +108,10 @@ class PrlSection(PrlConfig):
     as the run store's stage prl_1, prl_2, ... on a DeepSpeed gang, each ending with the held-out
     evaluation. List `prl` in the recipe's stages to run them all."""
 
-    init_model: Path | None = None  # the first stage's start; None: the dpo stage's model/ (or sft's)
+    init_model: Path | None = Field(None, description=(
+        "the first stage's start; None: the dpo stage's model/ (or sft's)"))
     gang: GangConfig = GangConfig()
-    eval: EvalConfig = EvalConfig()  # held-out evaluation at the end of every PRL stage
+    eval: EvalConfig = Field(EvalConfig(), description="held-out evaluation at the end of every PRL stage")
 
     def stage_section(self, k: int) -> PrlStageSection:
         rl = self.stage_config(k).model_dump()
@@ -116,22 +122,22 @@ class PrlSection(PrlConfig):
 class DomainsSection(DomainsConfig):
     """Domain tagging; tagging keeps every row unless asked to drop unconfident ones."""
 
-    reject_below_min_score: bool = False  # reject rows whose domain_score < min_score
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget
+    reject_below_min_score: bool = Field(False, description="reject rows whose domain_score < min_score")
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0, description="error budget")
 
 
 class DifficultySection(DifficultyConfig):
     """KenLM perplexity grading; keeps every row unless max_ppl is set."""
 
-    max_ppl: float | None = Field(None, gt=0.0)  # reject rows above this perplexity
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget
+    max_ppl: float | None = Field(None, gt=0.0, description="reject rows above this perplexity")
+    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0, description="error budget")
 
 
 class PipelineConfig(Strict):
-    name: str = "r1pipe"  # the default run id
-    seed: int = 0  # global seed; part of every stage's fingerprint
-    runs_dir: str = "runs"  # where runs live; --runs-dir overrides
-    stages: list[str] = Field(default_factory=lambda: ["ingest"])  # the stages to run, in order
+    name: str = Field("r1pipe", description="the default run id")
+    seed: int = Field(0, description="global seed; part of every stage's fingerprint")
+    runs_dir: str = Field("runs", description="where runs live; --runs-dir overrides")
+    stages: list[str] = Field(default_factory=lambda: ["ingest"], description="the stages to run, in order")
     wandb: WandbConfig = WandbConfig()
     ray: RayConfig = RayConfig()
     ingest: IngestConfig | None = None
@@ -187,7 +193,7 @@ class PipelineConfig(Strict):
                 raise ValueError(f"{stage}.init_model: give a model folder to start from, or put `{previous}` in stages")
         return self
 
-    def section(self, stage: str) -> Any:
+    def section(self, stage: str) -> BaseModel:
         """The config section a stage runs with; error if the recipe lacks it."""
         if stage.startswith("prl_") and self.prl is not None:
             return self.prl.stage_section(int(stage[4:]))

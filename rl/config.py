@@ -20,11 +20,12 @@ REWARD_TERMS = ("accuracy", "format", "conciseness", "safety", "novelty", "overl
 class PassAtKConfig(Strict):
     """pass@k by temperature sampling on a subset of the held-out tasks (Chen et al.'s unbiased estimator)."""
 
-    k: int = Field(8, ge=1)  # the k of pass@k
-    samples: int | None = Field(None, ge=1)  # completions per task (n >= k); None: k
-    tasks: int = Field(64, ge=0)  # how many held-out tasks get sampled (spread over families and difficulties); 0: off
-    temperature: float = Field(0.8, gt=0)  # sampling temperature of the k completions
-    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling mass
+    k: int = Field(8, ge=1, description="the k of pass@k")
+    samples: int | None = Field(None, ge=1, description="completions per task (n >= k); None: k")
+    tasks: int = Field(64, ge=0, description=(
+        "how many held-out tasks get sampled (spread over families and difficulties); 0: off"))
+    temperature: float = Field(0.8, gt=0, description="sampling temperature of the k completions")
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass")
 
     @model_validator(mode="after")
     def _enough_samples(self) -> "PassAtKConfig":
@@ -40,12 +41,14 @@ class PassAtKConfig(Strict):
 class EvalConfig(Strict):
     """Held-out evaluation at the end of a training stage: greedy accuracy, format, length, pass@k."""
 
-    enabled: bool = True  # needs a `tasks` stage in the recipe
-    max_tasks: int | None = Field(None, ge=1)  # at most this many eval tasks (spread over families and difficulties); None: all
-    max_new_tokens: int = Field(384, ge=1)  # per completion (capped by the model's max_seq_len)
-    batch_size: int = Field(32, ge=1)  # prompts decoded together (KV cache, left padding)
-    workers: int | None = Field(None, ge=1)  # Ray tasks the prompts are spread over; None: one per CPU (GPU)
-    use_gpu: bool = False  # one GPU per worker
+    enabled: bool = Field(True, description="needs a `tasks` stage in the recipe")
+    max_tasks: int | None = Field(None, ge=1, description=(
+        "at most this many eval tasks (spread over families and difficulties); None: all"))
+    max_new_tokens: int = Field(384, ge=1, description="per completion (capped by the model's max_seq_len)")
+    batch_size: int = Field(32, ge=1, description="prompts decoded together (KV cache, left padding)")
+    workers: int | None = Field(None, ge=1, description=(
+        "Ray tasks the prompts are spread over; None: one per CPU (GPU)"))
+    use_gpu: bool = Field(False, description="one GPU per worker")
     pass_at_k: PassAtKConfig = PassAtKConfig()
 
 
@@ -55,13 +58,16 @@ class EvalConfig(Strict):
 class DpoLossConfig(Strict):
     """The preference loss (rl/losses.py) and its parameters."""
 
-    name: Literal["sigmoid", "cdpo", "ipo", "simpo"] = "sigmoid"  # sigmoid = DPO; simpo needs no reference
-    beta: float = Field(0.1, gt=0)  # strength of the KL-like pull toward the reference
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # cdpo (and simpo): probability a label is wrong
-    gamma: float = Field(0.5, ge=0)  # simpo: the target reward margin
-    #: + rpo_alpha x the chosen responses' per-token NLL (Pang et al. 2024, iterative RPO; TRL's "sft"
-    #: loss term, formerly rpo_alpha): keeps the chosen responses likely while the margin grows; 0: off
-    rpo_alpha: float = Field(0.0, ge=0)
+    name: Literal["sigmoid", "cdpo", "ipo", "simpo"] = Field("sigmoid", description=(
+        "sigmoid = DPO; simpo needs no reference"))
+    beta: float = Field(0.1, gt=0, description="strength of the KL-like pull toward the reference")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description=(
+        "cdpo (and simpo): probability a label is wrong"))
+    gamma: float = Field(0.5, ge=0, description="simpo: the target reward margin")
+    rpo_alpha: float = Field(0.0, ge=0, description=(
+        "+ rpo_alpha x the chosen responses' per-token NLL (Pang et al. 2024, iterative RPO; TRL's "
+        "\"sft\" loss term, formerly rpo_alpha): keeps the chosen responses likely while the margin grows; "
+        "0: off"))
 
     @model_validator(mode="after")
     def _cdpo_smooths(self) -> "DpoLossConfig":
@@ -81,11 +87,13 @@ class DpoLossConfig(Strict):
 class PairDataConfig(Strict):
     """Pairs per batch: a pair is two sequences (prompt + chosen, prompt + rejected)."""
 
-    seq_len: int = Field(512, ge=8)  # longest sequence; pairs with a longer one are left out (counted)
-    micro_batch: int = Field(4, ge=1)  # pairs per worker per forward
-    global_batch: int = Field(16, ge=1)  # pairs per optimizer step, all workers together
-    val_max_pairs: int = Field(64, ge=0)  # held-out pairs (the pairs stage's eval split) for val/*
-    curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in SFT
+    seq_len: int = Field(512, ge=8, description=(
+        "longest sequence; pairs with a longer one are left out (counted)"))
+    micro_batch: int = Field(4, ge=1, description="pairs per worker per forward")
+    global_batch: int = Field(16, ge=1, description="pairs per optimizer step, all workers together")
+    val_max_pairs: int = Field(64, ge=0, description="held-out pairs (the pairs stage's eval split) for val/*")
+    curriculum: CurriculumConfig = Field(CurriculumConfig(enabled=False), description=(
+        "by task difficulty, as in SFT"))
 
     @model_validator(mode="after")
     def _batches(self) -> "PairDataConfig":
@@ -98,13 +106,13 @@ class PairDataConfig(Strict):
 class DpoConfig(TrainConfig):
     """One DPO run: the policy starts from a model folder; the reference is the same weights, frozen."""
 
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=1, description="optimizer steps")
     engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=10))
     loss: DpoLossConfig = DpoLossConfig()
     data: PairDataConfig = PairDataConfig()
-    #: precomputed: the reference's log-probs of every pair once, before step 1, stored and reused on
-    #: resume; online: a frozen copy (ZeRO-3 shards it) scores each batch. Both give the same losses.
-    reference: Literal["precomputed", "online"] = "precomputed"
+    reference: Literal["precomputed", "online"] = Field("precomputed", description=(
+        "precomputed: the reference's log-probs of every pair once, before step 1, stored and reused on resume;"
+        " online: a frozen copy (ZeRO-3 shards it) scores each batch. Both give the same losses."))
 
 
 # ----------------------------------------------------------------------------- reward model
@@ -114,12 +122,12 @@ class RewardModelConfig(TrainConfig):
     """A reward model: the start model's trunk with a linear head that scores (prompt, response),
     trained with the Bradley-Terry loss on preference pairs."""
 
-    steps: int = Field(100, ge=1)
+    steps: int = Field(100, ge=1, description="optimizer steps")
     engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=10))
     data: PairDataConfig = PairDataConfig()
-    #: pulls the mean score toward 0 (TRL's center_rewards_coefficient): + coef x mean((s_c + s_r)^2),
-    #: so a reward term for RL stays centred; 0: off
-    center_coef: float = Field(0.0, ge=0)
+    center_coef: float = Field(0.0, ge=0, description=(
+        "pulls the mean score toward 0 (TRL's center_rewards_coefficient): + coef x mean((s_c + s_r)^2), so a "
+        "reward term for RL stays centred; 0: off"))
 
 
 # ----------------------------------------------------------------------------- RL (one PRL stage)
@@ -128,48 +136,60 @@ class RewardModelConfig(TrainConfig):
 class RolloutConfig(Strict):
     """Sampling: prompts per iteration, completions per prompt, decoding."""
 
-    prompts: int = Field(8, ge=1)  # prompts per iteration, all workers together (a multiple of the workers)
-    group_size: int = Field(4, ge=1)  # completions per prompt (GRPO's G)
-    max_new_tokens: int = Field(128, ge=1)  # per completion; a completion that hits it is 'truncated'
-    temperature: float = Field(1.0, gt=0)  # sampling temperature
-    top_p: float = Field(1.0, gt=0, le=1)  # nucleus sampling mass
-    batch_size: int = Field(64, ge=1)  # completions decoded together (KV cache, left padding)
-    #: DAPO's dynamic sampling: groups whose rewards all tie are dropped and more prompts are
-    #: sampled, up to max_refill_rounds; still-short batches keep some tied groups (counted)
-    dynamic_sampling: bool = False
-    max_refill_rounds: int = Field(2, ge=0)  # dynamic sampling: extra draws of rollout.prompts at most
-    #: 0: every gang worker samples with its own copy of the policy (colocated); N: a Ray actor
-    #: group of N rollout workers (cluster/roles.py) that the gang shares, synced before each rollout
-    workers: int = Field(0, ge=0)
-    use_gpu: bool = False  # rollout workers: one GPU each
-    cpus_per_worker: float = Field(1, gt=0)  # rollout workers: CPUs reserved each
+    prompts: int = Field(8, ge=1, description=(
+        "prompts per iteration, all workers together (a multiple of the workers)"))
+    group_size: int = Field(4, ge=1, description="completions per prompt (GRPO's G)")
+    max_new_tokens: int = Field(128, ge=1, description=(
+        "per completion; a completion that hits it is 'truncated'"))
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
+    batch_size: int = Field(64, ge=1, description="completions decoded together (KV cache, left padding)")
+    dynamic_sampling: bool = Field(False, description=(
+        "DAPO's dynamic sampling: groups whose rewards all tie are dropped and more prompts are sampled, up to "
+        "max_refill_rounds; still-short batches keep some tied groups (counted)"))
+    max_refill_rounds: int = Field(2, ge=0, description=(
+        "dynamic sampling: extra draws of rollout.prompts at most"))
+    workers: int = Field(0, ge=0, description=(
+        "0: every gang worker samples with its own copy of the policy (colocated); N: a Ray actor group of N "
+        "rollout workers (cluster/roles.py) that the gang shares, synced before each rollout"))
+    use_gpu: bool = Field(False, description="rollout workers: one GPU each")
+    cpus_per_worker: float = Field(1, gt=0, description="rollout workers: CPUs reserved each")
 
 
 class AdvantageConfig(Strict):
     """How rewards become advantages (rl/advantages.py); gae needs a critic."""
 
-    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] | None = None  # None: the algorithm's (ppo: gae, grpo: grpo)
-    gamma: float = Field(1.0, gt=0, le=1)  # discount per token (gae, reinforce_pp)
-    lam: float = Field(0.95, ge=0, le=1)  # GAE's lambda
-    whiten: bool = True  # gae: normalise advantages over the batch
+    estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] | None = Field(None, description=(
+        "None: the algorithm's (ppo: gae, grpo: grpo)"))
+    gamma: float = Field(1.0, gt=0, le=1, description="discount per token (gae, reinforce_pp)")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE's lambda")
+    whiten: bool = Field(True, description="gae: normalise advantages over the batch")
 
 
 class RlLossConfig(Strict):
     """The update's loss: policy surrogate, KL to the reference, entropy bonus, value loss."""
 
-    policy: Literal["ppo", "gspo"] = "ppo"  # ppo: token ratio; gspo: sequence ratio
-    eps_low: float | None = Field(None, gt=0, lt=1)  # clip 1 - eps_low; None: 0.2 (ppo), 3e-4 (gspo)
-    eps_high: float | None = Field(None, gt=0)  # clip 1 + eps_high (DAPO's clip-higher: 0.28); None: eps_low's (gspo: 4e-4)
-    dual_clip: float | None = Field(None, gt=1)  # cap -A x dual_clip on negative advantages; None: off
-    #: token-mean | seq-mean-token-mean | seq-mean-token-sum-norm; None: the algorithm's
-    #: (ppo: token-mean; grpo: seq-mean-token-mean; dr_grpo: seq-mean-token-sum-norm)
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = None
-    kl_coef: float = Field(0.0, ge=0)  # KL(policy || reference) weight; 0: no reference is loaded
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"  # k3 in the loss (R1), k1 in the reward (PPO-RLHF)
-    kl_in: Literal["loss", "reward"] = "loss"  # where the KL goes: a loss term, or a per-token reward penalty
-    entropy_coef: float | None = Field(None, ge=0)  # + coef x entropy bonus; None: 0.01 x the PRL stage number
-    vf_coef: float = Field(0.5, ge=0)  # value loss weight (critic runs)
-    value_clip: float | None = Field(0.2, gt=0)  # PPO value clipping around the rollout's values; None: off
+    policy: Literal["ppo", "gspo"] = Field("ppo", description="ppo: token ratio; gspo: sequence ratio")
+    eps_low: float | None = Field(None, gt=0, lt=1, description=(
+        "clip 1 - eps_low; None: 0.2 (ppo), 3e-4 (gspo)"))
+    eps_high: float | None = Field(None, gt=0, description=(
+        "clip 1 + eps_high (DAPO's clip-higher: 0.28); None: eps_low's (gspo: 4e-4)"))
+    dual_clip: float | None = Field(None, gt=1, description=(
+        "cap -A x dual_clip on negative advantages; None: off"))
+    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = Field(
+        None, description=(
+            "token-mean | seq-mean-token-mean | seq-mean-token-sum-norm; None: the algorithm's (ppo: "
+            "token-mean; grpo: seq-mean-token-mean; dr_grpo: seq-mean-token-sum-norm)"))
+    kl_coef: float = Field(0.0, ge=0, description="KL(policy || reference) weight; 0: no reference is loaded")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description=(
+        "k3 in the loss (R1), k1 in the reward (PPO-RLHF)"))
+    kl_in: Literal["loss", "reward"] = Field("loss", description=(
+        "where the KL goes: a loss term, or a per-token reward penalty"))
+    entropy_coef: float | None = Field(None, ge=0, description=(
+        "+ coef x entropy bonus; None: 0.01 x the PRL stage number"))
+    vf_coef: float = Field(0.5, ge=0, description="value loss weight (critic runs)")
+    value_clip: float | None = Field(0.2, gt=0, description=(
+        "PPO value clipping around the rollout's values; None: off"))
 
     def clip_range(self) -> tuple[float, float]:
         low = self.eps_low if self.eps_low is not None else (3e-4 if self.policy == "gspo" else 0.2)
@@ -180,18 +200,19 @@ class RlLossConfig(Strict):
 class RewardTermsConfig(Strict):
     """Parameters of the reward terms (rl/rewards.py)."""
 
-    length_budget: int = Field(128, ge=1)  # conciseness: 1 - length / budget, clipped to [-1, 1]
-    novelty_n: int = Field(3, ge=1)  # novelty: word n-gram order
-    novelty_history: int = Field(256, ge=0)  # novelty: completions of earlier iterations remembered
-    overlong_buffer: int = Field(32, ge=1)  # overlong: penalty ramps to -1 over the last this-many tokens
+    length_budget: int = Field(128, ge=1, description="conciseness: 1 - length / budget, clipped to [-1, 1]")
+    novelty_n: int = Field(3, ge=1, description="novelty: word n-gram order")
+    novelty_history: int = Field(256, ge=0, description="novelty: completions of earlier iterations remembered")
+    overlong_buffer: int = Field(32, ge=1, description=(
+        "overlong: penalty ramps to -1 over the last this-many tokens"))
 
 
 class PlateauConfig(Strict):
     """End a PRL stage early when its mean reward stops improving."""
 
-    patience: int = Field(5, ge=1)  # iterations without a new best (by more than min_delta)
-    min_delta: float = Field(0.01, ge=0)  # the improvement that counts
-    min_iterations: int = Field(5, ge=1)  # never switch before this many iterations
+    patience: int = Field(5, ge=1, description="iterations without a new best (by more than min_delta)")
+    min_delta: float = Field(0.01, ge=0, description="the improvement that counts")
+    min_iterations: int = Field(5, ge=1, description="never switch before this many iterations")
 
 
 class RlConfig(Strict):
@@ -199,27 +220,31 @@ class RlConfig(Strict):
 
     _validate_alone: ClassVar[bool] = True
 
-    algorithm: Literal["ppo", "grpo"] = "grpo"  # presets of estimator, critic and aggregation
-    iterations: int = Field(10, ge=1)  # generate -> score -> update rounds
-    epochs: int = Field(1, ge=1)  # passes over each rollout batch
-    minibatch: int = Field(16, ge=1)  # completions per optimizer step, all workers together
-    micro_batch: int = Field(4, ge=1)  # completions per worker per forward
-    #: the value model: none; shared (a value head on the policy trunk); separate (a copy of the
-    #: start model with a value head); None: the algorithm's (ppo: separate, grpo: none)
-    critic: Literal["none", "shared", "separate"] | None = None
-    rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1})  # term -> weight
+    algorithm: Literal["ppo", "grpo"] = Field("grpo", description=(
+        "presets of estimator, critic and aggregation"))
+    iterations: int = Field(10, ge=1, description="generate -> score -> update rounds")
+    epochs: int = Field(1, ge=1, description="passes over each rollout batch")
+    minibatch: int = Field(16, ge=1, description="completions per optimizer step, all workers together")
+    micro_batch: int = Field(4, ge=1, description="completions per worker per forward")
+    critic: Literal["none", "shared", "separate"] | None = Field(None, description=(
+        "the value model: none; shared (a value head on the policy trunk); separate (a copy of the start model "
+        "with a value head); None: the algorithm's (ppo: separate, grpo: none)"))
+    rewards: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 0.1}, description=(
+        "term -> weight"))
     reward_terms: RewardTermsConfig = RewardTermsConfig()
     rollout: RolloutConfig = RolloutConfig()
     advantage: AdvantageConfig = AdvantageConfig()
     loss: RlLossConfig = RlLossConfig()
     engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-5, warmup_steps=0, weight_decay=0.0))
-    checkpoint_every: int = Field(5, ge=1)  # iterations between checkpoints; one more at the end
-    checkpoint_keep: int = Field(2, ge=1)  # newest checkpoints kept
-    max_nonfinite: int = Field(5, ge=1)  # abort after this many non-finite updates in a row
-    peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None on CPU = measured
-    switch: PlateauConfig | None = None  # end early on a reward plateau; None: run every iteration
-    reward_model: str | None = None  # a reward model folder for the reward_model term; the pipeline sets its stage's
-    stage: int = Field(1, ge=1)  # the PRL stage number (the entropy default scales with it)
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints; one more at the end")
+    checkpoint_keep: int = Field(2, ge=1, description="newest checkpoints kept")
+    max_nonfinite: int = Field(5, ge=1, description="abort after this many non-finite updates in a row")
+    peak_flops: float | None = Field(None, gt=0, description="per device, for MFU; None on CPU = measured")
+    switch: PlateauConfig | None = Field(None, description=(
+        "end early on a reward plateau; None: run every iteration"))
+    reward_model: str | None = Field(None, description=(
+        "a reward model folder for the reward_model term; the pipeline sets its stage's"))
+    stage: int = Field(1, ge=1, description="the PRL stage number (the entropy default scales with it)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "RlConfig":
@@ -301,9 +326,10 @@ class PrlConfig(RlConfig):
     iterations, switch, ...); nested keys merge, a stage's `rewards` replace the shared ones. Stage k is the run store's stage prl_k; it starts from prl_{k-1}'s
     model (prl_1 from dpo's, or sft's), so editing stage 2 reruns prl_2 onwards only."""
 
-    #: the PRL stages in order, each a mapping of the keys above that it changes, e.g.
-    #: [{rewards: {accuracy: 1.0}}, {rewards: {accuracy: 1.0, conciseness: 0.3}, iterations: 20}]
-    stages: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1, max_length=MAX_PRL_STAGES)
+    stages: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{}], min_length=1, max_length=MAX_PRL_STAGES, description=(
+            "the PRL stages in order, each a mapping of the keys above that it changes, e.g. "
+            "[{rewards: {accuracy: 1.0}}, {rewards: {accuracy: 1.0, conciseness: 0.3}, iterations: 20}]"))
     _validate_alone: ClassVar[bool] = False
 
     @model_validator(mode="after")

@@ -22,30 +22,30 @@ class Strict(BaseModel):
 class OptimizerConfig(Strict):
     """AdamW with linear warmup, then cosine decay to a floor."""
 
-    lr: float = Field(3e-3, gt=0)  # peak learning rate
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine floor, as a fraction of lr
-    warmup_steps: int = Field(10, ge=0)  # linear warmup from lr/warmup_steps to lr
-    weight_decay: float = Field(0.1, ge=0)  # on matrices only, never on norms
-    betas: tuple[float, float] = (0.9, 0.95)  # AdamW betas
-    eps: float = Field(1e-8, gt=0)  # AdamW epsilon
-    #: torch's fused AdamW kernel (one launch for every tensor); None: on CUDA only, where it
-    #: replaces hundreds of small kernels per step; the CPU path keeps the foreach implementation
-    fused: bool | None = None
+    lr: float = Field(3e-3, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine floor, as a fraction of lr")
+    warmup_steps: int = Field(10, ge=0, description="linear warmup from lr/warmup_steps to lr")
+    weight_decay: float = Field(0.1, ge=0, description="on matrices only, never on norms")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    fused: bool | None = Field(None, description=(
+        "torch's fused AdamW kernel (one launch for every tensor); None: on CUDA only, where it replaces "
+        "hundreds of small kernels per step; the CPU path keeps the foreach implementation"))
 
 
 class EngineConfig(Strict):
     """How a model trains under DeepSpeed: ZeRO stage, precision, clipping, offload."""
 
-    zero_stage: Literal[0, 1, 2, 3] = 2  # 2 shards grads + Adam states; 3 shards weights too
-    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 on GPUs; fp32 is the CPU default
-    grad_clip: float = Field(1.0, ge=0)  # global-norm clip; 0 = off
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="2 shards grads + Adam states; 3 shards weights too")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16 on GPUs; fp32 is the CPU default")
+    grad_clip: float = Field(1.0, ge=0, description="global-norm clip; 0 = off")
     optimizer: OptimizerConfig = OptimizerConfig()
-    activation_checkpointing: bool = False  # recompute each block in backward
-    offload_optimizer: bool = False  # optimizer states in host memory (ZeRO 1-3)
-    offload_params: bool = False  # parameters in host memory (ZeRO-3 only)
-    #: torch.compile in place (training/compile.py): off; dense (norms, attention, SwiGLU FFNs,
-    #: LM head; the MoE layer eager); blocks (whole blocks, MoE included, with graph breaks)
-    compile: Literal["off", "dense", "blocks"] = "off"
+    activation_checkpointing: bool = Field(False, description="recompute each block in backward")
+    offload_optimizer: bool = Field(False, description="optimizer states in host memory (ZeRO 1-3)")
+    offload_params: bool = Field(False, description="parameters in host memory (ZeRO-3 only)")
+    compile: Literal["off", "dense", "blocks"] = Field("off", description=(
+        "torch.compile in place (training/compile.py): off; dense (norms, attention, SwiGLU FFNs, LM head; the "
+        "MoE layer eager); blocks (whole blocks, MoE included, with graph breaks)"))
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "EngineConfig":
@@ -61,9 +61,10 @@ class EngineConfig(Strict):
 class CurriculumConfig(Strict):
     """basic only -> + advanced -> + expert and all domains, at fractions of the steps."""
 
-    enabled: bool = True  # false: every pool from step 0 (plain shuffled order)
-    boundaries: tuple[float, float] = (0.2, 0.6)  # where phases 2 and 3 start, fractions of steps
-    early_domains: list[str] | None = None  # domains of phases 1-2; None = all domains
+    enabled: bool = Field(True, description="false: every pool from step 0 (plain shuffled order)")
+    boundaries: tuple[float, float] = Field((0.2, 0.6), description=(
+        "where phases 2 and 3 start, fractions of steps"))
+    early_domains: list[str] | None = Field(None, description="domains of phases 1-2; None = all domains")
 
     @field_validator("boundaries")
     @classmethod
@@ -76,13 +77,13 @@ class CurriculumConfig(Strict):
 class DataConfig(Strict):
     """Packing, batch sizes, the validation split and the domain mixture."""
 
-    seq_len: int = Field(128, ge=8)  # tokens per training sequence
-    micro_batch: int = Field(4, ge=1)  # sequences per worker per forward
-    global_batch: int = Field(16, ge=1)  # sequences per optimizer step, all workers together
-    val_fraction: float = Field(0.05, ge=0, lt=1)  # documents held out for validation, by id hash
-    val_max_sequences: int = Field(32, ge=1)  # validation sequences per (domain, difficulty)
-    domain_weights: dict[str, float] = Field(default_factory=dict)  # relative; {} = token shares
-    text_column: str = "text"  # the Parquet column to tokenize
+    seq_len: int = Field(128, ge=8, description="tokens per training sequence")
+    micro_batch: int = Field(4, ge=1, description="sequences per worker per forward")
+    global_batch: int = Field(16, ge=1, description="sequences per optimizer step, all workers together")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="documents held out for validation, by id hash")
+    val_max_sequences: int = Field(32, ge=1, description="validation sequences per (domain, difficulty)")
+    domain_weights: dict[str, float] = Field(default_factory=dict, description="relative; {} = token shares")
+    text_column: str = Field("text", description="the Parquet column to tokenize")
     curriculum: CurriculumConfig = CurriculumConfig()
 
     @field_validator("domain_weights")
@@ -99,8 +100,9 @@ class DataConfig(Strict):
 class ModelSection(Strict):
     """A model preset of training/model.py plus field overrides (vocab_size comes from the tokenizer)."""
 
-    preset: str = "tiny"  # tiny | small | moe-1b (training/model.py PRESETS)
-    overrides: dict[str, Any] = Field(default_factory=dict)  # ModelConfig fields, e.g. {n_layers: 2}
+    preset: str = Field("tiny", description="tiny | small | moe-1b (training/model.py PRESETS)")
+    overrides: dict[str, Any] = Field(default_factory=dict, description=(
+        "ModelConfig fields, e.g. {n_layers: 2}"))
 
     @model_validator(mode="after")
     def _valid(self) -> "ModelSection":
@@ -115,26 +117,26 @@ class ModelSection(Strict):
 class CheckpointConfig(Strict):
     """Elastic checkpoints: a gang restart or a rerun resumes from the newest."""
 
-    every: int = Field(50, ge=1)  # steps between checkpoints; one more at the end
-    keep: int = Field(2, ge=1)  # newest checkpoints kept
+    every: int = Field(50, ge=1, description="steps between checkpoints; one more at the end")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept")
 
 
 class TrainConfig(Strict):
     """What every training stage shares: steps, engine, checkpoints, evaluation, safety limits."""
 
-    steps: int = Field(200, ge=1)  # optimizer steps
+    steps: int = Field(200, ge=1, description="optimizer steps")
     engine: EngineConfig = EngineConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
-    eval_every: int = Field(50, ge=1)  # steps between validation passes; one more at the end
-    max_nonfinite: int = Field(5, ge=1)  # abort after this many non-finite steps in a row
-    peak_flops: float | None = Field(None, gt=0)  # per device, for MFU; None on CPU = measured
+    eval_every: int = Field(50, ge=1, description="steps between validation passes; one more at the end")
+    max_nonfinite: int = Field(5, ge=1, description="abort after this many non-finite steps in a row")
+    peak_flops: float | None = Field(None, gt=0, description="per device, for MFU; None on CPU = measured")
 
 
 class PretrainConfig(TrainConfig):
     """One pretraining run: model, engine, data, checkpoints, evaluation, safety limits."""
 
-    steps: int = Field(200, ge=1)  # optimizer steps (the curriculum's budget)
-    model: ModelSection = Field(default_factory=ModelSection)  # built lazily: torch only when used
+    steps: int = Field(200, ge=1, description="optimizer steps (the curriculum's budget)")
+    model: ModelSection = Field(default_factory=ModelSection, description="built lazily: torch only when used")
     data: DataConfig = DataConfig()
 
     @model_validator(mode="after")
@@ -155,12 +157,15 @@ _LORA_PATTERNS = {"attention": r".*\.attn\.(wq|wk|wv|wo)",
 class LoraConfig(Strict):
     """Low-rank adapters instead of full fine-tuning; merged into the saved model."""
 
-    enabled: bool = False  # true: train LoRA adapters only (peft), merged into the saved model
-    r: int = Field(16, ge=1)  # adapter rank
-    alpha: float = Field(32.0, gt=0)  # scale alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)  # dropout on the adapters' input
-    #: attention: wq/wk/wv/wo; dense: dense-layer and shared-expert SwiGLU (routed experts stay frozen)
-    targets: list[Literal["attention", "dense"]] = Field(default_factory=lambda: ["attention", "dense"], min_length=1)
+    enabled: bool = Field(False, description=(
+        "true: train LoRA adapters only (peft), merged into the saved model"))
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scale alpha / r")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[Literal["attention", "dense"]] = Field(
+        default_factory=lambda: ["attention", "dense"], min_length=1, description=(
+            "attention: wq/wk/wv/wo; dense: dense-layer and shared-expert SwiGLU (routed experts stay "
+            "frozen)"))
 
     def target_regex(self) -> str:
         return "(" + "|".join(_LORA_PATTERNS[t] for t in self.targets) + ")$"
@@ -169,21 +174,24 @@ class LoraConfig(Strict):
 class SftDataConfig(Strict):
     """Sequences, batches, packing, the family mixture and the difficulty curriculum."""
 
-    seq_len: int = Field(512, ge=8)  # longest example (the packed row's length); longer ones are left out (counted)
-    micro_batch: int = Field(8, ge=1)  # sequences per worker per forward
-    global_batch: int = Field(32, ge=1)  # sequences per optimizer step, all workers together
-    #: true: whole examples packed into rows (block-diagonal mask); false: padded micro-batches
-    #: (sorted by length within each rank's share). Packing: 0.91 real tokens vs 0.63-0.70 (BENCHMARKS.md)
-    packing: bool = True
-    family_weights: dict[str, float] = Field(default_factory=dict)  # relative; {} = example shares
-    curriculum: CurriculumConfig = CurriculumConfig(enabled=False)  # by task difficulty, as in pretraining
-    val_max_examples: int = Field(64, ge=0)  # held-out examples (eval split) for the validation loss
+    seq_len: int = Field(512, ge=8, description=(
+        "longest example (the packed row's length); longer ones are left out (counted)"))
+    micro_batch: int = Field(8, ge=1, description="sequences per worker per forward")
+    global_batch: int = Field(32, ge=1, description="sequences per optimizer step, all workers together")
+    packing: bool = Field(True, description=(
+        "true: whole examples packed into rows (block-diagonal mask); false: padded micro-batches (sorted by "
+        "length within each rank's share). Packing: 0.91 real tokens vs 0.63-0.70 (BENCHMARKS.md)"))
+    family_weights: dict[str, float] = Field(default_factory=dict, description="relative; {} = example shares")
+    curriculum: CurriculumConfig = Field(CurriculumConfig(enabled=False), description=(
+        "by task difficulty, as in pretraining"))
+    val_max_examples: int = Field(64, ge=0, description=(
+        "held-out examples (eval split) for the validation loss"))
 
 
 class SftConfig(TrainConfig):
     """One SFT run: steps, engine, data, LoRA, checkpoints, evaluation cadence, safety limits."""
 
-    steps: int = Field(300, ge=1)
+    steps: int = Field(300, ge=1, description="optimizer steps")
     engine: EngineConfig = EngineConfig(optimizer=OptimizerConfig(lr=1e-3, warmup_steps=10))
     data: SftDataConfig = SftDataConfig()
     lora: LoraConfig = LoraConfig()
