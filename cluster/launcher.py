@@ -13,9 +13,8 @@ auth on). The dashboard listens on the head's loopback only; reach it through `r
 """
 from __future__ import annotations
 
-from pathlib import PurePosixPath
-
-from cluster.gang import GangConfig, check_fits
+from cluster.deploy import AUTH_ENV, NCCL_ENV, SECRETS, check_gangs_fit, shared_storage
+from cluster.gang import GangConfig
 from training.plan import GpuPreset
 
 # Instance types per preset, on the clouds the launcher drives (A100 80 GB: p4de / a2-ultragpu).
@@ -24,27 +23,11 @@ INSTANCE_TYPES = {
     "gcp": {"a100-80g-x8": "a2-ultragpu-8g", "h100-80g-x8": "a3-highgpu-8g", "head": "n2-standard-32"},
 }
 HEAD_CPUS = 32
-SECRETS = ("WANDB_API_KEY", "RAY_AUTH_TOKEN")  # passed by name: the value stays in the caller's env
-NCCL_ENV = {"NCCL_DEBUG": "WARN", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1", "NCCL_IB_DISABLE": "0"}
-
-
-def check_gangs_fit(gangs: dict[str, GangConfig], preset: GpuPreset, nodes: int) -> None:
-    """ValueError naming the first gang that ``nodes`` nodes of ``preset`` cannot hold."""
-    node = {"CPU": preset.cpus_per_node, "GPU": preset.gpus_per_node}
-    for key, gang in gangs.items():
-        need = gang.worker_resources()
-        unknown = sorted(set(need) - set(node))
-        if unknown:
-            raise ValueError(f"{key}: asks for {unknown}, which {preset.name} nodes do not have")
-        try:  # the placement rule of the run-time check, on the nodes the manifest asks for
-            check_fits(gang.model_copy(update={"check_fit": True}), key, [node] * nodes)
-        except ValueError:
-            raise ValueError(f"{key}: {gang.num_workers} workers x {need} ({gang.placement_strategy}) do not fit "
-                             f"{nodes} {preset.name} node(s) of {node}; raise --nodes or lower {key}.num_workers") from None
 
 
 def _docker(image: str, storage: str) -> dict:
-    env = [f"-e {k}={v}" for k, v in NCCL_ENV.items()] + [f"-e {k}" for k in SECRETS] + ["-e RAY_AUTH_MODE=token"]
+    env = [f"-e {k}={v}" for k, v in NCCL_ENV.items()] + [f"-e {k}" for k in SECRETS] + \
+          [f"-e {k}={v}" for k, v in AUTH_ENV.items()]  # secrets by name: the value stays in the caller's env
     return {"image": image, "container_name": "r1pipe", "pull_before_run": True,
             "run_options": ["--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864",
                             f"-v {storage}:{storage}", *env]}
@@ -56,13 +39,8 @@ def launcher_config(*, name: str, gangs: dict[str, GangConfig], runs_dir: str, p
     """The Ray cluster launcher's config (``ray up``) for a recipe's gangs on ``nodes`` GPU nodes."""
     if provider not in INSTANCE_TYPES:
         raise ValueError(f"--provider {provider!r}: one of {sorted(INSTANCE_TYPES)}")
-    if nodes < 1:
-        raise ValueError(f"--nodes {nodes}: at least 1")
-    check_gangs_fit(gangs, preset, nodes)
-    storage = storage or str(PurePosixPath(runs_dir).parent)
-    if not PurePosixPath(runs_dir).is_relative_to(storage):
-        raise ValueError(f"runs_dir {runs_dir!r} is not under the shared storage {storage!r} every node mounts; "
-                         "set --storage to the mount that holds it")
+    check_gangs_fit(gangs, {"CPU": preset.cpus_per_node, "GPU": preset.gpus_per_node}, nodes, preset.name)
+    storage = shared_storage(runs_dir, storage)
     types = INSTANCE_TYPES[provider]
     placement = {"aws": {"InstanceType": types[preset.name]}, "gcp": {"machineType": types[preset.name]}}[provider]
     head = {"aws": {"InstanceType": types["head"]}, "gcp": {"machineType": types["head"]}}[provider]
@@ -100,9 +78,3 @@ def launcher_config(*, name: str, gangs: dict[str, GangConfig], runs_dir: str, p
             "ray start --address=$RAY_HEAD_IP:6379 --object-manager-port=8076 --disable-usage-stats",
         ],
     }
-
-
-def recipe_gangs(cfg) -> dict[str, GangConfig]:
-    """{"<stage>.gang": gang} for every training stage of a recipe."""
-    return {f"{name}.gang": cfg.section(name).gang for name in cfg.stages
-            if getattr(cfg.section(name), "gang", None) is not None}

@@ -184,29 +184,43 @@ app.add_typer(cluster_app, name="cluster")
 
 @cluster_app.command("manifest")
 def cluster_manifest(config: str = typer.Argument(..., help="a YAML recipe"),
-                     target: str = typer.Option("launcher", help="launcher: the Ray cluster launcher's YAML"),
+                     target: str = typer.Option("launcher", help="launcher: the Ray cluster launcher's YAML; "
+                                                                 "kuberay: a KubeRay RayJob"),
                      preset: str = typer.Option("h100-80g-x8", help="a100-80g-x8 | h100-80g-x8"),
                      nodes: int = typer.Option(1, help="GPU nodes of the preset"),
                      image: str = typer.Option("r1pipe:latest", help="the container image (cluster/manifests/Dockerfile)"),
-                     provider: str = typer.Option("aws", help="aws | gcp"),
-                     region: str = typer.Option("us-west-2"),
+                     provider: str = typer.Option("aws", help="launcher: aws | gcp"),
+                     region: str = typer.Option("us-west-2", help="launcher: the cloud region"),
                      storage: Optional[str] = typer.Option(None, help="the shared mount (default: runs_dir's parent)"),
+                     pvc: str = typer.Option("r1pipe-shared", help="kuberay: the ReadWriteMany claim mounted there"),
+                     auth_secret: str = typer.Option("r1pipe-ray-auth", help="kuberay: the Secret whose "
+                                                     "auth_token is Ray's token"),
+                     wandb_secret: str = typer.Option("r1pipe-wandb", help="kuberay: the Secret whose api_key is "
+                                                      "W&B's key ('' for none)"),
+                     recipe_path: Optional[str] = typer.Option(None, help="kuberay: the recipe inside the image or "
+                                                               "on the shared storage (default: the image's recipes/)"),
                      out: Optional[str] = typer.Option(None, help="write here instead of stdout"),
                      set_: Optional[list[str]] = SetOpt) -> None:
     """A cluster config for a recipe whose GPU workers hold every gang of it (checked first)."""
     import yaml
 
-    from cluster.launcher import launcher_config, recipe_gangs
+    from cluster.deploy import recipe_gangs
     from training.plan import PRESETS
     try:
-        if target != "launcher":
-            raise ValueError(f"--target {target!r}: only 'launcher' is generated so far")
+        if target not in ("launcher", "kuberay"):
+            raise ValueError(f"--target {target!r}: one of ['kuberay', 'launcher']")
         if preset not in PRESETS:
             raise ValueError(f"--preset {preset!r}: one of {sorted(PRESETS)}")
         cfg = load_config(config, set_ or [], check_files=False)
-        manifest = launcher_config(name=cfg.name, gangs=recipe_gangs(cfg), runs_dir=cfg.runs_dir,
-                                   preset=PRESETS[preset], nodes=nodes, image=image, provider=provider,
-                                   region=region, storage=storage)
+        common = dict(name=cfg.name, gangs=recipe_gangs(cfg), runs_dir=cfg.runs_dir, preset=PRESETS[preset],
+                      nodes=nodes, image=image, storage=storage)
+        if target == "launcher":
+            from cluster.launcher import launcher_config
+            manifest = launcher_config(**common, provider=provider, region=region)
+        else:
+            from cluster.kuberay import IMAGE_WORKDIR, rayjob
+            manifest = rayjob(**common, recipe_path=recipe_path or f"{IMAGE_WORKDIR}/recipes/{Path(config).name}",
+                              overrides=set_ or [], pvc=pvc, auth_secret=auth_secret, wandb_secret=wandb_secret or None)
     except (ConfigError, ValueError) as err:
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)
