@@ -25,7 +25,7 @@ a, b = rng.integers(0, len(ids), n), rng.integers(0, len(ids), n)
 edges = pa.table({"a": ids.take(a), "b": ids.take(b)})
 del ids, a, b
 import gc; gc.collect()
-from data_engine.dedup import component_roots
+from data_engine.dedup_survivors import component_roots
 
 def status(field):  # kB, from /proc/self/status
     for line in open("/proc/self/status"):

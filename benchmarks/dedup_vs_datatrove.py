@@ -1,6 +1,6 @@
 """Data-engine benchmark: docs/s of every data stage, and our dedup against datatrove's.
 
-The corpus (data_engine/dedup_corpus.py) holds (base, variant) pairs whose
+The corpus (data_engine/generators/dedup_corpus.py) holds (base, variant) pairs whose
 exact word-5-gram Jaccard is known, spread uniformly over [0.2, 1.0], plus
 unrelated singletons. Our stages run as the pipeline runs them (Ray Data,
 run store; W&B disabled). datatrove's MinHash dedup runs in its own venv on
@@ -46,15 +46,21 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from data_engine.dedup import DedupConfig  # noqa: E402
-from data_engine.dedup_corpus import make_jaccard_corpus  # noqa: E402
+from data_engine.generators.dedup_corpus import make_jaccard_corpus  # noqa: E402
 
 STAGES = ["ingest", "dedup", "quality", "domains", "difficulty"]
 
 
-def write_corpus(out: Path, pairs: int, singletons: int, files: int, seed: int) -> pa.Table:
-    """JSONL shards of the corpus under out/corpus; returns the truth table."""
+def make_corpus(kind: str, pairs: int, singletons: int, seed: int, cache: Path) -> tuple[pa.Table, pa.Table]:
+    if kind == "short-docs":  # real short texts: pairs planted among `singletons` documents
+        from benchmarks.short_docs import make_short_docs_corpus
+        return make_short_docs_corpus(singletons + pairs, pairs, seed=seed, cache=cache)
+    return make_jaccard_corpus(pairs, seed=seed, n_singletons=singletons)
+
+
+def write_corpus(out: Path, records: pa.Table, files: int) -> None:
+    """JSONL shards of the corpus under out/corpus."""
     started = time.time()
-    records, truth = make_jaccard_corpus(pairs, seed=seed, n_singletons=singletons)
     folder = out / "corpus"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -63,9 +69,8 @@ def write_corpus(out: Path, pairs: int, singletons: int, files: int, seed: int) 
     for i in range(files):
         with open(folder / f"part-{i:03d}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows[i * step:(i + 1) * step])
-    print(f"corpus: {len(rows)} docs in {files} files, {time.time() - started:.0f}s to build",
+    print(f"corpus: {len(rows)} docs in {files} files, {time.time() - started:.0f}s to write",
           flush=True)
-    return truth
 
 
 def _recipe(out: Path, cfg: DedupConfig, workers: int, stages: list[str]):
@@ -202,7 +207,9 @@ def run_datatrove(out: Path, bands: int, rows: int, ngram: int, workers: int,
             "cpu_s": round(cpu, 2), "removed": removed}
 
 
-def score(removed: set[str], truth: pa.Table, threshold: float) -> dict:
+def score(removed: set[str], truth: pa.Table, threshold: float, records: pa.Table | None = None) -> dict:
+    """Recall on the truth's pairs; precision by each removed row's pair partner, or, given the
+    records (a corpus with duplicates nobody planted), by its most similar other document."""
     partner = {}
     for r in truth.to_pylist():
         partner[r["base_id"]] = r["jaccard"]
@@ -214,6 +221,9 @@ def score(removed: set[str], truth: pa.Table, threshold: float) -> dict:
                for r in pairs if r["jaccard"] >= level]
         return round(sum(hit) / len(hit), 4) if hit else float("nan")
 
+    if records is not None:
+        from benchmarks.short_docs import partner_jaccard
+        partner = partner_jaccard(records, removed)
     true_j = [partner.get(i, 0.0) for i in removed]
     n = max(len(removed), 1)
     return {"removed": len(removed), f"recall_j>={threshold}": recall(threshold),
@@ -227,8 +237,12 @@ def main() -> None:
     # machine that alone would hand our CPU to other jobs, so level the field.
     os.environ.setdefault("RAY_worker_niceness", "0")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", choices=["generated", "short-docs"], default="generated",
+                        help="generated: 200-400-word pairs (data_engine); short-docs: real short texts "
+                             "of this machine with planted pairs (benchmarks/short_docs.py)")
     parser.add_argument("--pairs", type=int, default=8000)
-    parser.add_argument("--singletons", type=int, default=4000)
+    parser.add_argument("--singletons", type=int, default=4000,
+                        help="documents without a planted partner (short-docs: the real documents)")
     parser.add_argument("--files", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -243,11 +257,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cfg = DedupConfig()
-    truth = write_corpus(out, args.pairs, args.singletons, args.files, args.seed)
+    records, truth = make_corpus(args.corpus, args.pairs, args.singletons, args.seed, out.parent)
+    write_corpus(out, records, args.files)
     stages = args.stages.split(",")
     monitor = CpuMonitor(os.getpid())  # with an embedded Ray: the whole Ray node
     ours = run_ours(out, cfg, args.workers, stages, monitor)
-    docs = 2 * args.pairs + args.singletons
+    docs = records.num_rows
     settings = args.datatrove_bands.split(",")
     times = {"ours": [ours["stages"]["dedup"]["seconds"]], **{s: [] for s in settings}}
     cpu = {"ours": [ours["stages"]["dedup"]["cpu_s"]], **{s: [] for s in settings}}
@@ -267,13 +282,14 @@ def main() -> None:
             removed.setdefault(setting, theirs["removed"])
             print(f"datatrove {setting}: {theirs['seconds']}", flush=True)
     ours_s, ours_cpu = statistics.median(times["ours"]), statistics.median(cpu["ours"])
-    report = {"docs": docs, "workers": args.workers, "bands": cfg.bands, "rows": cfg.rows,
+    report = {"corpus": args.corpus, "docs": docs, "workers": args.workers, "bands": cfg.bands, "rows": cfg.rows,
               "threshold": cfg.threshold, "repeat": args.repeat, "stages": ours["stages"]}
     for name, runs in times.items():
         median = statistics.median(runs)
         key = "ours_dedup" if name == "ours" else f"datatrove_{name}"
         median_cpu = statistics.median(cpu[name])
-        report[key] = {**score(removed[name], truth, cfg.threshold), "seconds": runs,
+        report[key] = {**score(removed[name], truth, cfg.threshold,
+                                  records if args.corpus == "short-docs" else None), "seconds": runs,
                        "median_s": median, "docs_per_s": round(docs / median, 1),
                        "ours_speedup": round(median / ours_s, 3), "cpu_s": cpu[name],
                        "median_cpu_s": median_cpu,

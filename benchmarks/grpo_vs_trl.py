@@ -157,7 +157,7 @@ def trl_worker(spec: dict) -> dict:
 def prepare(args, work: Path) -> dict:
     sys.path.insert(0, str(REPO))
     from rl.eval import load_tasks
-    from rl.ppo import PromptSampler
+    from rl.sampling import PromptSampler
     from training.template import prompt_messages
     model = REPO / "runs" / "demo" / "sft" / "model"
     hf = Path(args.hf)

@@ -1,18 +1,21 @@
 """Running data steps on Ray Data, one shard at a time, resumably.
 
-A *shard step* is a class whose instances are called with one work item (a
-dict) and return ``(kept, rejected, counters)``: two pyarrow Tables and a dict
-of integer counters. ``run_sharded`` runs the step over all items with Ray
-Data (an actor pool, so a step that loads a model loads it once per worker)
-and writes per shard:
+A *shard step* is a class whose instances are called with the tables of one
+work item (a dict) and return a ``data_engine.schema.ShardResult`` (kept and
+rejected rows, integer counters); it does no I/O. ``run_sharded`` reads each
+item's input (``read_shard``: the Parquet file under each of the item's input
+keys, ``path`` by default; ingest passes its own reader of raw files), calls
+the step on it, and writes per shard:
 
     <out>/data/part-NNNNN.parquet       kept rows
     <out>/rejected/part-NNNNN.parquet   rejected rows
     <out>/done/part-NNNNN.json          completion marker with the counters
 
-The marker is written last, atomically, with the work item. A rerun after a
-crash skips shards whose marker names the same item, so finished work is never
-redone; a marker for another item (the plan changed) is dropped with its files.
+Ray Data runs the items (an actor pool by default, so a step that loads a model
+loads it once per worker). The marker is written last, atomically, with the
+work item. A rerun after a crash skips shards whose marker names the same item,
+so finished work is never redone; a marker for another item (the plan changed)
+is dropped with its files.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any
+from functools import partial
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -47,6 +51,20 @@ def configure(shuffle: str = "sort", progress_bars: bool = False) -> None:
 
 def shard_name(index: int) -> str:
     return f"part-{index:05d}"
+
+
+def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=columns)
+
+
+def read_shard(item: dict, keys: tuple[str, ...] = ("path",)) -> tuple[pa.Table, ...]:
+    """A shard step's arguments: the Parquet file under each of ``keys`` of its work item."""
+    return tuple(read_parquet(item[key]) for key in keys)
+
+
+def shard_reader(*keys: str) -> Callable[[dict], tuple[pa.Table, ...]]:
+    """read_shard over other input keys, e.g. ``shard_reader("path", "removals")``."""
+    return partial(read_shard, keys=keys)
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -92,8 +110,9 @@ def maybe_fault(point: str, fault: str | None) -> None:
 
 class _ShardWorker:
     def __init__(self, step_cls, step_kwargs: dict, out_dir: str, fault_prefix: str,
-                 fault: str | None):
+                 fault: str | None, read: Callable[[dict], tuple] = read_shard):
         self.step = step_cls(**step_kwargs)
+        self.read = read
         self.out = Path(out_dir)
         self.fault_prefix, self.fault = fault_prefix, fault
 
@@ -101,15 +120,15 @@ class _ShardWorker:
         item = json.loads(row["item"])
         name = shard_name(item["index"])
         try:
-            kept, rejected, counters = self.step(item)
+            result = self.step(*self.read(item))
         except Exception as err:  # noqa: BLE001 - a broken shard is reported, not fatal
             return {"result": json.dumps({"index": item["index"], "error": f"{type(err).__name__}: {err}",
                                           "trace": traceback.format_exc(limit=3), "item": item})}
-        write_parquet_atomic(kept, self.out / "data" / f"{name}.parquet")
-        write_parquet_atomic(rejected, self.out / "rejected" / f"{name}.parquet")
+        write_parquet_atomic(result.kept, self.out / "data" / f"{name}.parquet")
+        write_parquet_atomic(result.rejected, self.out / "rejected" / f"{name}.parquet")
         maybe_fault(f"{self.fault_prefix}:after_write:{item['index']}", self.fault)
-        stats = {"index": item["index"], "kept": kept.num_rows, "rejected": rejected.num_rows,
-                 "counters": counters, "item": item}
+        stats = {"index": item["index"], "kept": result.kept.num_rows,
+                 "rejected": result.rejected.num_rows, "counters": result.counters, "item": item}
         _write_text_atomic(json.dumps(stats), self.out / "done" / f"{name}.json")
         return {"result": json.dumps(stats)}
 
@@ -129,8 +148,10 @@ def finished_shards(out_dir: Path) -> dict[int, dict]:
 def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *,
                 concurrency: int | None = None, num_cpus: float = 1, num_gpus: float = 0,
                 fault_prefix: str = "shard", fault: str | None = None,
-                actors: bool = True) -> tuple[list[dict], list[dict]]:
-    """Run a shard step over ``items`` (each with a unique ``index``).
+                actors: bool = True, read: Callable[[dict], tuple] = read_shard
+                ) -> tuple[list[dict], list[dict]]:
+    """Run a shard step over ``items`` (each with a unique ``index``): per item,
+    ``step(*read(item))`` -> ShardResult, written as the item's shard.
 
     ``actors=False`` builds the step per shard in pooled tasks instead: for steps
     that are cheap to build, it saves starting (and importing into) fresh actor
@@ -148,7 +169,7 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
         n = concurrency or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
         ds = ray.data.from_items([{"item": json.dumps(it)} for it in todo], override_num_blocks=len(todo))
         worker_kwargs = {"step_cls": step_cls, "step_kwargs": step_kwargs, "out_dir": str(out_dir),
-                         "fault_prefix": fault_prefix, "fault": fault}
+                         "fault_prefix": fault_prefix, "fault": fault, "read": read}
         size = min(n, len(todo))
         # A dead worker or task fails the stage instead of being restarted and retried: the
         # shard may be poisoned, and a rerun resumes from the finished shards.
@@ -212,7 +233,7 @@ def map_files(fn, paths: list[str], columns: list[str], *, num_cpus: float = 1) 
 
     @ray.remote(num_cpus=num_cpus, max_retries=0)
     def one(path: str, f) -> pa.Table:
-        return f(pq.read_table(path, columns=columns))
+        return f(read_parquet(path, columns=columns))
 
     tables = ray.get([one.remote(p, fn_ref) for p in paths])
     return pa.concat_tables(tables) if tables else pa.table({})

@@ -34,7 +34,11 @@ def connect(settings: RaySettings) -> dict:
         else:
             if not settings.include_dashboard:
                 env["worker_process_setup_hook"] = "cluster.session.quiet_local_workers"
-            ray.init(num_cpus=settings.num_cpus, include_dashboard=settings.include_dashboard,
+            # "local": a new cluster even where `ray start` (or another run's test cluster) left
+            # one registered on this machine, which a bare ray.init() would join; RAY_ADDRESS,
+            # set in a Ray job's driver, still wins
+            ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local",
+                     num_cpus=settings.num_cpus, include_dashboard=settings.include_dashboard,
                      _node_ip_address=settings.node_ip_address, runtime_env=env,
                      configure_logging=True, logging_level="WARNING")
         ray.data.DataContext.get_current().enable_progress_bars = False

@@ -183,7 +183,7 @@ def stdlib_docstrings(n: int, seed: int) -> list[str]:
 def distill_pool(wordnet_dir: Path | None, sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
     """Unlabelled offline text by source. The synthetic paragraphs are easy
     (a small vocabulary per domain), so they get a small share."""
-    from data_engine.domain_text import synthetic_documents  # only the build needs it
+    from data_engine.generators.domain_text import synthetic_documents  # only the build needs it
     pool = {"stdlib": stdlib_docstrings(sizes["stdlib"], seed),
             "synthetic": [d["text"] for d in synthetic_documents(sizes["synthetic"], random.Random(seed))]}
     if wordnet_dir is not None and Path(wordnet_dir).exists():

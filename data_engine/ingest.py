@@ -2,8 +2,10 @@
 
 The work is split into *chunks* (a byte range of a JSONL file, a row-group
 range of a Parquet file, an index range of an HF dataset, a whole JSON file).
-``plan_chunks`` makes the list on the driver; ``read_chunk`` turns one chunk
-into (kept, rejected) tables. Which executor runs the chunks is chosen
+``plan_chunks`` makes the list on the driver; ``read_raw_rows`` (the reader,
+the only code here that opens input files) gives a chunk's raw rows, and
+``records_from_rows`` (the step) turns them into (kept, rejected) tables;
+``read_chunk`` does both in process. Which executor runs the chunks is chosen
 elsewhere (``cluster/``), so this module knows nothing of Ray.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterable, Iterator, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,17 +30,18 @@ _SUFFIX_FORMAT = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parq
 
 
 class DemoSource(Strict):
-    """Generate the bundled demo corpus (see data_engine/demo_corpus.py) and read it."""
-    n_docs: int = Field(3000, ge=100)  # fewer leaves some domain or noise kind empty
-    seed: int = 0  # seed of the generated corpus
+    """Generate the bundled demo corpus (see data_engine/generators/demo_corpus.py) and read it."""
+    n_docs: int = Field(3000, ge=100, description="fewer leaves some domain or noise kind empty")
+    seed: int = Field(0, description="seed of the generated corpus")
 
 
 class InputSpec(Strict):
-    path: str | None = None  # a file, a folder, or a glob
-    #: auto: by extension; hf: a saved datasets folder
-    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
-    source: str | None = None  # default: the source field, else the file's stem
-    demo: DemoSource | None = None  # generate the bundled demo corpus instead of reading `path`
+    path: str | None = Field(None, description="a file, a folder, or a glob")
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = Field("auto", description=(
+        "auto: by extension; hf: a saved datasets folder"))
+    source: str | None = Field(None, description="default: the source field, else the file's stem")
+    demo: DemoSource | None = Field(None, description=(
+        "generate the bundled demo corpus instead of reading `path`"))
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -50,22 +53,21 @@ class InputSpec(Strict):
 class FieldMap(Strict):
     """Which input fields hold the id, text and source."""
 
-    id: str | None = "id"  # the id field; None or missing: a hash of text and source
-    text: str = "text"  # the text field (required in every row)
-    source: str | None = "source"  # the source field, unless the input sets `source`
-    meta: list[str] | Literal["rest", "none"] = "rest"  # which fields go into `meta`
+    id: str | None = Field("id", description="the id field; None or missing: a hash of text and source")
+    text: str = Field("text", description="the text field (required in every row)")
+    source: str | None = Field("source", description="the source field, unless the input sets `source`")
+    meta: list[str] | Literal["rest", "none"] = Field("rest", description="which fields go into `meta`")
 
 
 class IngestConfig(Strict):
     """Read the inputs into validated Parquet shards; bad rows go to rejected/."""
 
-    inputs: list[InputSpec] = Field(default_factory=list, min_length=1)  # files or the demo
+    inputs: list[InputSpec] = Field(default_factory=list, min_length=1, description="files or the demo")
     fields: FieldMap = FieldMap()
-    chunk_bytes: int = Field(8 << 20, gt=0)   # JSONL chunk size
-    chunk_rows: int = Field(20_000, gt=0)     # Parquet / HF chunk size
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0)  # error budget
-    #: error budget for files that cannot be read at all (each counts as one rejected row)
-    max_unreadable_file_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    chunk_bytes: int = Field(8 << 20, gt=0, description="JSONL chunk size")
+    chunk_rows: int = Field(20_000, gt=0, description="Parquet / HF chunk size")
+    max_unreadable_file_fraction: float = Field(0.1, ge=0.0, le=1.0, description=(
+        "error budget for files that cannot be read at all (each counts as one rejected row)"))
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def plan_chunks(files: list[tuple[str, str, str | None]], cfg: IngestConfig) -> 
         elif fmt in ("parquet", "hf"):
             try:
                 n = _parquet_rows(path) if fmt == "parquet" else _hf_rows(path)
-            except UNREADABLE as err:  # recorded as a rejection, not a crash: see read_chunk
+            except UNREADABLE as err:  # recorded as a rejection, not a crash: see read_raw_rows
                 chunks.append(Chunk(path, "unreadable", source, 0, 0, error=f"{type(err).__name__}: {err}"))
                 continue
             chunks += [Chunk(path, fmt, source, s, min(s + cfg.chunk_rows, n))
@@ -170,64 +172,76 @@ UNREADABLE = (OSError, ValueError, pa.ArrowException, EOFError)
 UNREADABLE_REASONS = ["unreadable_file", "unreadable_chunk"]
 
 
-def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
-    """Read one chunk into (kept, rejected) tables. Never raises on a bad row; a file or chunk
-    that cannot be read is one rejected row (``unreadable_file`` / ``unreadable_chunk``, line 0)
-    naming the file, the range and the error, after the rows read before the failure."""
+RawRow = tuple[int, object, "tuple[str, str] | None"]  # (line or row number, record, error)
+
+
+def read_raw_rows(chunk: Chunk) -> list[RawRow]:
+    """Ingest's reader, the one place it opens its input files: every row of a chunk as
+    (line or row number, raw record, error), where error is (reason, message) for a row that
+    could not be decoded. A file or chunk that cannot be read ends the list with one error
+    row at line 0 (``unreadable_file`` / ``unreadable_chunk``) naming the range and the
+    error, after the rows read before the failure."""
+    return list(_guarded_rows(chunk, name_range=True))
+
+
+def records_from_rows(chunk: Chunk, rows: Iterable[RawRow], fields: FieldMap
+                      ) -> tuple[pa.Table, pa.Table]:
+    """The ingest step: a chunk's raw rows -> (kept RECORD_SCHEMA, rejected
+    INGEST_REJECT_SCHEMA). Never raises on a bad row: it is rejected with its reason."""
     kept, rejected = [], []
-
-    def reject(line: int, reason: str, error: str, raw: object = None) -> None:
-        text = raw.get(fields.text) if isinstance(raw, dict) else None
-        rid = _maybe_str(raw.get(fields.id)) if isinstance(raw, dict) and fields.id else None
-        rejected.append({
-            "id": _storable(rid),
-            "text": _storable(text) if isinstance(text, str) else None,
-            "source": chunk.source, "reason": reason,
-            "detail": json.dumps({"file": chunk.file, "line": line, "error": error}),
-            "file": chunk.file, "line": line,
-        })
-
-    if chunk.format == "unreadable":
-        reject(0, "unreadable_file", chunk.error or "unreadable")
-    else:
-        rows = _raw_rows(chunk)
-        while True:
-            try:  # only reading is guarded: a bug in _to_record must crash, not pose as bad data
-                item = next(rows, None)
-            except UNREADABLE as err:
-                reject(0, "unreadable_chunk", f"{type(err).__name__}: {err} "
-                                              f"(chunk {chunk.start}..{chunk.stop} of a {chunk.format} file)")
-                break
-            if item is None:
-                break
-            line, raw, error = item
-            row, reason = (None, error) if error else _to_record(raw, fields, chunk)
-            if reason:
-                reject(line, reason[0], reason[1], raw)
-            else:
-                kept.append(row)
+    for line, raw, error in rows:
+        row, reason = (None, error) if error else _to_record(raw, fields, chunk)
+        if reason:
+            rejected.append(_rejected_row(chunk, fields, line, reason, raw))
+        else:
+            kept.append(row)
     return (pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
             pa.Table.from_pylist(rejected, schema=INGEST_REJECT_SCHEMA))
 
 
-def file_rows(path: str, fmt: str, source: str | None = None) -> Iterator[tuple[int, object, tuple[str, str] | None]]:
+def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
+    """One chunk into (kept, rejected) tables, in process: read_raw_rows, then
+    records_from_rows."""
+    return records_from_rows(chunk, read_raw_rows(chunk), fields)
+
+
+def _rejected_row(chunk: Chunk, fields: FieldMap, line: int, reason: tuple[str, str],
+                  raw: object) -> dict:
+    text = raw.get(fields.text) if isinstance(raw, dict) else None
+    rid = _maybe_str(raw.get(fields.id)) if isinstance(raw, dict) and fields.id else None
+    return {
+        "id": _storable(rid),
+        "text": _storable(text) if isinstance(text, str) else None,
+        "source": chunk.source, "reason": reason[0],
+        "detail": json.dumps({"file": chunk.file, "line": line, "error": reason[1]}),
+        "file": chunk.file, "line": line,
+    }
+
+
+def file_rows(path: str, fmt: str, source: str | None = None) -> Iterator[RawRow]:
     """Every row of one file, in process: (line or row number, raw record, error), where error is
     (reason, message) for a row, chunk or file that could not be read (line 0 for the latter two).
     For readers of small side inputs (the tasks stage's user files); corpora go through chunks."""
     for chunk in plan_chunks([(path, fmt, source)], IngestConfig(inputs=[InputSpec(path=path)])):
-        if chunk.format == "unreadable":
-            yield 0, None, ("unreadable_file", chunk.error or "unreadable")
-            continue
-        rows = _raw_rows(chunk)
-        while True:
-            try:
-                item = next(rows, None)
-            except UNREADABLE as err:
-                yield 0, None, ("unreadable_chunk", f"{type(err).__name__}: {err}")
-                break
-            if item is None:
-                break
-            yield item
+        yield from _guarded_rows(chunk, name_range=False)
+
+
+def _guarded_rows(chunk: Chunk, name_range: bool) -> Iterator[RawRow]:
+    """_raw_rows, with a file or chunk that cannot be read turned into a last error row."""
+    if chunk.format == "unreadable":
+        yield 0, None, ("unreadable_file", chunk.error or "unreadable")
+        return
+    rows = _raw_rows(chunk)
+    while True:
+        try:  # only reading is guarded: a bug in _to_record must crash, not pose as bad data
+            item = next(rows, None)
+        except UNREADABLE as err:
+            where = f" (chunk {chunk.start}..{chunk.stop} of a {chunk.format} file)" if name_range else ""
+            yield 0, None, ("unreadable_chunk", f"{type(err).__name__}: {err}{where}")
+            return
+        if item is None:
+            return
+        yield item
 
 
 def _raw_rows(chunk: Chunk) -> Iterator[tuple[int, object, tuple[str, str] | None]]:

@@ -4,7 +4,7 @@
     user, rejected = read_pair_files(cfg.files)                                  # rows + rejections with file/line
 
 Offline pairs come from the generator's tasks (the `tasks` stage's rows): the worked solution is
-chosen, and data_engine.tasks.make_preference_pair writes the rejected response (an arithmetic slip
+chosen, and data_engine.generators.tasks.make_preference_pair writes the rejected response (an arithmetic slip
 carried into the answer, a wrong final answer, or a right answer with no reasoning). Pairs of the
 eval split are held out: DPO reports its preference accuracy on them and never trains on them.
 
@@ -29,7 +29,7 @@ from pydantic import Field, field_validator, model_validator
 from data_engine.ingest import InputSpec, resolve_files
 from data_engine.schema import DIFFICULTIES, Strict
 from data_engine.task_data import TASK_REJECT_SCHEMA, RowError, Where, from_messages, read_user_files, scalar_field
-from data_engine.tasks import REJECT_KINDS, Task, make_preference_pair
+from data_engine.generators.tasks import REJECT_KINDS, Task, make_preference_pair
 
 PAIR_SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("source", pa.string()), ("kind", pa.string()),
@@ -210,7 +210,6 @@ class PairsConfig(Strict):
         "training pairs sampled from the SFT model"))
     files: list[PairFileSpec] = Field(default_factory=list, description=(
         "user files, beside or instead of offline pairs"))
-    max_reject_fraction: float = Field(0.5, ge=0, le=1, description="error budget over user-file rows")
 
     @model_validator(mode="after")
     def _has_a_source(self) -> "PairsConfig":

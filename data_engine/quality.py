@@ -8,6 +8,9 @@ one that fires; ``reason`` names it (``quality:<rule>``, ``safety:blocklist``,
 Rows that survive have PII redacted (``<EMAIL>``, ``<PHONE>``, ``<IP>``,
 ``<SECRET>``) unless the config drops rows with that kind instead.
 
+This module holds the config, the measurements and heuristic rules, and the batch
+step; the safety filters (blocklist, PII) live in data_engine/safety.py.
+
 The heuristics follow Gopher (Rae et al. 2021) and C4 (Raffel et al. 2020).
 The corpus also holds Python source, docstrings and worked maths, so defaults
 looser than Gopher's say why below; they were checked on stdlib docstrings and
@@ -15,22 +18,20 @@ source and on worked solutions. ``None`` switches a rule off.
 """
 from __future__ import annotations
 
-import ipaddress
-import math
 import re
 from collections import Counter
-from functools import cached_property, lru_cache
-from importlib import resources
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal
 
 import pyarrow as pa
 from pydantic import Field, PrivateAttr
 
-from data_engine.schema import Strict, reject_table
+from data_engine.safety import (
+    PII_KINDS, blocklist_pattern, blocklist_verdict, redact_all_pii, scrub_pii,
+)
+from data_engine.schema import ShardResult, Strict, reject_table
 
-PII_KINDS = ("secret", "email", "ip", "phone")  # also the order they are searched in
-PLACEHOLDERS = {"email": "<EMAIL>", "phone": "<PHONE>", "ip": "<IP>", "secret": "<SECRET>"}
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with",  # Gopher's eight
               "a", "an", "in", "is", "it", "its", "for", "on", "as", "by", "or", "if", "not",
               "are", "this", "from", "at", "was", "can", "will", "we", "then", "so", "than", "when")
@@ -44,41 +45,43 @@ class QualityConfig(Strict):
     """Every threshold of the quality stage; ``None`` disables that rule."""
     # Gopher: 50..100k. 50 would drop 86% of stdlib docstrings and most short
     # problems; below 5 words ("Return self+value.") there is nothing to learn.
-    min_words: int | None = Field(5, ge=0)  # quality:word_count below this many words
-    max_words: int | None = Field(100_000, ge=1)  # quality:word_count above this many words
+    min_words: int | None = Field(5, ge=0, description="quality:word_count below this many words")
+    max_words: int | None = Field(100_000, ge=1, description="quality:word_count above this many words")
     # Gopher: 3..10. Code identifiers (os.path.join(...)) are long tokens,
     # and equations split into short ones.
-    min_mean_word_length: float | None = Field(2.5, ge=0)  # quality:mean_word_length, in characters
-    max_mean_word_length: float | None = Field(12.0, ge=0)  # quality:mean_word_length, in characters
+    min_mean_word_length: float | None = Field(2.5, ge=0, description="quality:mean_word_length, in characters")
+    max_mean_word_length: float | None = Field(12.0, ge=0, description=(
+        "quality:mean_word_length, in characters"))
     # Hashtags (#word) and prose ellipses per word. Python comments ("# x")
     # and doctest continuation prompts ("... ") are not counted.
-    #: quality:symbol_ratio, hashtags and ellipses per word
-    max_symbol_word_ratio: float | None = Field(0.1, ge=0)
+    max_symbol_word_ratio: float | None = Field(0.1, ge=0, description=(
+        "quality:symbol_ratio, hashtags and ellipses per word"))
     # Gopher: 0.8. Source and equations have many tokens without a letter
     # ("=", "+", "0", "2x^2" has one); 0.5 still catches number tables.
-    #: quality:alpha_words, share of words with a letter
-    min_alpha_word_ratio: float | None = Field(0.5, ge=0, le=1)
-    #: quality:bullet_lines, share of lines starting with a bullet
-    max_bullet_line_frac: float | None = Field(0.9, ge=0, le=1)
-    #: quality:ellipsis_lines, share of lines ending in ...
-    max_ellipsis_line_frac: float | None = Field(0.3, ge=0, le=1)
+    min_alpha_word_ratio: float | None = Field(0.5, ge=0, le=1, description=(
+        "quality:alpha_words, share of words with a letter"))
+    max_bullet_line_frac: float | None = Field(0.9, ge=0, le=1, description=(
+        "quality:bullet_lines, share of lines starting with a bullet"))
+    max_ellipsis_line_frac: float | None = Field(0.3, ge=0, le=1, description=(
+        "quality:ellipsis_lines, share of lines ending in ..."))
     # Gopher: 0.3 / 0.2. Lines are compared stripped; blank lines and lines
     # without a letter or digit ("}", ")", '\"\"\"') are ignored, since code repeats them.
-    #: quality:dup_lines, share of lines repeating an earlier one
-    max_dup_line_frac: float | None = Field(0.3, ge=0, le=1)
-    #: quality:dup_line_chars, chars in repeated lines / all
-    max_dup_line_char_frac: float | None = Field(0.2, ge=0, le=1)
-    #: quality:top_<n>gram: n -> max chars of the top n-gram
+    max_dup_line_frac: float | None = Field(0.3, ge=0, le=1, description=(
+        "quality:dup_lines, share of lines repeating an earlier one"))
+    max_dup_line_char_frac: float | None = Field(0.2, ge=0, le=1, description=(
+        "quality:dup_line_chars, chars in repeated lines / all"))
     max_top_ngram_char_frac: dict[NgramN, Fraction] = Field(
-        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16})
-    #: quality:dup_<n>gram: n -> max chars in repeated n-grams
+        default_factory=lambda: {2: 0.20, 3: 0.18, 4: 0.16}, description=(
+        "quality:top_<n>gram: n -> max chars of the top n-gram"))
     max_dup_ngram_char_frac: dict[NgramN, Fraction] = Field(
-        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10})
+        default_factory=lambda: {5: 0.15, 6: 0.14, 7: 0.13, 8: 0.12, 9: 0.11, 10: 0.10}, description=(
+        "quality:dup_<n>gram: n -> max chars in repeated n-grams"))
     # Gopher: 2 of its 8 stop words. Here 1 of a wider set of function words:
     # short docstrings ("Return True if x is odd.") lack Gopher's 8, while
     # word salad, keyword lists and tables still hold none.
-    min_stop_words: int | None = Field(1, ge=0)  # quality:stop_words, fewest stop words a row needs
-    stop_words: list[str] = Field(default_factory=lambda: list(STOP_WORDS))  # the words min_stop_words counts
+    min_stop_words: int | None = Field(1, ge=0, description="quality:stop_words, fewest stop words a row needs")
+    stop_words: list[str] = Field(default_factory=lambda: list(STOP_WORDS), description=(
+        "the words min_stop_words counts"))
     # Code and equation-heavy text (at least code_line_frac of its non-empty
     # lines look like code: keywords, "x = ...", trailing ":" or brackets) is
     # judged with these fields replaced: code has few stop words, long
@@ -86,38 +89,35 @@ class QualityConfig(Strict):
     # equations are mostly tokens without letters, and step-by-step solutions
     # repeat their phrasing ("so the expression becomes"). Duplicate *lines*
     # are still judged as prose.
-    #: share of code-like lines from which code_overrides apply
-    code_line_frac: float | None = Field(0.5, ge=0, le=1)
-    #: fields replaced when judging code-like text
+    code_line_frac: float | None = Field(0.5, ge=0, le=1, description=(
+        "share of code-like lines from which code_overrides apply"))
     code_overrides: dict[str, Any] = Field(default_factory=lambda: {
         "min_stop_words": None, "min_alpha_word_ratio": 0.15,
         "min_mean_word_length": 1.0, "max_mean_word_length": 20.0,
         "max_top_ngram_char_frac": {2: 0.35, 3: 0.3, 4: 0.3},
-        "max_dup_ngram_char_frac": {5: 0.45, 6: 0.42, 7: 0.39, 8: 0.36, 9: 0.33, 10: 0.3}})
+        "max_dup_ngram_char_frac": {5: 0.45, 6: 0.42, 7: 0.39, 8: 0.36, 9: 0.33, 10: 0.3}}, description=(
+        "fields replaced when judging code-like text"))
     # C4-style page junk; any match rejects. C4's "{" rule is left out: code.
-    #: quality:junk_phrase, any one rejects (case-insensitive)
     junk_phrases: list[str] = Field(default_factory=lambda: [
         "lorem ipsum", "enable javascript", "javascript is disabled",
-        "javascript must be enabled", "please enable cookies", "uses cookies to"])
+        "javascript must be enabled", "please enable cookies", "uses cookies to"], description=(
+        "quality:junk_phrase, any one rejects (case-insensitive)"))
     # Safety. blocklist_file None = data_engine/resources/blocklist.txt.
-    blocklist_file: Path | None = None  # one term per line; None: the shipped list
-    blocklist_extra: list[str] = Field(default_factory=list)  # terms added to the blocklist
-    blocklist_min_hits: int | None = Field(1, ge=1)  # safety:blocklist at this many hits; None: off
-    #: PII searched for: secret, email, ip, phone
-    pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS))
-    pii_action: PiiAction = "redact"  # redact (to <EMAIL>, <PHONE>, ...) or drop (reject pii:<kind>)
-    #: per-kind pii_action, e.g. {secret: drop}
-    pii_action_by_kind: dict[PiiKind, PiiAction] = Field(default_factory=dict)
-    #: rejected/ keeps rows as they came, for audit; true: with every PII kind found redacted
-    redact_rejected: bool = False
+    blocklist_file: Path | None = Field(None, description="one term per line; None: the shipped list")
+    blocklist_extra: list[str] = Field(default_factory=list, description="terms added to the blocklist")
+    blocklist_min_hits: int | None = Field(1, ge=1, description="safety:blocklist at this many hits; None: off")
+    pii_kinds: list[PiiKind] = Field(default_factory=lambda: list(PII_KINDS), description=(
+        "PII searched for: secret, email, ip, phone"))
+    pii_action: PiiAction = Field("redact", description=(
+        "redact (to <EMAIL>, <PHONE>, ...) or drop (reject pii:<kind>)"))
+    pii_action_by_kind: dict[PiiKind, PiiAction] = Field(default_factory=dict, description=(
+        "per-kind pii_action, e.g. {secret: drop}"))
+    redact_rejected: bool = Field(False, description=(
+        "rejected/ keeps rows as they came, for audit; true: with every PII kind found redacted"))
     # Loopback, unspecified, link-local, multicast and reserved addresses
     # (127.0.0.1, 0.0.0.0, ::1, 255.255.255.0) are in every tutorial and name
     # no one's machine. Private ranges are redacted: config dumps leak them.
-    ip_skip_local: bool = True  # leave loopback, link-local and reserved IPs alone
-    # Error budget of the quality stage: rejecting more than this fraction of
-    # the rows fails it, naming the shards that lost the most.
-    #: guard against a misconfigured rule: fail above this share rejected (Gopher/C4 rules drop 30-60% of raw web text)
-    max_reject_fraction: float = Field(0.9, ge=0.0, le=1.0)
+    ip_skip_local: bool = Field(True, description="leave loopback, link-local and reserved IPs alone")
     _code: "QualityConfig" = PrivateAttr()
 
     def model_post_init(self, _context: Any) -> None:
@@ -125,7 +125,7 @@ class QualityConfig(Strict):
         # config time, naming its key (extra="forbid").
         fields = {**self.model_dump(), **self.code_overrides, "code_overrides": {}}
         try:
-            self._code = QualityConfig(**fields) if self.code_overrides else self
+            self._code = type(self)(**fields) if self.code_overrides else self
         except ValueError as err:
             raise ValueError(f"quality.code_overrides: {err}") from None
 
@@ -332,188 +332,6 @@ def quality_verdict(text: str, cfg: QualityConfig) -> Verdict:
     return next((v for v in (rule(doc, cfg) for rule in QUALITY_RULES.values()) if v), None)
 
 
-# --- safety: blocklist ------------------------------------------------------------
-
-def load_blocklist(path: str | Path | None) -> tuple[str, ...]:
-    """Terms from a file, one per line; '#' starts a comment. Cached per (path, mtime, size),
-    so a long-lived worker picks up an edited file."""
-    if path is None:
-        return _blocklist_terms(None, 0, 0)
-    if not Path(path).is_file():
-        raise ValueError(f"quality.blocklist_file: no such file {str(path)!r}")
-    stat = Path(path).stat()
-    return _blocklist_terms(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@lru_cache(maxsize=8)
-def _blocklist_terms(path: str | None, _mtime_ns: int, _size: int) -> tuple[str, ...]:
-    if path is None:
-        raw = resources.files("data_engine").joinpath("resources/blocklist.txt").read_text("utf-8")
-    else:
-        raw = Path(path).read_text("utf-8")
-    terms = (line.split("#", 1)[0].strip() for line in raw.splitlines())
-    return tuple(t for t in terms if t)
-
-
-@lru_cache(maxsize=8)
-def _blocklist_regex(terms: tuple[str, ...]) -> re.Pattern | None:
-    if not terms:
-        return None
-    # Longest first so a phrase wins over a word it contains.
-    longest_first = sorted(set(terms), key=len, reverse=True)
-    parts = [r"\s+".join(map(re.escape, t.split())) for t in longest_first]
-    return re.compile(r"(?<!\w)(?:" + "|".join(parts) + r")(?!\w)", re.IGNORECASE)
-
-
-def blocklist_pattern(cfg: QualityConfig) -> re.Pattern | None:
-    """The compiled blocklist (cached); quality_batch looks it up once per batch, not per row."""
-    return _blocklist_regex(load_blocklist(cfg.blocklist_file) + tuple(cfg.blocklist_extra))
-
-
-def blocklist_verdict(text: str, cfg: QualityConfig, regex: re.Pattern | None = None) -> Verdict:
-    if cfg.blocklist_min_hits is None:
-        return None
-    regex = regex or blocklist_pattern(cfg)
-    hits = regex.findall(text) if regex else []
-    if len(hits) < cfg.blocklist_min_hits:
-        return None
-    terms = sorted({" ".join(h.lower().split()) for h in hits})
-    return "blocklist", {"value": len(hits), "min": cfg.blocklist_min_hits, "terms": terms}
-
-
-# --- PII ----------------------------------------------------------------------------
-
-_SECRET_PATTERNS = [re.compile("|".join(f"(?:{p})" for p in (
-    r"-----BEGIN [A-Z ]*PRIVATE KEY(?: BLOCK)?-----(?:[\s\S]*?-----END [A-Z ]*PRIVATE KEY"
-    r"(?: BLOCK)?-----)?",
-    r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b",
-    r"(?<![\w-])sk-(?:proj-|ant-|live-|test-)?[A-Za-z0-9_-]{20,}",
-    r"\b[sr]k_(?:live|test)_[A-Za-z0-9]{16,}",
-    r"\bgh[pousr]_[A-Za-z0-9]{36,}\b|\bgithub_pat_[A-Za-z0-9_]{22,}",
-    r"\bxox[abprs]-[A-Za-z0-9-]{10,}",
-    r"\bAIza[0-9A-Za-z_-]{35}\b",
-    r"\beyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}",
-)))]
-# Each pattern above contains one of these, case and all: a text with none is not scanned.
-_SECRET_LITERALS = ("PRIVATE KEY", "AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA",
-                    "sk-", "sk_", "rk_", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
-                    "xox", "AIza", "eyJ")
-_KEYWORD = (r"(?i:\b(?:password|passwd|pwd|secret|secret[_-]?key|api[_-]?key|"
-            r"token|access[_-]?token|auth[_-]?token|private[_-]?key)\b)")
-# Only the value is replaced: "password=<SECRET>" keeps the sentence readable.
-_ASSIGNED_SECRETS = [
-    re.compile(_KEYWORD + r"[\"']?\s*[:=]\s*([\"'])(?P<value>[^\"'\s]{4,})\1"),
-    # Unquoted values must hold a letter and a digit and end at a delimiter,
-    # so code such as password=None, password=getpass() or pwd=self.pwd is left alone.
-    re.compile(_KEYWORD + r"\s*[:=]\s*(?P<value>(?=[^\s]*\d)(?=[^\s]*[A-Za-z])"
-                          r"[A-Za-z0-9!@#$%^&*_+~-]{8,})(?=[\s,;)\"'\]}&]|$)"),
-]
-_HEX_SECRET = re.compile(r"(?<![0-9A-Za-z-])(?:[0-9a-f]{32,}|[0-9A-F]{32,})(?![\w-])")
-_LOWER_RUN = re.compile(r"[a-z]{4,}")
-_B64_SECRET = re.compile(r"(?<![\w+/=-])[A-Za-z0-9+/]{40,}={0,2}(?![\w+/=-])")
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@"
-                    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}(?![\w-])")
-_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
-                   r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w]|\.\d)")
-_IPV6 = re.compile(r"(?<![\w:.])(?=[0-9A-Fa-f:]*[0-9A-Fa-f]{3})[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4})"
-                   r"{2,7}(?![\w:])")
-_PHONE = re.compile(
-    r"(?<![\w.+/-])(?:(?:\+?1[ .-]?)?(?:\([2-9]\d{2}\) ?|[2-9]\d{2}[.-])[2-9]\d{2}[.-]\d{4}"
-    r"|\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,5})(?![\w/-]|\.\d)")
-
-
-def _entropy(s: str) -> float:
-    return -sum(c / len(s) * math.log2(c / len(s)) for c in Counter(s).values())
-
-
-def _is_hex_secret(s: str) -> bool:
-    return any(c.isdigit() for c in s) and any(c.isalpha() for c in s) and _entropy(s) > 3.0
-
-
-def _is_b64_secret(s: str) -> bool:
-    core = s.rstrip("=")
-    mixed = all(any(map(test, core)) for test in (str.isdigit, str.isupper, str.islower))
-    # Long identifiers and paths (CamelCaseNames42) are mostly lowercase runs;
-    # random base64 rarely has 4 lowercase letters in a row.
-    wordy = sum(map(len, _LOWER_RUN.findall(core))) / len(core) > 0.3
-    return mixed and not wordy and _entropy(core) > 4.2
-
-
-def _ip_ok(s: str, cfg: QualityConfig) -> bool:
-    try:
-        address = ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    local = (address.is_loopback or address.is_unspecified or address.is_link_local
-             or address.is_multicast or address.is_reserved)
-    return not (cfg.ip_skip_local and local)
-
-
-def find_pii(text: str, kind: str, cfg: QualityConfig) -> list[tuple[int, int]]:
-    """Spans (start, end) of ``kind`` in text; for assigned secrets only the value."""
-    if kind == "secret":
-        spans = [m.span() for p in _SECRET_PATTERNS for m in p.finditer(text)] \
-            if any(lit in text for lit in _SECRET_LITERALS) else []
-        spans += [m.span("value") for p in _ASSIGNED_SECRETS for m in p.finditer(text)]
-        spans += [m.span() for m in _HEX_SECRET.finditer(text) if _is_hex_secret(m.group())]
-        spans += [m.span() for m in _B64_SECRET.finditer(text) if _is_b64_secret(m.group())]
-    elif kind == "email":
-        spans = [m.span() for m in _EMAIL.finditer(text)] if "@" in text else []
-    elif kind == "ip":
-        spans = [m.span() for rx in (_IPV4, _IPV6) if rx is _IPV4 or ":" in text
-                 for m in rx.finditer(text) if _ip_ok(m.group(), cfg)]
-    else:
-        # "+CC ..." numbers may be short (8 digits); bare ones need area code too.
-        spans = [m.span() for m in _PHONE.finditer(text)
-                 if (8 if m.group().startswith("+") else 10)
-                 <= sum(c.isdigit() for c in m.group()) <= 15]
-    return _merge(spans)
-
-
-def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for start, end in sorted(spans):
-        if merged and start < merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-def redact(text: str, spans: list[tuple[int, int]], placeholder: str) -> str:
-    """Replace sorted, disjoint spans with placeholder."""
-    bounds = [0] + [i for span in spans for i in span] + [len(text)]
-    pieces = [text[bounds[i]:bounds[i + 1]] for i in range(0, len(bounds), 2)]
-    return placeholder.join(pieces)
-
-
-def scrub_pii(text: str, cfg: QualityConfig) -> tuple[str, dict[str, int], Verdict]:
-    """(redacted text, redactions per kind, drop verdict or None).
-
-    Kinds are searched in PII_KINDS order on the text as redacted so far, so
-    an address inside a secret is counted once, as the secret.
-    """
-    counts: dict[str, int] = {}
-    for kind in (k for k in PII_KINDS if k in cfg.pii_kinds):
-        spans = find_pii(text, kind, cfg)
-        if not spans:
-            continue
-        if cfg.pii_action_by_kind.get(kind, cfg.pii_action) == "drop":
-            return text, counts, (kind, {"value": len(spans), "action": "drop"})
-        text = redact(text, spans, PLACEHOLDERS[kind])
-        counts[kind] = len(spans)
-    return text, counts, None
-
-
-def redact_all_pii(text: str, cfg: QualityConfig) -> str:
-    """Every kind in cfg.pii_kinds redacted, whatever its action: for rows going to rejected/."""
-    for kind in (k for k in PII_KINDS if k in cfg.pii_kinds):
-        spans = find_pii(text, kind, cfg)
-        if spans:
-            text = redact(text, spans, PLACEHOLDERS[kind])
-    return text
-
-
 # --- the batch step -----------------------------------------------------------------
 
 def _check_row(text: str, cfg: QualityConfig, blocklist: re.Pattern | None
@@ -531,9 +349,8 @@ def _check_row(text: str, cfg: QualityConfig, blocklist: re.Pattern | None
     return redacted, counts, None
 
 
-def quality_batch(batch: pa.Table, cfg: QualityConfig | None = None
-                  ) -> tuple[pa.Table, pa.Table, dict[str, int]]:
-    """(kept, rejected, counters) for one batch of records.
+def quality_batch(batch: pa.Table, cfg: QualityConfig | None = None) -> ShardResult:
+    """ShardResult(kept, rejected, counters) for one batch of records.
 
     kept: the input's columns, rows that pass, ``text`` redacted.
     rejected: REJECT_SCHEMA; reason is quality:<rule>, safety:blocklist or
@@ -564,4 +381,4 @@ def quality_batch(batch: pa.Table, cfg: QualityConfig | None = None
     field = batch.schema.field("text")  # keep the input's type (string or large_string)
     kept = kept.set_column(kept.schema.get_field_index("text"), field, pa.array(new_texts, field.type))
     counters.update(rows_kept=kept.num_rows, rows_rejected=len(rejected))
-    return kept, reject_table(rejected), dict(counters)
+    return ShardResult(kept, reject_table(rejected), dict(counters))

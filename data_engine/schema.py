@@ -6,12 +6,14 @@ A data stage reads Parquet shards of records and writes two kinds of shards:
   rejected/*.parquet  removed rows: id, text, source, reason, detail (+ extras)
 
 A data *step* is a plain function or small class over one ``pyarrow.Table``
-batch. It never imports Ray; ``cluster/`` chooses how to run it.
+batch that returns a ``ShardResult``. It reads and writes no files and never imports
+Ray; ``cluster/`` reads its input, chooses how to run it and writes what it returns.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import NamedTuple
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict
@@ -41,6 +43,13 @@ REJECT_SCHEMA = pa.schema([
     ("reason", pa.string()),
     ("detail", pa.string()),  # JSON object as text, e.g. {"file": ..., "line": ...}
 ])
+
+
+class ShardResult(NamedTuple):
+    """What a data step returns for one shard."""
+    kept: pa.Table  # the rows that go on (RECORD_SCHEMA plus the step's columns)
+    rejected: pa.Table  # the rows it removed, REJECT_SCHEMA (+ extras)
+    counters: dict[str, int]  # e.g. ``reject:<reason>`` counts, summed over shards by the stage
 
 
 def content_id(text: str, source: str = "") -> str:

@@ -20,7 +20,7 @@ pretrain stage to leave out.
 
 A row of the output (TASK_SCHEMA): id, split, source, family, domain, difficulty, prompt,
 system, context (JSON list of earlier messages), response (the worked solution, for SFT),
-answer and checker (for rewards and evaluation; data_engine.tasks.CHECKERS).
+answer and checker (for rewards and evaluation; data_engine.generators.tasks.CHECKERS).
 """
 from __future__ import annotations
 
@@ -35,10 +35,11 @@ from typing import Callable, Iterable, Iterator, Literal
 import pyarrow as pa
 from pydantic import Field, field_validator, model_validator
 
-from data_engine.dedup import DedupConfig, cross_edges, normalize_text, shingle_hashes
+from data_engine.dedup import DedupConfig
+from data_engine.dedup_minhash import cross_edges, normalize_text, shingle_hashes
 from data_engine.ingest import InputSpec, file_rows, resolve_files
 from data_engine.schema import DIFFICULTIES, Strict
-from data_engine.tasks import CHECKERS, FAMILIES, Task, generate_tasks
+from data_engine.generators.tasks import CHECKERS, FAMILIES, Task, generate_tasks
 
 TASK_SCHEMA = pa.schema([
     ("id", pa.string()), ("split", pa.string()), ("source", pa.string()), ("family", pa.string()),
@@ -54,10 +55,10 @@ _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 
 class GeneratorConfig(Strict):
-    """The verifiable task generator (data_engine/tasks.py): counts per family and difficulty."""
+    """The verifiable task generator (data_engine/generators/tasks.py): counts per family and difficulty."""
 
     enabled: bool = Field(True, description="false: user files only")
-    families: list[str] | None = Field(None, description="None: every family of data_engine.tasks.FAMILIES")
+    families: list[str] | None = Field(None, description="None: every family of data_engine.generators.tasks.FAMILIES")
     train_per_cell: int = Field(200, ge=0, description="train tasks per (family, difficulty)")
     eval_per_cell: int = Field(10, ge=0, description="held-out tasks per (family, difficulty)")
     train_difficulties: list[str] = Field(default_factory=lambda: list(DIFFICULTIES), description=(
@@ -105,7 +106,7 @@ class TaskFieldMap(Strict):
         "chat messages [{role, content}]: the last assistant turn is the response"))
     system: str | None = Field(None, description="a system message for the prompt")
     answer: str | None = Field("answer", description="the expected answer rewards and evaluation check against")
-    checker: str | None = Field("checker", description="the name of its checker (data_engine.tasks.CHECKERS)")
+    checker: str | None = Field("checker", description="the name of its checker (data_engine.generators.tasks.CHECKERS)")
     family: str | None = Field("family", description=(
         "groups the evaluation table; missing: the file's `family`"))
     difficulty: str | None = Field("difficulty", description="basic / advanced / expert, or missing")
@@ -155,7 +156,6 @@ class TasksConfig(Strict):
     files: list[TaskFileSpec] = Field(default_factory=list, description=(
         "user files, beside or instead of the generator"))
     decontamination: DecontaminationConfig = DecontaminationConfig()
-    max_reject_fraction: float = Field(0.5, ge=0, le=1, description="error budget over user-file rows")
 
     @model_validator(mode="after")
     def _has_a_source(self) -> "TasksConfig":

@@ -119,18 +119,56 @@ class PrlSection(PrlConfig):
                                                "gang": self.gang, "eval": self.eval})
 
 
+# The data stages' sections: the library's settings, plus the error budget, which is the
+# pipeline's: a stage that rejects more than this share of its rows fails, naming the worst files.
+def _error_budget(default: float, note: str = "") -> Any:
+    return Field(default, ge=0.0, le=1.0, description=f"error budget: the stage fails above this share of "
+                 f"its rows rejected{note}")
+
+
+class IngestSection(IngestConfig):
+    """Read the inputs into validated Parquet shards; bad rows go to rejected/."""
+
+    max_reject_fraction: float = _error_budget(0.5)
+
+
+class DedupSection(DedupConfig):
+    """Dedup settings. ``bands``/``rows`` are derived from ``threshold`` when not given."""
+
+    max_reject_fraction: float = _error_budget(0.9)
+
+
+class QualitySection(QualityConfig):
+    """Every threshold of the quality stage; ``None`` disables that rule."""
+
+    max_reject_fraction: float = _error_budget(0.9, ", a guard against a misconfigured rule (Gopher/C4 "
+                                                    "rules drop 30-60% of raw web text)")
+
+
 class DomainsSection(DomainsConfig):
     """Domain tagging; tagging keeps every row unless asked to drop unconfident ones."""
 
     reject_below_min_score: bool = Field(False, description="reject rows whose domain_score < min_score")
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0, description="error budget")
+    max_reject_fraction: float = _error_budget(0.5)
 
 
 class DifficultySection(DifficultyConfig):
     """KenLM perplexity grading; keeps every row unless max_ppl is set."""
 
     max_ppl: float | None = Field(None, gt=0.0, description="reject rows above this perplexity")
-    max_reject_fraction: float = Field(0.5, ge=0.0, le=1.0, description="error budget")
+    max_reject_fraction: float = _error_budget(0.5)
+
+
+class TasksSection(TasksConfig):
+    """The tasks stage: generated tasks and/or user files, split into train and held-out eval."""
+
+    max_reject_fraction: float = _error_budget(0.5, " (over user-file rows)")
+
+
+class PairsSection(PairsConfig):
+    """The pairs stage: offline pairs from the generated tasks and/or user files, train and held out."""
+
+    max_reject_fraction: float = _error_budget(0.5, " (over user-file rows)")
 
 
 class PipelineConfig(Strict):
@@ -140,16 +178,16 @@ class PipelineConfig(Strict):
     stages: list[str] = Field(default_factory=lambda: ["ingest"], description="the stages to run, in order")
     wandb: WandbConfig = WandbConfig()
     ray: RayConfig = RayConfig()
-    ingest: IngestConfig | None = None
-    dedup: DedupConfig | None = None
-    quality: QualityConfig | None = None
+    ingest: IngestSection | None = None
+    dedup: DedupSection | None = None
+    quality: QualitySection | None = None
     domains: DomainsSection | None = None
     difficulty: DifficultySection | None = None
     tokenizer: TokenizerSection | None = None
-    tasks: TasksConfig | None = None
+    tasks: TasksSection | None = None
     pretrain: PretrainSection | None = None
     sft: SftSection | None = None
-    pairs: PairsConfig | None = None
+    pairs: PairsSection | None = None
     dpo: DpoSection | None = None
     reward_model: RewardModelSection | None = None
     prl: PrlSection | None = None

@@ -46,7 +46,7 @@ def choose_tasks(model_path: Path, tasks: str | None, seed: int, n: int) -> tupl
     split = run_tasks(Path(model_path).resolve())
     if split is not None:
         return load_tasks(split), str(split)
-    from data_engine.tasks import generate_tasks
+    from data_engine.generators.tasks import generate_tasks
     generated = [EvalTask(t.id, t.family, t.difficulty, t.prompt, t.answer) for t in generate_tasks(n, seed)]
     return generated, f"generated (seed {seed}, n {n}; not checked against the model's training data)"
 

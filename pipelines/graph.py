@@ -8,7 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from pydantic import BaseModel
+
+if TYPE_CHECKING:  # pipelines.config imports the stage registry
+    from pipelines.config import PipelineConfig
 
 
 # Stages whose outputs several other stages read: one home for their names.
@@ -17,24 +22,29 @@ TASKS_STAGE = "tasks"        # verifiable tasks: SFT data, RL prompts, every hel
 PAIRS_STAGE = "pairs"        # preference pairs: DPO and the reward model
 
 
-class MetricsSink(Protocol):
+class Sink(Protocol):
+    """Where a stage's metrics go (pipelines.tracking.WandbSink: one W&B run per stage execution).
+    Stages call log/table/bar/figure; the runner adds the summary and finishes it."""
+
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None: ...
     def table(self, key: str, columns: list[str], rows: list[list[Any]]) -> None: ...
     def bar(self, key: str, label: str, value: str, rows: list[list[Any]], title: str) -> None: ...
     def figure(self, key: str, fig: Any) -> None: ...
+    def summary(self, metrics: dict[str, Any]) -> None: ...
+    def finish(self, exit_code: int = 0) -> None: ...
 
 
 @dataclass
 class StageContext:
     name: str
     run_id: str
-    config: Any                 # the whole PipelineConfig
-    section: Any                # this stage's config section
+    config: PipelineConfig      # the whole recipe, resolved
+    section: BaseModel          # this stage's config section (PipelineConfig.section(name))
     root: Path                  # <run>/<stage>
     out: Path                   # staging folder; becomes the stage folder's outputs
     work: Path                  # resumable partial work of this fingerprint
     inputs: dict[str, Path]     # upstream stage name -> its folder (optional inputs only when in the recipe)
-    metrics: MetricsSink
+    sink: Sink                  # the stage's metrics, tables and charts (its W&B run)
     data_concurrency: int | None = None
     fault: str | None = None    # fault injection for tests (cluster.data.maybe_fault)
     resumed: bool = False       # this run continues a crashed run of the same fingerprint

@@ -245,7 +245,7 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     sink = make_sink(cfg.wandb, store.root, run_id, name, stage_config(cfg, name))
     ctx = StageContext(name=name, run_id=run_id, config=cfg, section=cfg.section(name),
                        root=stage_dir.root, out=stage_dir.staging, work=stage_dir.work,
-                       inputs={d: store.stage(d).root for d in stage.deps(cfg.stages)}, metrics=sink,
+                       inputs={d: store.stage(d).root for d in stage.deps(cfg.stages)}, sink=sink,
                        data_concurrency=cfg.ray.data_concurrency, fault=fault,
                        resumed=bool((stage_dir.manifest() or {}).get("resumed")))
     ctx.work.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """W&B runs: one per stage execution (group = run id, job_type = stage).
 
-Library code never imports wandb; it gets a ``MetricsSink``. Offline by
+Library code never imports wandb; it gets a ``Sink``. Offline by
 default: no key and no network needed; ``wandb sync <dir>`` uploads later.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import wandb
 
 
 class WandbSink:
-    """A MetricsSink backed by one W&B run. Create it on the process that logs (rank 0)."""
+    """A Sink backed by one W&B run. Create it on the process that logs (rank 0)."""
 
     def __init__(self, *, mode: str, project: str, entity: str | None, run_id: str, stage: str,
                  config: dict, directory: Path):

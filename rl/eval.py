@@ -11,7 +11,7 @@ for pass@k on a subset, scored with the unbiased estimator 1 - C(n-c, k) / C(n, 
 
 Batches are planned from the tasks alone (sorted by prompt length, fixed size) and the sampling
 seed of a batch is (seed, batch number), so the figures do not depend on how many workers
-share the batches. Completions are read as text by the checkers (data_engine.tasks.CHECKERS);
+share the batches. Completions are read as text by the checkers (data_engine.generators.tasks.CHECKERS);
 nothing a model writes is ever executed.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_engine.tasks import check, format_ok
+from data_engine.generators.tasks import check, format_ok
 from rl.config import EvalConfig
 
 MAX_SAVED_CHARS = 2000  # of each completion kept in the records
@@ -45,7 +45,7 @@ class EvalTask:
 
 def load_tasks(path: str | Path) -> list[EvalTask]:
     """Held-out tasks from the tasks stage's eval split (a folder or file of Parquet) or from a JSONL
-    of task rows (data_engine.tasks.Task fields, or the same columns); errors name the file and row."""
+    of task rows (data_engine.generators.tasks.Task fields, or the same columns); errors name the file and row."""
     path = Path(path)
     if path.is_dir():
         files = sorted(path.glob("*.parquet")) or sorted(path.glob("*.jsonl"))

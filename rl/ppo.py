@@ -39,6 +39,7 @@ from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from rl.rewards import RewardParams, Rewards, Sample
 from rl.roles import ActorCritic, Reference, Rollout, RolloutGroup, action_targets, mix_seed, policy_state
+from rl.sampling import PromptSampler
 from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
 from training.export import load_model_config, save_model
@@ -59,35 +60,6 @@ class RlPaths:
     work: Path
     checkpoints: Path
     out: Path                   # model/ goes here (rank 0)
-
-
-class PromptSampler:
-    """Prompts in a seeded shuffled order, reshuffled each pass; the same on every rank."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
-        self._order = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-        return torch.randperm(self.n, generator=g).tolist()
-
-    def take(self, k: int) -> list[int]:
-        out = []
-        while len(out) < k:
-            if self.pos == self.n:
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._permutation()
-            out.append(self._order[self.pos])
-            self.pos += 1
-        return out
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
-        self._order = self._permutation()
 
 
 class Phases:

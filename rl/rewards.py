@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from data_engine.tasks import check, format_ok
+from data_engine.generators.tasks import check, format_ok
 from rl.config import REWARD_TERMS
 
 
@@ -91,7 +91,8 @@ def conciseness(samples: Sequence[Sample], length_budget: int = 128, **_) -> lis
 
 
 def safety(samples: Sequence[Sample], quality=None, **_) -> list[float]:
-    from data_engine.quality import PII_KINDS, QualityConfig, blocklist_pattern, find_pii
+    from data_engine.quality import QualityConfig
+    from data_engine.safety import PII_KINDS, blocklist_pattern, find_pii
     cfg = quality or QualityConfig()
     regex = blocklist_pattern(cfg)
     out = []

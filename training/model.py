@@ -3,7 +3,8 @@
 Reads top to bottom: config and presets, the attention pieces (RMSNorm, RoPE,
 KV cache, attention), the feed-forward pieces (dense SwiGLU, the MoE layer with
 its router, dispatch and balancing), then the model and its parameter/FLOP
-counts. It imports only torch and pydantic; DeepSpeed and HF live elsewhere.
+counts. It imports only torch and pydantic; the experts' grouped-matmul kernels
+live beside it (training/moe_kernels.py), DeepSpeed and HF elsewhere.
 
 Shape legend (suffixes on tensor names):
     B batch, T query length, S key length (cached + new),
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+
+from training.moe_kernels import expert_matmul
 
 
 class ModelConfig(BaseModel):
@@ -205,67 +208,6 @@ class SwiGLU(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
-class _GroupedMM(torch.autograd.Function):
-    """y[segment e] = x[segment e] @ w[e] over consecutive row segments of the given sizes.
-
-    A loop over experts (never over tokens). Written as a Function so the weight gradient is
-    computed straight into one (E, I, O) tensor: autograd through w.unbind(0) would build E
-    separate gradients and then stack them, a second full-size allocation and copy that cost
-    ~10% of the layer's time on CPU.
-    """
-
-    @staticmethod
-    def forward(ctx, x_MI, w_EIO, sizes):
-        ctx.x_dtype, ctx.sizes = x_MI.dtype, sizes
-        x_MI = x_MI.to(w_EIO.dtype)  # compute in w's dtype (grouped_mm applies autocast)
-        ctx.save_for_backward(x_MI, w_EIO)
-        y_MO = x_MI.new_empty(x_MI.shape[0], w_EIO.shape[2])
-        for n, x_nI, w_IO, y_nO in zip(sizes, x_MI.split(sizes), w_EIO, y_MO.split(sizes)):
-            if n:
-                torch.mm(x_nI, w_IO, out=y_nO)
-        return y_MO
-
-    @staticmethod
-    def backward(ctx, g_MO):
-        x_MI, w_EIO = ctx.saved_tensors
-        g_MO = g_MO.contiguous().to(w_EIO.dtype)
-        gx_MI, gw_EIO = torch.empty_like(x_MI), torch.empty_like(w_EIO)
-        rows = zip(ctx.sizes, x_MI.split(ctx.sizes), g_MO.split(ctx.sizes), gx_MI.split(ctx.sizes))
-        for (n, x_nI, g_nO, gx_nI), w_IO, gw_IO in zip(rows, w_EIO, gw_EIO):
-            if n:
-                torch.mm(g_nO, w_IO.t(), out=gx_nI)
-                torch.mm(x_nI.t(), g_nO, out=gw_IO)
-            else:
-                gw_IO.zero_()  # an expert that got no token gets a zero gradient
-        return gx_MI.to(ctx.x_dtype), gw_EIO, None
-
-
-def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    device = x_MI.device.type
-    if torch.is_autocast_enabled(device):
-        # autocast casts F.linear's operands but not a Function's, whose mm(out=) would then run
-        # in fp32 on the master weights, off the bf16 tensor-core path: cast as autocast would
-        dtype = torch.get_autocast_dtype(device)
-        x_MI, w_EIO = x_MI.to(dtype), w_EIO.to(dtype)
-    return _GroupedMM.apply(x_MI, w_EIO, sizes)
-
-
-def _fused_experts_ok(x_MI: torch.Tensor, w_EIO: torch.Tensor) -> bool:
-    """torch._grouped_mm's bf16 kernel: CUDA, compute capability 9.0+ (Hopper), bf16 compute,
-    and 16-byte aligned rows (dims a multiple of 8)."""
-    if not (x_MI.is_cuda and hasattr(torch, "_grouped_mm")):
-        return False
-    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w_EIO.dtype
-    return (dtype == torch.bfloat16 and torch.cuda.get_device_capability(x_MI.device) >= (9, 0)
-            and x_MI.shape[1] % 8 == 0 and w_EIO.shape[2] % 8 == 0)
-
-
-def fused_grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, ends_E: torch.Tensor) -> torch.Tensor:
-    """grouped_mm in one kernel, bf16: segment e is rows [ends[e-1], ends[e]) (int32, on the GPU,
-    so no host sync). Its autograd gives the (E, I, O) weight gradient directly."""
-    return torch._grouped_mm(x_MI.to(torch.bfloat16), w_EIO.to(torch.bfloat16), offs=ends_E)
-
-
 def switch_aux_loss(probs_NE: torch.Tensor, counts_E: torch.Tensor, real_N: torch.Tensor | None = None) -> torch.Tensor:
     """Switch-Transformer balance loss E * sum_e f_e * P_e.
 
@@ -352,13 +294,8 @@ class MoE(nn.Module):
         # gathered so each expert's tokens are one contiguous segment; index_select's backward is
         # an index_add_, cheaper on CPU than the accumulating index_put_ of x_ND[token_M]
         xs_MD = x_ND.index_select(0, token_M)
-        # (w_gate's widths, D and F, are also w_up's and w_down's: one check covers all three)
-        if self.cfg.expert_kernel == "auto" and _fused_experts_ok(xs_MD, self.w_gate):
-            ends_E = counts_E.cumsum(0).to(torch.int32)
-            mm = lambda x, w: fused_grouped_mm(x, w, ends_E)  # noqa: E731
-        else:
-            sizes = counts_E.tolist()  # one host sync per layer, not one per expert
-            mm = lambda x, w: grouped_mm(x, w, sizes)  # noqa: E731
+        # one grouped GEMM per projection, or one matmul per expert (training/moe_kernels.py)
+        mm = expert_matmul(xs_MD, self.w_gate, counts_E, self.cfg.expert_kernel)
         h_MF = F.silu(mm(xs_MD, self.w_gate)) * mm(xs_MD, self.w_up)
         out_MD = mm(h_MF, self.w_down) * gate_M[:, None]
         return torch.zeros_like(x_ND).index_add_(0, token_M, out_MD.to(x_ND.dtype))

@@ -8,6 +8,14 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from pydantic import BaseModel
+
+
+def library_config(section: BaseModel) -> BaseModel:
+    """A data stage's section as its library's config (the class it extends), without the
+    pipeline's own keys such as the error budget."""
+    base = type(section).__mro__[1]
+    return base.model_validate(section.model_dump(include=set(base.model_fields)))
 
 
 def count_rows(folder: Path) -> int:
@@ -83,19 +91,21 @@ def shard_label(path: str) -> str:
 
 def map_shards(ctx, step_cls, step_kwargs: dict, items: list[dict], out_dir: Path,
                num_gpus: float = 0, concurrency: int | None = None,
-               actors: bool = True, fault_name: str | None = None) -> list[dict]:
+               actors: bool = True, fault_name: str | None = None,
+               inputs: tuple[str, ...] = ("path",)) -> list[dict]:
     """run_sharded over items that each carry their input ``path``; a failed shard fails the
     stage naming its file (the shards are our own upstream outputs: a failure is a bug or
-    broken storage, not bad input). ``actors=False`` for steps cheap to build. Fault points
+    broken storage, not bad input). The step gets the Parquet files under the item's
+    ``inputs`` keys, as tables. ``actors=False`` for steps cheap to build. Fault points
     are ``<fault_name>:after_write:<index>``; fault_name defaults to the stage's name."""
-    from cluster.data import finished_shards, run_sharded
+    from cluster.data import finished_shards, run_sharded, shard_reader
     reused = set(finished_shards(out_dir))
     if reused:
         ctx.log(f"resuming: {len(reused)} of {len(items)} shard(s) already done")
     stats, errors = run_sharded(step_cls, step_kwargs, items, out_dir,
                                 concurrency=concurrency or ctx.data_concurrency,
                                 num_gpus=num_gpus, fault_prefix=fault_name or ctx.name, fault=ctx.fault,
-                                actors=actors)
+                                actors=actors, read=shard_reader(*inputs))
     if errors:
         raise RuntimeError(f"{ctx.name}: {len(errors)} shard(s) failed: " + "; ".join(
             f"{shard_label(e['item']['path'])}: {e['error']}" for e in errors[:5]))
@@ -126,8 +136,8 @@ def report_tables(ctx, tables: dict[str, dict], bars: dict[str, tuple[str, str]]
     (label column, value column) for a bar chart too."""
     for name, t in tables.items():
         key = name.replace(" ", "_")
-        ctx.metrics.table(key, t["columns"], t["rows"])
+        ctx.sink.table(key, t["columns"], t["rows"])
         if name in (bars or {}):
             label, value = bars[name]
             i, j = t["columns"].index(label), t["columns"].index(value)
-            ctx.metrics.bar(f"{key}_chart", label, value, [[r[i], r[j]] for r in t["rows"]], name)
+            ctx.sink.bar(f"{key}_chart", label, value, [[r[i], r[j]] for r in t["rows"]], name)

@@ -43,7 +43,7 @@ from data_engine.difficulty import (
     GLOBAL, CrossFitScorer, assign_difficulty, domain_score_thresholds, fold_training_mask,
     quantile_cuts, reference_mask, row_folds, train_kenlm,
 )
-from data_engine.schema import DIFFICULTIES, DOMAINS, REJECT_SCHEMA, reject_table
+from data_engine.schema import DIFFICULTIES, DOMAINS, REJECT_SCHEMA, ShardResult, reject_table
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import (
     input_shards, map_shards, publish_shards, report_tables, shard_funnel,
@@ -59,8 +59,8 @@ class ScoreStep:
     def __init__(self, models: list[str]):
         self.scorer = CrossFitScorer(models)
 
-    def __call__(self, item: dict):
-        return self.scorer(pq.read_table(item["path"])), REJECT_SCHEMA.empty_table(), {}
+    def __call__(self, table: pa.Table) -> ShardResult:
+        return ShardResult(self.scorer(table), REJECT_SCHEMA.empty_table(), {})
 
 
 class GradeStep:
@@ -70,8 +70,8 @@ class GradeStep:
         self.cuts = {d: tuple(c) for d, c in cuts.items()}
         self.max_ppl = max_ppl
 
-    def __call__(self, item: dict):  # item: the input shard's "path", its "scored" copy
-        graded = assign_difficulty(pq.read_table(item["scored"]), self.cuts)
+    def __call__(self, scored: pa.Table) -> ShardResult:  # the input shard with ``ppl``
+        graded = assign_difficulty(scored, self.cuts)
         too_high = pc.greater(pc.fill_null(graded.column("ppl"), math.inf), self.max_ppl) \
             if self.max_ppl is not None else pa.array(np.zeros(graded.num_rows, bool))
         kept, dropped = graded.filter(pc.invert(too_high)), graded.filter(too_high)
@@ -84,7 +84,7 @@ class GradeStep:
                                   "reason": "difficulty:max_ppl",
                                   "detail": {"ppl": r["ppl"], "max_ppl": self.max_ppl}}
                                  for r in dropped.select(["id", "text", "source", "ppl"]).to_pylist()])
-        return kept, rejected, dict(counters)
+        return ShardResult(kept, rejected, dict(counters))
 
 
 # --- 1. the KenLM models, one per fold ---------------------------------------------------
@@ -223,7 +223,8 @@ def run(ctx: StageContext) -> dict:
     cuts, ppl = _cuts(scored, cfg)
     items = [{"index": i, "path": p, "scored": s} for i, (p, s) in enumerate(zip(shards, scored))]
     stats = map_shards(ctx, GradeStep, {"cuts": cuts, "max_ppl": cfg.max_ppl}, items,
-                       ctx.work / "shards", actors=False, fault_name=f"{ctx.name}:grade")
+                       ctx.work / "shards", actors=False, fault_name=f"{ctx.name}:grade",
+                       inputs=("scored",))
     metrics = shard_funnel("difficulty", stats, ctx.work / "shards", cfg.max_reject_fraction)
     metrics.update(reference_rows=sum(per_fold), reference_rows_per_fold=per_fold,
                    kenlm_train_rows_per_fold=[i["train_rows"] for i in infos], kenlm_order=cfg.order,

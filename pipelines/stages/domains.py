@@ -19,11 +19,10 @@ from collections import Counter
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from data_engine.domains import DomainTagger
-from data_engine.schema import DOMAINS, reject_table
+from data_engine.schema import DOMAINS, ShardResult, reject_table
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import (
     input_shards, map_shards, publish_shards, report_tables, shard_funnel,
@@ -37,14 +36,14 @@ class DomainStep:
         self.tagger = DomainTagger(cfg)
         self.reject_unconfident = cfg.reject_below_min_score
 
-    def __call__(self, item: dict):
-        tagged = self.tagger(pq.read_table(item["path"]))
+    def __call__(self, table: pa.Table) -> ShardResult:
+        tagged = self.tagger(table)
         keep = tagged.column("domain_confident") if self.reject_unconfident \
             else pa.array(np.ones(tagged.num_rows, bool))
         kept, dropped = tagged.filter(keep), tagged.filter(pc.invert(keep))
         counters = Counter(f"domain:{d}" for d in kept.column("domain").to_pylist())
         counters["reject:domains:below_min_score"] = dropped.num_rows
-        return kept, _rejects(dropped, self.tagger.cfg.min_score), dict(counters)
+        return ShardResult(kept, _rejects(dropped, self.tagger.cfg.min_score), dict(counters))
 
 
 def _rejects(rows: pa.Table, min_score: float) -> pa.Table:

@@ -17,28 +17,35 @@ import pyarrow.parquet as pq
 
 from cluster.data import (duplicate_values, maybe_fault, run_sharded, shard_name,
                           write_parquet_atomic)
-from data_engine.ingest import (UNREADABLE_REASONS, Chunk, InputSpec, plan_chunks, read_chunk,
-                                resolve_files)
+from data_engine.ingest import (UNREADABLE_REASONS, Chunk, FieldMap, InputSpec, RawRow, plan_chunks,
+                                read_raw_rows, records_from_rows, resolve_files)
+from data_engine.schema import ShardResult
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import check_budget, funnel_metrics, link_or_copy, publish_shards
 from pipelines.store import write_json_atomic
 
 
 class IngestStep:
+    """A run_sharded step: a chunk's raw rows (read_chunk_rows) -> records and rejections."""
+
     def __init__(self, fields: dict):
-        from data_engine.ingest import FieldMap
         self.fields = FieldMap.model_validate(fields)
 
-    def __call__(self, item: dict):
-        kept, rejected = read_chunk(Chunk(**item["chunk"]), self.fields)
-        return kept, rejected, {}
+    def __call__(self, chunk: Chunk, rows: list[RawRow]) -> ShardResult:
+        return ShardResult(*records_from_rows(chunk, rows, self.fields), {})
+
+
+def read_chunk_rows(item: dict) -> tuple[Chunk, list[RawRow]]:
+    """run_sharded's reader for ingest: the chunk a work item names, and its raw rows."""
+    chunk = Chunk(**item["chunk"])
+    return chunk, read_raw_rows(chunk)
 
 
 def _input_files(ctx: StageContext) -> list[tuple[str, str, str | None]]:
     files = []
     for spec in ctx.section.inputs:
         if spec.demo is not None:
-            from data_engine.demo_corpus import build_demo_corpus
+            from data_engine.generators.demo_corpus import build_demo_corpus
             demo_dir = ctx.work / "demo_corpus"
             if not (ctx.work / "demo_corpus.done").exists():
                 build_demo_corpus(demo_dir, n_docs=spec.demo.n_docs, seed=spec.demo.seed)
@@ -56,7 +63,7 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"{len(items)} chunks from {len({c.file for c in chunks})} file(s)")
     stats, errors = run_sharded(IngestStep, {"fields": cfg.fields.model_dump()}, items,
                                 ctx.work / "shards", concurrency=ctx.data_concurrency,
-                                fault_prefix="ingest", fault=ctx.fault)
+                                fault_prefix="ingest", fault=ctx.fault, read=read_chunk_rows)
     if errors:
         raise RuntimeError("ingest: unreadable chunk(s): " + "; ".join(
             f"{e['item']['chunk']['file']}: {e['error']}" for e in errors[:5]))

@@ -2,7 +2,7 @@
 
 Inputs: `tasks` (its train split gives the training pairs, its eval split the held-out ones).
 Offline pairs set each generated task's worked solution against a plausible wrong response
-(data_engine.tasks.make_preference_pair); user files add pairs of their own. Writes into the
+(data_engine.generators.tasks.make_preference_pair); user files add pairs of their own. Writes into the
 stage folder:
   train/part-00000.parquet      pairs DPO and the reward model train on (PAIR_SCHEMA)
   eval/part-00000.parquet       held-out pairs: from the eval split's tasks, never trained on

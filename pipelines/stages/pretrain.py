@@ -33,7 +33,7 @@ def run(ctx: StageContext) -> dict:
     build_token_cache(paths.data_files, paths.tokenizer_dir / "tokenizer.json", paths.work,
                       val_fraction=cfg.data.val_fraction, text_column=cfg.data.text_column,
                       exclude_ids=set(json.loads(excluded.read_text())) if excluded else None)
-    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics, cfg.steps)
+    log = TrainLog(ctx.work / "train_log.jsonl", ctx.sink, cfg.steps)
     summary = run_pretrain(cfg, section.gang, paths, seed=ctx.config.seed, on_metrics=log.add, fault=ctx.fault)
     rows = log.publish(ctx.out)
     log_tables(ctx, rows)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from collections import Counter
 
-import pyarrow.parquet as pq
+import pyarrow as pa
 
 from data_engine.quality import QualityConfig, quality_batch
+from data_engine.schema import ShardResult
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import (
-    input_shards, map_shards, publish_shards, report_tables, shard_funnel,
+    input_shards, library_config, map_shards, publish_shards, report_tables, shard_funnel,
 )
 
 
@@ -26,14 +27,14 @@ class QualityStep:
     def __init__(self, cfg: dict):
         self.cfg = QualityConfig(**cfg)
 
-    def __call__(self, item: dict):
-        return quality_batch(pq.read_table(item["path"]), self.cfg)
+    def __call__(self, table: pa.Table) -> ShardResult:
+        return quality_batch(table, self.cfg)
 
 
 def run(ctx: StageContext) -> dict:
-    cfg: QualityConfig = ctx.section
+    cfg = ctx.section
     items = [{"index": i, "path": p} for i, p in enumerate(input_shards(ctx, "dedup"))]
-    stats = map_shards(ctx, QualityStep, {"cfg": cfg.model_dump()}, items, ctx.work / "shards",
+    stats = map_shards(ctx, QualityStep, {"cfg": library_config(cfg).model_dump()}, items, ctx.work / "shards",
                        actors=False)
     metrics = shard_funnel("quality", stats, ctx.work / "shards", cfg.max_reject_fraction)
     counters = sum((Counter(s["counters"]) for s in stats), Counter())

@@ -50,7 +50,7 @@ def run(ctx: StageContext) -> dict:
     metrics["eval_digest"] = _eval_digest(ctx, eval_rows)
     metrics["train_shortfall"] = short
     metrics["tables"] = {"tasks by family and difficulty": _cell_table(train_rows, eval_rows)}
-    ctx.metrics.table("tasks_by_cell", *_table_args(metrics["tables"]["tasks by family and difficulty"]))
+    ctx.sink.table("tasks_by_cell", *_table_args(metrics["tables"]["tasks by family and difficulty"]))
     ctx.log(f"{len(train_rows)} train and {len(eval_rows)} eval tasks; {len(rejected)} rejected "
             f"({dict(Counter(r['reason'] for r in rejected))})")
     return metrics

@@ -67,7 +67,7 @@ def train_on_gang(ctx: StageContext, worker, cfg, paths, extra: dict | None = No
                "paths": {k: [str(f) for f in v] if isinstance(v, list) else str(v) for k, v in vars(paths).items()},
                **(extra or {})}
     rl = hasattr(cfg, "iterations")
-    log = TrainLog(ctx.work / "train_log.jsonl", ctx.metrics, cfg.iterations if rl else cfg.steps,
+    log = TrainLog(ctx.work / "train_log.jsonl", ctx.sink, cfg.iterations if rl else cfg.steps,
                    counter="iteration" if rl else "step")
     summary = run_gang(worker, payload, ctx.section.gang, checkpoints=paths.checkpoints, work=paths.work,
                        on_metrics=log.add, fault=ctx.fault, name=ctx.name, key=f"{ctx.name}.gang")
@@ -87,12 +87,12 @@ def log_tables(ctx: StageContext, rows: list[dict]) -> None:
     """Validation loss over steps and the final expert loads, as W&B tables."""
     val = [[r["step"], r["val/loss"]] for r in rows if "val/loss" in r]
     if val:
-        ctx.metrics.table("val_loss_by_step", ["step", "val_loss"], val)
+        ctx.sink.table("val_loss_by_step", ["step", "val_loss"], val)
     last = rows[-1] if rows else {}
     loads = [[k.split("/")[1], k.split("/")[2], v] for k, v in last.items()
              if k.startswith("experts/") and not k.endswith("imbalance")]
     if loads:
-        ctx.metrics.table("expert_load", ["layer", "expert", "share"], loads)
+        ctx.sink.table("expert_load", ["layer", "expert", "share"], loads)
 
 
 def evaluate_stage(ctx: StageContext, model_dir: Path, cfg) -> dict:
@@ -115,8 +115,8 @@ def evaluate_stage(ctx: StageContext, model_dir: Path, cfg) -> dict:
     with open(ctx.out / "eval_completions.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     table = figures["tables"]["eval by family and difficulty"]
-    ctx.metrics.table("eval_by_family", table["columns"], table["rows"])
-    ctx.metrics.log({k: v for k, v in figures.items() if k != "tables"})
+    ctx.sink.table("eval_by_family", table["columns"], table["rows"])
+    ctx.sink.log({k: v for k, v in figures.items() if k != "tables"})
     ctx.log(f"held-out accuracy {figures['eval/accuracy']:.3f}, format {figures['eval/format_rate']:.3f}, "
             f"mean length {figures['eval/mean_length']:.0f} tokens ({figures['eval/n']} tasks)")
     return figures
@@ -129,5 +129,5 @@ def pair_accuracy_table(ctx: StageContext, summary: dict, key: str) -> dict:
     if not kinds:
         return {}
     rows = [[kind, round(v, 4)] for kind, v in kinds] + [["all", round(summary[key], 4)]]
-    ctx.metrics.table("held_out_pairs_by_kind", ["kind", "accuracy"], rows)
+    ctx.sink.table("held_out_pairs_by_kind", ["kind", "accuracy"], rows)
     return {"held-out pairs by kind": {"columns": ["kind", "accuracy"], "rows": rows}}

@@ -1,7 +1,7 @@
 """Dedup on Ray Data gives exactly the removals of the in-process dedup_table.
 
-The pure per-part functions are checked without Ray; the passes run on a real
-embedded Ray cluster over several Parquet shards.
+The passes run on a real embedded Ray cluster over several Parquet shards; the
+pure per-part functions are checked without Ray in tests/data_engine/test_dedup_parts.py.
 """
 from __future__ import annotations
 
@@ -9,33 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cluster.dedup import (
-    DedupApplyStep, bucket_part, drop_exact_copies, find_removals, key_rows, write_removals,
-)
-from data_engine.dedup import DEDUP_REJECT_SCHEMA, DedupConfig, dedup_table
-from data_engine.dedup_corpus import make_jaccard_corpus
-from data_engine.schema import RECORD_SCHEMA
-
-
-def _records(rows: dict[str, str]) -> pa.Table:
-    return pa.table({"id": list(rows), "text": list(rows.values()), "source": ["t"] * len(rows),
-                     "meta": ["{}"] * len(rows)}, schema=RECORD_SCHEMA)
-
-
-def _removed(table: pa.Table) -> dict[str, tuple]:
-    return {r["id"]: (r["reason"], r["duplicate_of"], round(r["jaccard"], 9))
-            for r in table.to_pylist()}
-
-
-def _corpus() -> pa.Table:
-    """Controlled near-duplicate pairs, loners, and cosmetic copies under ids that sort last."""
-    table, _ = make_jaccard_corpus(60, seed=3, n_singletons=30)
-    copies = table.slice(0, 12)
-    texts = [t.upper().replace(". ", ".\n") for t in copies.column("text").to_pylist()]
-    copies = pa.table({"id": [f"zcopy{i:02d}" for i in range(12)], "text": texts,
-                       "source": copies.column("source"), "meta": copies.column("meta")},
-                      schema=RECORD_SCHEMA)
-    return pa.concat_tables([table, copies])
+from cluster.dedup import find_removals, write_removals
+from data_engine.dedup import DedupConfig, dedup_table
+from tests.data_engine.test_dedup_parts import _corpus, _removed
 
 
 @pytest.fixture(scope="module")
@@ -58,34 +34,13 @@ def ray_session():
     configure()
 
 
-# --- the per-part functions, without Ray ---------------------------------------------
-
-def test_exact_copies_leave_the_near_buckets_before_pairing():
-    cfg = DedupConfig(keep="longest")
-    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
-    table = _records({"a": text, "b": text.upper() + "!!", "c": text + " lambda"})
-    shard = pa.array([0, 0, 0], pa.int32())
-    rows = key_rows(table, cfg, shard, parts=1)
-    assert rows.num_rows == 3 * (1 + cfg.bands)
-    near = drop_exact_copies(rows.filter(pa.compute.greater_equal(rows.column("band"), 0)), cfg)
-    assert "a" not in set(near.column("id").to_pylist())  # b is longer: b survives the exact pass
-    pairs = bucket_part(rows, cfg).to_pylist()
-    assert {"a": "b", "b": "a", "shard": 0, "exact": True} in pairs
-    assert all(p["a"] != "a" and p["b"] != "a" for p in pairs if not p["exact"])
-
-
-def test_apply_step_splits_a_shard_by_its_removals(tmp_path):
-    table = _records({"x": "one two three four five six", "y": "one two three four five six"})
-    pq.write_table(table, tmp_path / "part-00000.parquet")
-    removals = pa.table({"id": ["y"], "reason": ["exact_duplicate"], "duplicate_of": ["x"],
-                         "jaccard": [1.0], "shard": pa.array([0], pa.int32())})
-    [path] = write_removals(removals, 1, tmp_path / "removals")
-    kept, rejected, counters = DedupApplyStep()(
-        {"path": str(tmp_path / "part-00000.parquet"), "removals": str(path)})
-    assert kept.column("id").to_pylist() == ["x"] and kept.schema == RECORD_SCHEMA
-    assert rejected.schema == DEDUP_REJECT_SCHEMA
-    assert rejected.to_pylist()[0]["duplicate_of"] == "x"
-    assert counters == {"reject:exact_duplicate": 1}
+def test_removals_are_written_one_file_per_shard(tmp_path):
+    removals = pa.table({"id": ["y", "z"], "reason": ["exact_duplicate"] * 2,
+                         "duplicate_of": ["x", "x"], "jaccard": [1.0, 1.0],
+                         "shard": pa.array([2, 0], pa.int32())})
+    paths = write_removals(removals, 3, tmp_path / "removals")
+    assert [p.name for p in paths] == [f"part-{i:05d}.parquet" for i in range(3)]
+    assert [pq.read_table(p).column("id").to_pylist() for p in paths] == [["z"], [], ["y"]]
 
 
 # --- the passes on Ray ---------------------------------------------------------------

@@ -13,11 +13,14 @@ import pyarrow.compute as pc
 import pytest
 
 from data_engine.dedup import (
-    DEDUP_REJECT_SCHEMA, DedupConfig, apply_removals, attach_roots, band_rows, bucket_edges,
-    choose_survivors, connected_components, dedup_table, exact_keys, near_removals,
-    normalize_text, optimal_bands, shingle_hashes, shingles, sig_matrix, signature_batch, verify_edges,
+    DEDUP_REJECT_SCHEMA, DedupConfig, apply_removals, dedup_table, near_removals,
 )
-from data_engine.dedup_corpus import make_jaccard_corpus, true_jaccard
+from data_engine.dedup_minhash import (
+    band_rows, bucket_edges, exact_keys, normalize_text, optimal_bands, shingle_hashes, shingles,
+    sig_matrix, signature_batch, verify_edges,
+)
+from data_engine.generators.dedup_corpus import make_jaccard_corpus, true_jaccard
+from data_engine.dedup_survivors import attach_roots, choose_survivors, connected_components
 from data_engine.schema import RECORD_SCHEMA
 
 BASE = [f"word{i}" for i in range(200)]  # distinct words: every 5-gram is unique
@@ -127,7 +130,8 @@ def test_operators_are_tokens_so_math_that_differs_survives():
 def test_signatures_are_reproducible_across_processes():
     table = records({"a": edited([]), "b": "short text"})
     here = signature_batch(table, DedupConfig()).column("sig").to_pylist()
-    code = ("import json; from data_engine.dedup import *; import pyarrow as pa;"
+    code = ("import json; from data_engine.dedup import DedupConfig; import pyarrow as pa;"
+            "from data_engine.dedup_minhash import signature_batch;"
             f"t = pa.table({{'id': ['a', 'b'], 'text': {json.dumps([edited([]), 'short text'])}}});"
             "print(json.dumps(signature_batch(t, DedupConfig()).column('sig').to_pylist()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

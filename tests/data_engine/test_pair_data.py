@@ -9,7 +9,7 @@ import pytest
 from data_engine.pair_data import (OfflinePairsConfig, PairFieldMap, PairFileSpec, offline_pairs, read_pair_files,
                                    tables)
 from data_engine.task_data import GeneratorConfig, generated_split
-from data_engine.tasks import REJECT_KINDS, check_answer, format_ok
+from data_engine.generators.tasks import REJECT_KINDS, check_answer, format_ok
 
 GEN = GeneratorConfig(train_per_cell=0, eval_per_cell=6, eval_difficulties=["basic", "advanced"])
 

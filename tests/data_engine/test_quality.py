@@ -11,10 +11,8 @@ import textwrap
 import pyarrow as pa
 import pytest
 
-from data_engine.quality import (
-    QUALITY_RULES, QualityConfig, blocklist_verdict, load_blocklist, quality_batch,
-    quality_verdict, scrub_pii,
-)
+from data_engine.quality import QUALITY_RULES, QualityConfig, quality_batch, quality_verdict
+from data_engine.safety import blocklist_verdict, load_blocklist, scrub_pii
 from data_engine.schema import RECORD_SCHEMA, REJECT_SCHEMA
 
 PARAGRAPH = (
@@ -297,7 +295,7 @@ def test_in_equals_kept_plus_rejected_on_a_mixed_batch():
 def test_every_secret_pattern_is_found_behind_its_literal_prefilter(secret):
     """find_pii scans for the vendor patterns only when a literal they all contain is present;
     each pattern still fires, and the span covers the whole secret."""
-    from data_engine.quality import _SECRET_LITERALS, _SECRET_PATTERNS, find_pii
+    from data_engine.safety import _SECRET_LITERALS, _SECRET_PATTERNS, find_pii
     text = f"The deploy step reads {secret} from the vault, then exits."
     assert _SECRET_PATTERNS[0].search(secret).group() == secret
     assert any(lit in secret for lit in _SECRET_LITERALS)

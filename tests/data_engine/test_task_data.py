@@ -6,10 +6,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_engine.dedup import normalize_text
+from data_engine.dedup_minhash import normalize_text
 from data_engine.task_data import (ContaminationIndex, DecontaminationConfig, GeneratorConfig, Overlaps, TaskFileSpec,
                                    TaskFieldMap, TasksConfig, generated_split, generated_train, read_task_files)
-from data_engine.tasks import FAMILIES, check
+from data_engine.generators.tasks import FAMILIES, check
 
 DECON = DecontaminationConfig()
 

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from rich.console import Console
 
-from data_engine.dedup_corpus import make_jaccard_corpus
+from data_engine.generators.dedup_corpus import make_jaccard_corpus
 from data_engine.schema import DIFFICULTIES, DOMAINS
 from pipelines.config import load_config
 from pipelines.runner import StageFailed, run_pipeline

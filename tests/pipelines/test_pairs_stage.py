@@ -83,7 +83,7 @@ pairs:
 
 
 def test_on_policy_pairs_are_sampled_from_the_model_and_scored(reasoner, tmp_path):
-    from data_engine.tasks import check_answer, format_ok
+    from data_engine.generators.tasks import check_answer, format_ok
     recipe = reasoner_recipe(tmp_path / "r.yaml", ON_POLICY, reasoner, tmp_path / "runs")
     [_, result] = run_pipeline(load_config(recipe), "op", stages=["tasks", "pairs"])
     m = result.metrics

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_engine.schema import ShardResult
 from pipelines.config import load_config
 from pipelines.graph import StageContext
 from pipelines.runner import StageFailed, check_rows_in, run_pipeline
@@ -128,10 +129,10 @@ def test_killed_while_moving_duplicates_resumes_without_moving_a_row_twice(recip
 class DroppingQualityStep(QualityStep):
     """QualityStep with a bug: it silently loses one row of every shard."""
 
-    def __call__(self, item: dict):
-        kept, rejected, counters = super().__call__(item)
-        return (kept.slice(1), rejected, counters) if kept.num_rows else \
-            (kept, rejected.slice(1), counters)
+    def __call__(self, table: pa.Table) -> ShardResult:
+        kept, rejected, counters = super().__call__(table)
+        return ShardResult(kept.slice(1), rejected, counters) if kept.num_rows else \
+            ShardResult(kept, rejected.slice(1), counters)
 
 
 class _NoSink:
@@ -139,6 +140,8 @@ class _NoSink:
     def table(self, key, columns, rows): ...
     def bar(self, key, label, value, rows, title): ...
     def figure(self, key, fig): ...
+    def summary(self, metrics): ...
+    def finish(self, exit_code=0): ...
 
 
 def test_a_step_that_drops_a_row_fails_the_stage_naming_the_folder(tmp_path, monkeypatch):
@@ -154,7 +157,7 @@ def test_a_step_that_drops_a_row_fails_the_stage_naming_the_folder(tmp_path, mon
     root = tmp_path / "quality"
     ctx = StageContext(name="quality", run_id="drop", config=None, section=QualityConfig(),
                        root=root, out=_mkdir(root / ".staging"), work=_mkdir(root / ".work"),
-                       inputs={"dedup": tmp_path / "dedup"}, metrics=_NoSink(), data_concurrency=1)
+                       inputs={"dedup": tmp_path / "dedup"}, sink=_NoSink(), data_concurrency=1)
     connect(RaySettings(num_cpus=2))
     monkeypatch.setattr(quality, "QualityStep", DroppingQualityStep)
     with pytest.raises(RuntimeError, match=rf"row accounting broken in {root / '.work' / 'shards'}: "

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from data_engine.dedup import normalize_text
+from data_engine.dedup_minhash import normalize_text
 from data_engine.task_data import DecontaminationConfig, GeneratorConfig, Overlaps, generated_split
 from pipelines.config import load_config
 from pipelines.runner import run_pipeline

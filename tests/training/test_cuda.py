@@ -24,7 +24,8 @@ from training import checkpoint as ckpt
 from training.config import EngineConfig, OptimizerConfig
 from training.engine import Engine, collective_device, ensure_process_group
 from training.generate import generate
-from training.model import KVCache, MoE, ModelConfig, Transformer, grouped_mm, rope_cos_sin
+from training.model import KVCache, MoE, ModelConfig, Transformer, rope_cos_sin
+from training.moe_kernels import grouped_mm
 from training.pretrain import Hooks, pretrain
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

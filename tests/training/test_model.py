@@ -3,8 +3,7 @@ import math
 import pytest
 import torch
 
-from training.model import (MoE, ModelConfig, Transformer, flops_per_token, grouped_mm, param_counts,
-                            switch_aux_loss)
+from training.model import MoE, ModelConfig, Transformer, flops_per_token, param_counts, switch_aux_loss
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -103,32 +102,6 @@ def test_dispatch_equals_a_per_token_loop(norm):
     x = torch.randn(2, 9, 32)
     y, _ = moe(x)
     torch.testing.assert_close(y.reshape(-1, 32), naive_moe(moe, x.reshape(-1, 32)), atol=1e-5, rtol=1e-5)
-
-
-def test_grouped_mm_gradients_with_an_empty_expert():
-    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 3, 2, dtype=torch.float64, requires_grad=True)
-    sizes = [2, 0, 3]
-    assert torch.autograd.gradcheck(lambda a, b: grouped_mm(a, b, sizes), (x, w))
-    y = grouped_mm(x, w, sizes)
-    torch.testing.assert_close(y, torch.cat([x[:2] @ w[0], x[2:] @ w[2]]))
-    y.sum().backward()
-    assert (w.grad[1] == 0).all()
-
-
-def test_grouped_mm_follows_autocast():
-    # autocast casts nn.Linear's operands but never a custom Function's: grouped_mm must do it,
-    # or the experts run on the fp32 master weights while the rest of the model runs in bf16
-    torch.manual_seed(0)
-    x = torch.randn(6, 8, requires_grad=True)
-    w = torch.randn(3, 8, 4, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = grouped_mm(x, w, [2, 0, 4])
-    assert y.dtype == torch.bfloat16
-    ref = torch.cat([x[:2] @ w[0], x[2:] @ w[2]])
-    torch.testing.assert_close(y.float(), ref, atol=0.1, rtol=2e-2)
-    y.float().sum().backward()
-    assert x.grad.dtype == w.grad.dtype == torch.float32 and (w.grad[1] == 0).all()
 
 
 def test_aux_loss_on_a_known_routing():

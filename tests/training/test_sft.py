@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from data_engine.task_data import TASK_SCHEMA, task_row
-from data_engine.tasks import generate_tasks
+from data_engine.generators.tasks import generate_tasks
 from training.config import SftConfig
 from training.export import load_model, save_model
 from training.logprobs import IGNORE

@@ -4,7 +4,7 @@ A task is a prompt, a worked ``solution`` in the reasoning format
 (``<think>steps</think>`` then ``<answer>value</answer>``) and the canonical
 ``answer`` that rewards check a model's completion against:
 
-    from data_engine.tasks import generate_tasks, check_answer, format_ok
+    from data_engine.generators.tasks import generate_tasks, check_answer, format_ok
     tasks = generate_tasks(200, seed=0)            # same seed, same tasks
     check_answer(tasks[0], completion)             # the <answer> matches?
     format_ok(completion)                          # one think block, then one answer block
@@ -26,9 +26,9 @@ from fractions import Fraction
 from pathlib import Path
 
 from data_engine.schema import ANSWER_CLOSE, ANSWER_OPEN, DIFFICULTIES, THINK_CLOSE, THINK_OPEN
-from data_engine.task_families import MATH_FAMILIES, fmt_frac, fmt_num
-from data_engine.task_families_applied import APPLIED_FAMILIES
-from data_engine.task_families_code import CODE_FAMILIES
+from data_engine.generators.task_families import MATH_FAMILIES, fmt_frac, fmt_num
+from data_engine.generators.task_families_applied import APPLIED_FAMILIES
+from data_engine.generators.task_families_code import CODE_FAMILIES
 
 # family name -> (generator, domain)
 FAMILIES = {**{n: (f, "math") for n, f in {**MATH_FAMILIES, **APPLIED_FAMILIES}.items()},

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from data_engine.dedup import DedupConfig, normalize_text, shingles
+from data_engine.dedup import DedupConfig
+from data_engine.dedup_minhash import normalize_text, shingles
 from data_engine.schema import RECORD_SCHEMA
 
 _COMMON = """the of and to a in is that it for was on are as with his they at be this from

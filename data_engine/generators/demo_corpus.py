@@ -2,7 +2,7 @@
 
 One machine (writes demo-*.jsonl and one demo-*.parquet into OUT_DIR, prints the stats):
 
-    python -m data_engine.demo_corpus OUT_DIR [--n-docs 3000] [--seed 0] \
+    python -m data_engine.generators.demo_corpus OUT_DIR [--n-docs 3000] [--seed 0] \
         [--task-file tasks.jsonl --n-tasks 500]
 
 A cluster: nothing to do by hand; the ingest stage calls ``build_demo_corpus``
@@ -27,12 +27,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from data_engine.corpus_noise import (JUNK_KINDS, MALFORMED_KINDS, NEAR_DUP_MIN_WORDS, junk_text,
+from data_engine.generators.corpus_noise import (JUNK_KINDS, MALFORMED_KINDS, NEAR_DUP_MIN_WORDS, junk_text,
                                       malformed_line, near_duplicate)
-from data_engine.domain_text import synthetic_documents
-from data_engine.offline_text import COMMON_LICENSES, license_documents, stdlib_documents
+from data_engine.generators.domain_text import synthetic_documents
+from data_engine.generators.offline_text import COMMON_LICENSES, license_documents, stdlib_documents
 from data_engine.schema import DOMAINS
-from data_engine.tasks import generate_tasks
+from data_engine.generators.tasks import generate_tasks
 
 # Shares of n_docs. Real text first; synthetic text also fills any shortfall of it.
 DEFAULT_MIX = {
@@ -265,7 +265,7 @@ def write_task_file(path, n: int, seed: int, families=None, difficulties=None) -
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_engine.demo_corpus",
+    parser = argparse.ArgumentParser(prog="python -m data_engine.generators.demo_corpus",
                                      description=__doc__.split("\n")[0])
     parser.add_argument("out_dir")
     parser.add_argument("--n-docs", type=int, default=3000)

@@ -10,7 +10,7 @@ import itertools
 import random
 from fractions import Fraction
 
-from data_engine.task_families import Draft, fmt_list, fmt_num, level
+from data_engine.generators.task_families import Draft, fmt_list, fmt_num, level
 
 NAMES = ("Ava", "Ben", "Chen", "Dara", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jade",
          "Kofi", "Lena", "Mia", "Noah", "Omar", "Priya", "Rosa", "Sam", "Tariq", "Yuki")

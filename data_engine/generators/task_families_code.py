@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import random
 
-from data_engine.task_families import Draft
-from data_engine.task_families_applied import WORDS
+from data_engine.generators.task_families import Draft
+from data_engine.generators.task_families_applied import WORDS
 
 _EVAL_PROMPT = "What does this Python expression evaluate to?\n\n```python\n{code}\n```"
 _TRACE_PROMPT = "What does this Python program print?\n\n```python\n{code}\n```"

@@ -8,11 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from data_engine import demo_corpus, offline_text
-from data_engine.corpus_noise import JUNK_KINDS, MALFORMED_KINDS
-from data_engine.demo_corpus import build_demo_corpus, main, write_task_file
+from data_engine.generators import demo_corpus, offline_text
+from data_engine.generators.corpus_noise import JUNK_KINDS, MALFORMED_KINDS
+from data_engine.generators.demo_corpus import build_demo_corpus, main, write_task_file
 from data_engine.schema import DOMAINS
-from data_engine.tasks import check_answer, format_ok, generate_tasks, load_tasks
+from data_engine.generators.tasks import check_answer, format_ok, generate_tasks, load_tasks
 
 N_DOCS, SEED = 600, 3
 

@@ -12,7 +12,7 @@ from fractions import Fraction
 import pytest
 
 from data_engine.schema import DIFFICULTIES
-from data_engine.tasks import (FAMILIES, REJECT_KINDS, Task, check_answer, extract_answer, format_ok,
+from data_engine.generators.tasks import (FAMILIES, REJECT_KINDS, Task, check_answer, extract_answer, format_ok,
                                generate_tasks, make_preference_pair, same_answer, wrong_answer)
 
 ALL = [(f, d) for f in FAMILIES for d in DIFFICULTIES]
