@@ -19,9 +19,26 @@ checkpoint, falls back past a damaged one and converts to a universal checkpoint
 number of workers changed (training/loop.py). A worker function that raises NonFiniteLoss
 ends the run without a restart (a restart would replay the same non-finite steps).
 
+Lost nodes. A gang whose node died restarts on the nodes left when they still hold it (Ray
+Train, within ``max_failures``). When they no longer do, Ray Train would wait for ever for a
+placement; instead, its controller gives up once a restarting gang could not be placed within
+Ray's worker-group start timeout (``RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S``, 60 s by default:
+how long a lost node has to come back), and this driver looks at the alive nodes again: a
+gang they still hold (only busy) is launched again at the same size; an elastic gang
+(``gang.min_workers``) is launched again on as many workers as they hold, not fewer than
+min_workers, and resumes from its last checkpoint through a universal one (each such shrink
+counts as one of ``max_failures``); otherwise the stage fails with ``GangLostNodes``, which
+says min_workers does not allow it. This fallback lives in our driver, not in Ray Train
+2.60's own elasticity (``ScalingConfig(num_workers=(min, max))``, which TorchTrainer takes):
+that one starts a gang on fewer workers whenever the cluster is merely busy and grows it
+later (a restart mid-stage), waits without end below min_workers instead of failing, and
+counts a node's capacity without regard to STRICT_SPREAD; ours launches the full gang
+whenever the nodes can hold it and shrinks only when they cannot.
+
 Fault injection (tests): ``fault="pretrain:worker1:step7"`` makes the worker of rank 1 of the
 gang named ``pretrain`` exit once 7 steps are done, once per stage run (a marker file keeps
 the restarted gang from dying again at the same step); ``...=hang`` makes it hang there instead.
+The marker names the node the worker ran on, so a test can kill that node.
 """
 from __future__ import annotations
 
@@ -34,12 +51,14 @@ from pathlib import Path
 from typing import Callable
 
 import ray
-from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig,
-                       ScalingConfig)
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, ControllerError, FailureConfig,
+                       RunConfig, ScalingConfig)
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, WorkerGroupStartupTimeoutError
 from ray.util.queue import Empty, Queue
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from cluster.gang import GangConfig, check_fits
+from cluster.gang import GangConfig, alive_nodes, autoscaler_max_nodes, launch_size, workers_that_fit
 from training.config import PretrainConfig
 from training.loop import Hooks, NonFiniteLoss
 from training.pretrain import Paths
@@ -64,7 +83,8 @@ def fault_hook(fault: str | None, rank: int, marker_dir: Path, name: str | None 
         if step != at or marker.exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text("fired\n")  # a restarted gang passes this step
+        # a restarted gang passes this step
+        marker.write_text(f"fired on node {ray.get_runtime_context().get_node_id()}\n")
         sys.stdout.flush()
         sys.stderr.flush()
         while mode == "hang":
@@ -86,6 +106,7 @@ def _gang_worker(config: dict) -> None:
     hooks = Hooks(on_metrics=lambda metrics, step: events.actor.put_nowait.remote(("metrics", metrics)),
                   on_checkpoint=_report_checkpoint,
                   on_step=fault_hook(config["fault"], rank, Path(config["marker_dir"]), config["name"]))
+    events.actor.put_nowait.remote(("node", (rank, ray.get_runtime_context().get_node_id())))
     start = ray.train.get_checkpoint()
     if rank == 0 and start is not None:
         print(f"[{config['name']}] Ray's latest registered checkpoint: {start.path}", flush=True)
@@ -115,37 +136,108 @@ def _exit_without_teardown() -> None:
 # ----------------------------------------------------------------------------- the driver side
 
 
+class GangLostNodes(RuntimeError):
+    """The gang lost nodes for good and may not resume on the workers the nodes left hold."""
+
+
 def run_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig, *, checkpoints: Path,
              work: Path, on_metrics: Callable[[dict], None] = lambda m: None, fault: str | None = None,
              name: str = "train", key: str | None = None) -> dict:
-    """Run fn(payload, hooks) on every worker of a gang; blocks until done, returns rank 0's summary.
+    """Run fn(payload, hooks) on every worker of a gang; blocks until done, returns rank 0's summary
+    with ``gang_workers`` and ``gang_nodes`` (how many workers, on how many nodes, finished it).
 
     checkpoints is the stage's checkpoint folder (Ray Train's experiment folder); work holds the
-    fault markers. Raises NonFiniteLoss when the run aborted on non-finite losses, and Ray's
-    TrainingFailedError when the gang failed more than gang.max_failures times.
+    fault markers. Raises NonFiniteLoss when the run aborted on non-finite losses, Ray's
+    TrainingFailedError when the gang failed more than gang.max_failures times, and GangLostNodes
+    when the nodes left after a loss cannot hold gang.min_workers (module docstring).
     """
-    check_fits(gang, key or f"{name}.gang")
-    events = Queue(actor_options={"num_cpus": 0})
-    config = {"fn": fn, "payload": payload, "fault": fault, "events": events, "name": name,
-              "marker_dir": str(work)}
-    trainer = TorchTrainer(
-        _gang_worker, train_loop_config=config,
-        scaling_config=ScalingConfig(num_workers=gang.num_workers, use_gpu=gang.use_gpu,
-                                     resources_per_worker=gang.worker_resources(),
-                                     placement_strategy=gang.placement_strategy),
-        torch_config=TorchConfig(backend=gang.torch_backend()),
-        run_config=RunConfig(name=Path(checkpoints).name, storage_path=str(Path(checkpoints).parent),
-                             failure_config=FailureConfig(max_failures=gang.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None)))
-    try:
-        outcome = _fit_while_draining(trainer, events, on_metrics)
-    finally:
-        ray.kill(events.actor)
+    key = key or f"{name}.gang"
+    workers, shrinks = launch_size(gang, key), 0
+    if workers < gang.num_workers:
+        print(f"[{name}] the cluster's nodes hold {workers} of the gang's {gang.num_workers} workers; "
+              f"{key}.min_workers={gang.min_workers} lets it start on {workers}", flush=True)
+    while True:
+        try:
+            outcome = _fit_gang(fn, payload, gang, workers, gang.max_failures - shrinks,
+                                checkpoints=checkpoints, work=work, on_metrics=on_metrics, fault=fault, name=name)
+            break
+        except ControllerError as err:
+            if not isinstance(err.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
+                raise
+            workers, shrinks = _after_failed_placement(gang, key, name, workers, shrinks, err)
     if "abort" in outcome:
         raise NonFiniteLoss(outcome["abort"])
     if "summary" not in outcome:
         raise RuntimeError(f"the {name} gang finished without a summary from rank 0")
-    return outcome["summary"]
+    nodes = outcome.get("nodes", {})
+    return {**outcome["summary"], "gang_workers": workers, "gang_nodes": len(set(nodes.values()))}
+
+
+def _after_failed_placement(gang: GangConfig, key: str, name: str, workers: int, shrinks: int,
+                            err: ControllerError) -> tuple[int, int]:
+    """Ray could not place the gang of ``workers`` in time: the size to launch it again at, and
+    the shrinks so far; GangLostNodes when it may not shrink to what the nodes left hold."""
+    held = _still_held(gang, workers)
+    if held >= workers:
+        print(f"[{name}] the gang of {workers} could not be placed in time; the cluster's nodes still "
+              "hold it (busy, not lost), so it is launched again", flush=True)
+        return workers, shrinks
+    if held < gang.fewest_workers() or shrinks >= gang.max_failures:
+        raise GangLostNodes(_lost_nodes_message(gang, key, name, workers, held, shrinks)) from err
+    print(f"[{name}] nodes lost: the cluster's nodes now hold {held} of the gang's {workers} workers; "
+          f"{key}.min_workers={gang.min_workers} allows it, so it resumes on {held} from its last "
+          "checkpoint", flush=True)
+    return held, shrinks + 1
+
+
+def _still_held(gang: GangConfig, workers: int) -> int:
+    """How many of the gang's ``workers`` the cluster can still hold: the alive nodes' count, or all
+    of them where it may grow (check_fit off, or an autoscaler that can add the nodes: it replaces
+    a lost node, so the gang waits for it rather than shrinking)."""
+    if not gang.check_fit:
+        return workers
+    same = gang.model_copy(update={"num_workers": workers})
+    held = workers_that_fit(same, alive_nodes())
+    largest = autoscaler_max_nodes(cap=workers + 1) if held < workers else None
+    return workers if largest is not None and workers_that_fit(same, largest) >= workers else held
+
+
+def _lost_nodes_message(gang: GangConfig, key: str, name: str, workers: int, held: int, shrinks: int) -> str:
+    lost = (f"the {name} gang lost nodes: the cluster's alive nodes hold {held} of its {workers} workers "
+            f"({gang.worker_resources()} each, {gang.placement_strategy})")
+    if gang.min_workers is None:
+        return (f"{lost}, and {key}.min_workers is not set, so the gang may not resume on fewer workers; set "
+                f"{key}.min_workers to let it resume from its last checkpoint on fewer, or bring the nodes back "
+                "and run the stage again")
+    if held < gang.min_workers:
+        return (f"{lost}, fewer than {key}.min_workers={gang.min_workers} allows; lower {key}.min_workers or "
+                "bring the nodes back and run the stage again")
+    return f"{lost}; it has shrunk {shrinks} time(s) already, its {key}.max_failures={gang.max_failures}"
+
+
+def _fit_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig, workers: int, max_failures: int,
+              *, checkpoints: Path, work: Path, on_metrics: Callable[[dict], None], fault: str | None,
+              name: str) -> dict:
+    """One TorchTrainer of ``workers`` workers to its end; the outcome of _fit_while_draining."""
+    # on the driver's node, like Ray Train's controller: a worker node may die under the gang
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
+    config = {"fn": fn, "payload": payload, "fault": fault, "events": events, "name": name,
+              "marker_dir": str(work)}
+    trainer = TorchTrainer(
+        _gang_worker, train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gang.use_gpu,
+                                     resources_per_worker=gang.worker_resources(),
+                                     placement_strategy=gang.placement_strategy),
+        torch_config=TorchConfig(backend=gang.torch_backend()),
+        run_config=RunConfig(name=Path(checkpoints).name, storage_path=str(Path(checkpoints).parent),
+                             # a gang Ray cannot place within its start timeout comes back here
+                             failure_config=FailureConfig(max_failures=max_failures, controller_failure_limit=0),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None)))
+    try:
+        return _fit_while_draining(trainer, events, on_metrics)
+    finally:
+        ray.kill(events.actor)
 
 
 def run_pretrain(cfg: PretrainConfig, gang: GangConfig, paths: Paths, *, seed: int,
@@ -181,6 +273,8 @@ def _fit_while_draining(trainer: TorchTrainer, events: Queue, on_metrics: Callab
             continue
         if kind == "metrics":
             on_metrics(value)
+        elif kind == "node":  # where each rank runs; a restarted gang's ranks overwrite theirs
+            outcome.setdefault("nodes", {})[value[0]] = value[1]
         else:
             outcome[kind] = value
     thread.join()
