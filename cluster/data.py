@@ -34,6 +34,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from cluster import storage
+
 
 def configure(shuffle: str = "sort", progress_bars: bool = False) -> None:
     """Ray Data settings for this process (each stage task builds its own datasets).
@@ -130,7 +132,16 @@ class _ShardWorker:
         stats = {"index": item["index"], "kept": result.kept.num_rows,
                  "rejected": result.rejected.num_rows, "counters": result.counters, "item": item}
         _write_text_atomic(json.dumps(stats), self.out / "done" / f"{name}.json")
+        push_shard(self.out, name)
         return {"result": json.dumps(stats)}
+
+
+def push_shard(out_dir: Path, name: str) -> None:
+    """A run on object storage: the finished shard goes up at once, its marker last (the commit
+    record; cluster/storage.py), so a killed driver loses only the shards in flight."""
+    for path in (out_dir / "data" / f"{name}.parquet", out_dir / "rejected" / f"{name}.parquet",
+                 out_dir / "done" / f"{name}.json"):
+        storage.push(path)
 
 
 def _shard_task(row: dict, **worker_kwargs) -> dict:
@@ -201,6 +212,7 @@ def _current_shards(out_dir: Path, items: list[dict]) -> dict[int, dict]:
     done = finished_shards(out_dir)
     for index, stats in list(done.items()):
         if wanted.get(index) != stats.get("item"):
+            storage.discard(out_dir / "done" / f"{shard_name(index)}.json")  # the record goes first
             for kind in ("data", "rejected"):
                 (out_dir / kind / f"{shard_name(index)}.parquet").unlink(missing_ok=True)
             (out_dir / "done" / f"{shard_name(index)}.json").unlink()

@@ -58,7 +58,9 @@ from ray.train.v2._internal.exceptions import WorkerGroupStartupFailedError, Wor
 from ray.util.queue import Empty, Queue
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from cluster import storage
 from cluster.gang import GangConfig, alive_nodes, autoscaler_max_nodes, launch_size, workers_that_fit
+from training.checkpoint import TRAINER
 from training.config import PretrainConfig
 from training.loop import Hooks, NonFiniteLoss
 from training.pretrain import Paths
@@ -94,6 +96,9 @@ def fault_hook(fault: str | None, rank: int, marker_dir: Path, name: str | None 
 
 
 def _report_checkpoint(path: Path, metrics: dict) -> None:
+    if ray.train.get_context().get_world_rank() == 0:
+        # a run on object storage: the checkpoint goes up, trainer.json (its commit record) last
+        storage.push_committed(path, TRAINER)
     plain = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     ray.train.report(plain, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)

@@ -52,6 +52,7 @@ def run(config: str = typer.Argument(..., help="a YAML recipe, e.g. recipes/demo
     Shows one progress line per running stage; Ray's, DeepSpeed's and the stages' own logs go
     to <run>/logs/ (--verbose shows them instead)."""
     from pipelines.runner import StageFailed, resolve_runs_dir
+    from pipelines.store import RunStore
     log_path, run_root = None, None
     try:
         cfg = load_config(config, set_ or [])
@@ -59,8 +60,8 @@ def run(config: str = typer.Argument(..., help="a YAML recipe, e.g. recipes/demo
             cfg = cfg.model_copy(update={"ray": cfg.ray.model_copy(update={"address": address})})
         cfg = resolve_runs_dir(cfg, runs_dir)
         rid = run_id or cfg.name
-        run_root = Path(cfg.runs_dir) / rid
-        console.print(f"run [bold]{rid}[/] in {run_root}")
+        run_root = RunStore(cfg.runs_dir, rid, cfg.cache_dir).root  # on object storage: the run's local mirror
+        console.print(f"run [bold]{rid}[/] in {_where(cfg.runs_dir, run_root)}")
         if not verbose:
             log_path = run_root / "logs" / time.strftime("run-%Y%m%d-%H%M%S.log")
             console.print(f"logs  {log_path}", style="dim")
@@ -78,16 +79,26 @@ def run(config: str = typer.Argument(..., help="a YAML recipe, e.g. recipes/demo
         raise typer.Exit(1)
     finally:
         if run_root is not None:
-            _final_report(run_root)
+            _final_report(run_root, cfg.runs_dir, log_path)
 
 
-def _final_report(run_root: Path) -> None:
-    """Every run ends by writing its report; a report that cannot be written never fails the run."""
+def _where(runs_dir: str, run_root: Path) -> str:
+    """A run's place for humans: its folder, or its URI and local mirror on object storage."""
+    from cluster.storage import is_uri
+    return f"{runs_dir}/{run_root.name} (local mirror {run_root})" if is_uri(runs_dir) else str(run_root)
+
+
+def _final_report(run_root: Path, runs_dir: str, log_path: Optional[Path] = None) -> None:
+    """Every run ends by writing its report; a report that cannot be written never fails the run.
+    A run on object storage gets its report and this invocation's log uploaded beside it."""
+    from cluster.storage import is_uri, push
     from pipelines.report import write_report
     if not (run_root / "pipeline.json").is_file():
         return  # stopped before anything ran
     try:
-        path = write_report(run_root.parent, run_root.name)
+        path = write_report(runs_dir if is_uri(runs_dir) else run_root.parent, run_root.name)
+        if log_path is not None and log_path.is_file():
+            push(log_path)
     except Exception as err:  # noqa: BLE001 - the run's own outcome is what the exit code says
         err_console.print(f"[yellow]warning:[/] the report could not be written: {type(err).__name__}: {err}")
         return

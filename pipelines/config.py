@@ -174,7 +174,10 @@ class PairsSection(PairsConfig):
 class PipelineConfig(Strict):
     name: str = Field("r1pipe", description="the default run id")
     seed: int = Field(0, description="global seed; part of every stage's fingerprint")
-    runs_dir: str = Field("runs", description="where runs live; --runs-dir overrides")
+    runs_dir: str = Field("runs", description="where runs live: a folder, or object storage such as "
+                          "s3://bucket/runs (credentials from the environment); --runs-dir overrides")
+    cache_dir: str | None = Field(None, description="runs on object storage: the node-local mirror stages "
+                                  "work in (default $R1PIPE_CACHE_DIR, else ~/.cache/r1pipe/runs)")
     stages: list[str] = Field(default_factory=lambda: ["ingest"], description="the stages to run, in order")
     wandb: WandbConfig = WandbConfig()
     ray: RayConfig = RayConfig()

@@ -301,6 +301,9 @@ def write_report(runs_dir: str | Path, run_id: str | None = None, out: str | Pat
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(build_html(run), encoding="utf-8")
     tmp.replace(path)
+    if run.remote and not out:  # object storage: the report goes beside the run
+        from cluster.storage import join, upload
+        upload(path, join(run.remote, "report.html"))
     return path
 
 

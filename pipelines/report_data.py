@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from pipelines.lineage import find_lineage
-from pipelines.store import RunStore, open_run, read_json
+from pipelines.store import RunStore, open_run, read_json, write_json_atomic
 
 # train_log keys that are bookkeeping, not curves
 _NOT_CURVES = {"step", "time", "cpu_time", "tokens", "phase", "skipped", "nonfinite_total", "iteration"}
@@ -48,12 +48,17 @@ class RunData:
     pipeline: dict
     stages: list[StageData]
     events: list[dict]
+    remote: str | None = None   # the run's URI when it lives on object storage
 
 
 def load_run(runs_dir: str | Path, run_id: str | None = None) -> RunData:
     store, pipeline = open_run(runs_dir, run_id)
+    if store.remote:  # object storage: what the report reads, into the local mirror
+        write_json_atomic(store.root / "pipeline.json", pipeline)
+        for name in pipeline["stages"]:
+            store.stage(name).fetch(only=("train_log.jsonl", "model/lineage.json"))
     stages = [_load_stage(store.stage(name).root, name) for name in pipeline["stages"]]
-    return RunData(store.run_id, store.root, pipeline, stages, store.events())
+    return RunData(store.run_id, store.root, pipeline, stages, store.events(), store.remote)
 
 
 def _load_stage(root: Path, name: str) -> StageData:

@@ -103,8 +103,9 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
                  echo: Callable[[str], None] = print, fault: str | None = None,
                  watch: Watcher | None = None) -> list[StageResult]:
     selected = select(cfg, stages, from_stage)
+    cfg = pin_cache_dir(cfg)
     check_gangs(cfg, selected, echo)
-    store = RunStore(cfg.runs_dir, run_id)
+    store = RunStore(cfg.runs_dir, run_id, cfg.cache_dir)
     code = code_version()
     store.write_pipeline(cfg.model_dump(mode="json"), cfg.stages)
     fps: dict[str, str] = {}
@@ -124,6 +125,15 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
             continue
         results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault, watch))
     return results
+
+
+def pin_cache_dir(cfg: PipelineConfig) -> PipelineConfig:
+    """A run on object storage: the driver fixes the local mirror's folder, so the stage tasks
+    (whose environment may differ) work in the same one."""
+    from cluster.storage import cache_root, is_uri
+    if not is_uri(cfg.runs_dir) or cfg.cache_dir:
+        return cfg
+    return cfg.model_copy(update={"cache_dir": str(cache_root())})
 
 
 def check_gangs(cfg: PipelineConfig, selected: list[str], echo: Callable[[str], None]) -> None:
@@ -239,9 +249,11 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     from cluster.data import configure, maybe_fault
     from pipelines.tracking import make_sink
     configure(shuffle=cfg.ray.shuffle)
-    store = RunStore(cfg.runs_dir, run_id)
+    store = RunStore(cfg.runs_dir, run_id, cfg.cache_dir)
     stage_dir = store.stage(name)
     stage = STAGES[name]
+    for dep in stage.deps(cfg.stages):  # object storage: the inputs into this node's mirror
+        store.stage(dep).fetch()
     sink = make_sink(cfg.wandb, store.root, run_id, name, stage_config(cfg, name))
     ctx = StageContext(name=name, run_id=run_id, config=cfg, section=cfg.section(name),
                        root=stage_dir.root, out=stage_dir.staging, work=stage_dir.work,
@@ -255,6 +267,7 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
         maybe_fault(f"{name}:after_run", fault)
     except BaseException:
         sink.finish(exit_code=1)
+        sync_wandb(cfg, store)
         raise
     sink.log(metrics)
     log_report_figures(sink, name, metrics, stage_dir.staging / "train_log.jsonl")
@@ -263,7 +276,16 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
         dep: f"{run_id}/{dep} {(store.stage(dep).manifest() or {}).get('fingerprint', '')[:12]}"
         for dep in ctx.inputs}})
     sink.finish()
+    sync_wandb(cfg, store)
     return metrics
+
+
+def sync_wandb(cfg: PipelineConfig, store: RunStore) -> None:
+    """Object storage: the run's W&B offline folder (<run>/wandb) goes up after each stage, so
+    `wandb sync` works from any machine that downloads it."""
+    if store.remote and not cfg.wandb.dir:
+        from cluster.storage import join, sync_up
+        sync_up(store.root / "wandb", join(store.remote, "wandb"))
 
 
 def log_report_figures(sink, name: str, metrics: dict, train_log: Path) -> None:
@@ -298,4 +320,7 @@ def _headline(metrics: dict) -> str:
 
 
 def resolve_runs_dir(cfg: PipelineConfig, runs_dir: str | None) -> PipelineConfig:
-    return cfg.model_copy(update={"runs_dir": str(Path(runs_dir or cfg.runs_dir).resolve())})
+    """An absolute runs_dir (a URI such as s3://bucket/runs stays as it is)."""
+    from cluster.storage import is_uri
+    chosen = runs_dir or cfg.runs_dir
+    return cfg.model_copy(update={"runs_dir": chosen.rstrip("/") if is_uri(chosen) else str(Path(chosen).resolve())})

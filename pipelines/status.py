@@ -30,7 +30,7 @@ def collect(runs_dir: str, run_id: str | None) -> dict:
             "fingerprint": m.get("fingerprint"), "error": (m.get("error") or "").split("\n")[0] or None,
             "metrics": m.get("metrics", {}),
         })
-    return {"run_id": store.run_id, "root": str(store.root.resolve()),
+    return {"run_id": store.run_id, "root": store.remote or str(store.root.resolve()),
             "code_version": pipeline.get("code_version"), "stages": stages}
 
 

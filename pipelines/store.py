@@ -12,6 +12,13 @@ Layout of a stage folder:
                     the done manifest is written; a run that is not a resume starts without it
     checkpoints/    training stages: kept across crashes for resume
     <outputs>       data/, rejected/, model/, ... once published
+
+On object storage (``runs_dir: s3://bucket/runs``) the stages work in a local mirror of the run
+(cluster/storage.py) and the store keeps the remote copy the source of truth: it reads
+manifests from there, uploads a stage's outputs at publish and its ``done`` manifest after them
+(the commit record: there is no rename), and on begin fills the mirror with the partial work
+and checkpoints that made it there (finished shards and checkpoints are uploaded as they
+complete, so a killed driver loses only what was in flight).
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster import storage
 from training.hashing import sha256_file
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -76,6 +84,7 @@ def fingerprint(stage: str, config: Any, inputs: dict[str, str], code: str) -> s
 class StageDir:
     root: Path
     name: str
+    remote: str | None = None   # the stage's URI when the run lives on object storage
 
     @property
     def manifest_path(self) -> Path:
@@ -90,7 +99,14 @@ class StageDir:
         return self.root / ".work"
 
     def manifest(self) -> dict | None:
+        if self.remote:
+            return _read_remote_json(storage.join(self.remote, "manifest.json"))
         return read_json(self.manifest_path)
+
+    def _write_manifest(self, manifest: dict) -> None:
+        write_json_atomic(self.manifest_path, manifest)
+        if self.remote:
+            storage.upload(self.manifest_path, storage.join(self.remote, "manifest.json"))
 
     def is_done(self, fp: str | None = None) -> bool:
         m = self.manifest()
@@ -107,12 +123,27 @@ class StageDir:
         resumed = bool(old) and old.get("fingerprint") == fp and old.get("status") != DONE
         if not resumed:  # a forced rerun starts clean, even after a crash while .work was dropped
             shutil.rmtree(self.work, ignore_errors=True)
+        if self.remote:
+            self._mirror_kept(resumed)
         manifest = {"stage": self.name, "status": RUNNING, "fingerprint": fp, "inputs": inputs,
                     "config": config, "outputs": [], "metrics": {}, "started": time.time(),
                     "finished": None, "error": None, "resumed": resumed,
                     "attempts": (old or {}).get("attempts", 0) + 1 if resumed else 1}
-        write_json_atomic(self.manifest_path, manifest)
+        self._write_manifest(manifest)
         return manifest
+
+    def _mirror_kept(self, resumed: bool) -> None:
+        """Object storage: the local mirror's partial work and checkpoints become exactly what
+        was committed remotely (finished shards with their markers; checkpoints whose
+        trainer.json made it), whatever an earlier driver on this node left locally."""
+        for kept in (".work", "checkpoints"):
+            shutil.rmtree(self.root / kept, ignore_errors=True)
+        if resumed:
+            storage.download(storage.join(self.remote, ".work"), self.work)
+        else:
+            storage.delete(storage.join(self.remote, ".work"))
+        storage.download_committed(storage.join(self.remote, "checkpoints"), self.root / "checkpoints",
+                                   "trainer.json")
 
     def publish(self, manifest: dict, metrics: dict) -> dict:
         """Move staged outputs into place, write the done manifest, then drop .work.
@@ -126,18 +157,45 @@ class StageDir:
             os.replace(child, target)
         manifest = dict(manifest, status=DONE, metrics=metrics, finished=time.time(),
                         outputs=self.list_outputs())
-        write_json_atomic(self.manifest_path, manifest)
+        if self.remote:
+            self._upload_outputs(manifest["outputs"])
+        self._write_manifest(manifest)
         shutil.rmtree(self.staging, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
+        if self.remote:
+            storage.delete(storage.join(self.remote, ".work"))
         return manifest
 
+    def _upload_outputs(self, outputs: list[dict]) -> None:
+        """Object storage: remote outputs of an earlier execution go, then this one's go up;
+        the caller writes the done manifest after them."""
+        tops = {rel.split("/", 1)[0] for rel in storage.list_files(self.remote)}
+        for top in sorted(tops):
+            if top not in _KEEP_ACROSS_RUNS and not top.startswith("."):
+                storage.delete(storage.join(self.remote, top))
+        for out in outputs:
+            storage.upload(self.root / out["path"], storage.join(self.remote, out["path"]))
+
     def fail(self, manifest: dict, error: str) -> None:
-        write_json_atomic(self.manifest_path, dict(manifest, status=FAILED, error=error,
-                                                   finished=time.time()))
+        self._write_manifest(dict(manifest, status=FAILED, error=error, finished=time.time()))
 
     def clear(self) -> None:
         if self.root.exists():
             shutil.rmtree(self.root)
+        if self.remote:
+            storage.delete(self.remote)
+
+    def fetch(self, only: tuple[str, ...] | None = None) -> None:
+        """Object storage: bring a stage's outputs (or those named in ``only``) and its manifest
+        into the local mirror, for a stage or a report that reads them; a file already there
+        with its recorded size is kept."""
+        manifest = self.manifest() if self.remote else None
+        if not manifest:
+            return
+        stale = [o["path"] for o in manifest.get("outputs", []) if only is None or o["path"] in only
+                 if not (self.root / o["path"]).is_file() or (self.root / o["path"]).stat().st_size != o["bytes"]]
+        storage.download(self.remote, self.root, stale)
+        write_json_atomic(self.manifest_path, manifest)
 
     def list_outputs(self) -> list[dict]:
         out = []
@@ -149,6 +207,10 @@ class StageDir:
 
     def verify(self) -> list[str]:
         """Outputs of a done manifest that are missing or changed on disk."""
+        if self.remote:
+            have = {rel: info.size for rel, info in storage.list_files(self.remote).items()}
+            return [o["path"] for o in (self.manifest() or {}).get("outputs", [])
+                    if have.get(o["path"]) != o["bytes"]]
         bad = []
         for o in (self.manifest() or {}).get("outputs", []):
             p = self.root / o["path"]
@@ -158,21 +220,34 @@ class StageDir:
 
 
 class RunStore:
-    def __init__(self, runs_dir: str | Path, run_id: str):
+    """``runs_dir`` is a folder, or a URI (``s3://bucket/runs``): then ``root`` is the run's local
+    mirror on this node (under ``cache_dir``; cluster/storage.py) and ``remote`` the run's URI."""
+
+    def __init__(self, runs_dir: str | Path, run_id: str, cache_dir: str | Path | None = None):
         if not run_id or "/" in run_id or run_id.startswith("."):
             raise ValueError(f"run id {run_id!r}: must be a plain folder name")
         self.run_id = run_id
-        self.root = Path(runs_dir) / run_id
+        self.remote: str | None = None
+        if storage.is_uri(runs_dir):
+            storage.check_reachable(str(runs_dir))
+            self.remote = storage.join(str(runs_dir), run_id)
+            self.root = storage.mirror(self.remote, cache_dir)
+        else:
+            self.root = Path(runs_dir) / run_id
 
     def stage(self, name: str) -> StageDir:
-        return StageDir(self.root / name, name)
+        return StageDir(self.root / name, name, self.remote and storage.join(self.remote, name))
 
     def write_pipeline(self, config: dict, stage_order: list[str]) -> None:
         write_json_atomic(self.root / "pipeline.json", {
             "run_id": self.run_id, "config": config, "code_version": code_version(),
             "stages": stage_order, "written": time.time()})
+        if self.remote:
+            storage.upload(self.root / "pipeline.json", storage.join(self.remote, "pipeline.json"))
 
     def pipeline(self) -> dict | None:
+        if self.remote:
+            return _read_remote_json(storage.join(self.remote, "pipeline.json"))
         return read_json(self.root / "pipeline.json")
 
     def event(self, stage: str, action: str, **fields: Any) -> None:
@@ -181,16 +256,26 @@ class RunStore:
         self.root.mkdir(parents=True, exist_ok=True)
         line = json.dumps({"time": time.time(), "stage": stage, "action": action, **fields},
                           sort_keys=True, default=str)
+        if self.remote:  # no appends on object storage: the driver rewrites the whole (small) file
+            uri = storage.join(self.remote, "events.jsonl")
+            text = (storage.read_bytes(uri) or b"").decode() + line + "\n"
+            storage.write_bytes(uri, text.encode())
+            (self.root / "events.jsonl").write_text(text, encoding="utf-8")
+            return
         with open(self.root / "events.jsonl", "a", encoding="utf-8") as f:
             f.write(line + "\n")
 
     def events(self) -> list[dict]:
         """The events so far; a line cut short by a crash mid-write is left out."""
-        path = self.root / "events.jsonl"
-        if not path.is_file():
-            return []
+        if self.remote:
+            text = (storage.read_bytes(storage.join(self.remote, "events.jsonl")) or b"").decode()
+        else:
+            path = self.root / "events.jsonl"
+            if not path.is_file():
+                return []
+            text = path.read_text(encoding="utf-8")
         out = []
-        for line in path.read_text(encoding="utf-8").splitlines():
+        for line in text.splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -198,19 +283,36 @@ class RunStore:
         return out
 
 
+def _read_remote_json(uri: str) -> dict | None:
+    data = storage.read_bytes(uri)
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{uri}: corrupt JSON: {err}") from err
+
+
 def open_run(runs_dir: str | Path, run_id: str | None) -> tuple[RunStore, dict]:
     """(the run's store, its pipeline.json) for a run id, or the newest run; a ValueError naming
     the folder when there is none."""
+    where = str(runs_dir) if storage.is_uri(runs_dir) else Path(runs_dir).resolve()
     run_id = run_id or latest_run(runs_dir)
     if run_id is None:
-        raise ValueError(f"no runs in {Path(runs_dir).resolve()}")
+        raise ValueError(f"no runs in {where}")
     store = RunStore(runs_dir, run_id)
     pipeline = store.pipeline()
     if pipeline is None:
-        raise ValueError(f"no run {run_id!r} in {Path(runs_dir).resolve()}")
+        raise ValueError(f"no run {run_id!r} in {where}")
     return store, pipeline
 
 
 def latest_run(runs_dir: str | Path) -> str | None:
+    if storage.is_uri(runs_dir):
+        storage.check_reachable(str(runs_dir))
+        stamps = {name: storage.mtime(storage.join(str(runs_dir), name, "pipeline.json"))
+                  for name in storage.list_dirs(str(runs_dir))}
+        stamps = {name: t for name, t in stamps.items() if t is not None}
+        return max(stamps, key=stamps.get) if stamps else None
     runs = [p for p in Path(runs_dir).glob("*/pipeline.json")]
     return max(runs, key=lambda p: p.stat().st_mtime).parent.name if runs else None

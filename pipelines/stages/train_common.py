@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from cluster import storage
 from pipelines.graph import TASKS_STAGE, StageContext
 from pipelines.progress import PROGRESS_FILE
 from pipelines.store import write_json_atomic
@@ -26,6 +27,7 @@ class TrainLog:
         self.sink.log({k: v for k, v in metrics.items() if k != "step"}, step=metrics["step"])
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        storage.push(self.path)  # object storage: the log survives a killed driver too
         write_json_atomic(self.path.parent / PROGRESS_FILE, {
             "unit": f"{self.counter}s", "done": metrics.get(self.counter, metrics["step"]), "total": self.total,
             "loss": metrics.get("loss")})
@@ -80,6 +82,7 @@ def fresh_start_clears_checkpoints(ctx: StageContext) -> None:
     stage (the runner's `resumed` is false then) trains from step 0 again."""
     if not ctx.resumed:
         shutil.rmtree(ctx.root / "checkpoints", ignore_errors=True)
+        storage.discard(ctx.root / "checkpoints")  # object storage: a later resume must not find them
         (ctx.work / "train_log.jsonl").unlink(missing_ok=True)
 
 
