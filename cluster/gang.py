@@ -21,24 +21,24 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from training.config import Strict
 
 
-class GangConfig(BaseModel):
+class GangConfig(Strict):
     """Where and how wide a training stage runs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    num_workers: int = Field(2, ge=1)  # ranks in the gang
-    use_gpu: bool = False  # one GPU per worker (gpus_per_worker)
-    cpus_per_worker: float = Field(1, gt=0)  # CPUs reserved per worker
+    num_workers: int = Field(2, ge=1, description="ranks in the gang")
+    use_gpu: bool = Field(False, description="one GPU per worker (gpus_per_worker)")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker")
     gpus_per_worker: float = Field(1, gt=0, description="used only with use_gpu")
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="custom resources")
-    #: Ray placement group strategy of the gang
-    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field("PACK", description=(
+        "Ray placement group strategy of the gang"))
     max_failures: int = Field(2, ge=0, description="gang restarts from the last checkpoint")
-    #: torch.distributed backend; auto: nccl on GPU, else gloo
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description=(
+        "torch.distributed backend; auto: nccl on GPU, else gloo"))
     check_fit: bool = Field(True, description="false on autoscaling clusters that grow on demand")
     min_workers: int | None = Field(None, ge=1, description=(
         "fewest workers the stage may run on: it launches on as many as the cluster's nodes hold, up to "

@@ -67,22 +67,24 @@ _DIGIT_RE = re.compile(r"\d")
 
 
 class DifficultyConfig(Strict):
-    order: int = Field(3, ge=2, le=6)  # KenLM is built with KENLM_MAX_ORDER=6
-    #: the KenLM training subset (module docstring)
-    reference: Literal["top_domain_score", "fraction", "sources"] = "top_domain_score"
-    #: share of rows in the reference (top_domain_score, fraction)
-    reference_fraction: float = Field(0.3, gt=0.0, le=1.0)
-    reference_sources: list[str] = Field(default_factory=list)  # reference = sources: these `source` values
-    reference_seed: int = 0  # reference = fraction: seed of the id hash
-    #: cross-fitting folds (by id hash): model k trains on the reference outside fold k, scores fold k
-    folds: int = Field(2, ge=2, le=10)  # >= 2, so no row is scored by a model that saw it
-    #: perplexity cuts: basic <= q1 < advanced <= q2 < expert
-    quantiles: list[float] = Field(default_factory=lambda: [0.3, 0.6])
-    per_domain: bool = True  # cut each domain at its own quantiles
-    min_rows_per_domain: int = Field(50, ge=1)  # fewer rows: the domain uses the global cuts
-    memory: str = "10%"  # lmplz -S: always set, or lmplz sizes buffers from total RAM
-    discount_fallback: bool = True  # small corpora lack the counts Kneser-Ney needs
-    keep_arpa: bool = False  # the binary is the artifact; the ARPA file is large
+    order: int = Field(3, ge=2, le=6, description="KenLM is built with KENLM_MAX_ORDER=6")
+    reference: Literal["top_domain_score", "fraction", "sources"] = Field("top_domain_score", description=(
+        "the KenLM training subset (module docstring)"))
+    reference_fraction: float = Field(0.3, gt=0.0, le=1.0, description=(
+        "share of rows in the reference (top_domain_score, fraction)"))
+    reference_sources: list[str] = Field(default_factory=list, description=(
+        "reference = sources: these `source` values"))
+    reference_seed: int = Field(0, description="reference = fraction: seed of the id hash")
+    folds: int = Field(2, ge=2, le=10, description=(
+        "cross-fitting folds (by id hash): model k trains on the reference outside fold k, scores fold k; "
+        "at least 2, so no row is scored by a model that saw it"))
+    quantiles: list[float] = Field(default_factory=lambda: [0.3, 0.6], description=(
+        "perplexity cuts: basic <= q1 < advanced <= q2 < expert"))
+    per_domain: bool = Field(True, description="cut each domain at its own quantiles")
+    min_rows_per_domain: int = Field(50, ge=1, description="fewer rows: the domain uses the global cuts")
+    memory: str = Field("10%", description="lmplz -S: always set, or lmplz sizes buffers from total RAM")
+    discount_fallback: bool = Field(True, description="small corpora lack the counts Kneser-Ney needs")
+    keep_arpa: bool = Field(False, description="the binary is the artifact; the ARPA file is large")
 
     @field_validator("quantiles")
     @classmethod

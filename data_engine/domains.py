@@ -86,33 +86,34 @@ class DomainsConfig(Strict):
     #   teacher 0.894, ~11 docs/s on CPU, much faster on a GPU.
     # The default is the only method that meets 0.85 with nothing chosen on
     # dev. Without the domains-teacher extra it raises: choose "student".
-    #: student (fast), teacher (embeddings, GPU if any) or cascade
-    method: Literal["student", "teacher", "cascade"] = "teacher"
+    method: Literal["student", "teacher", "cascade"] = Field("teacher", description=(
+        "student (fast), teacher (embeddings, GPU if any) or cascade"))
     # cascade: rows whose student score is below this go to the teacher.
     # Chosen on the seed by 5-fold CV, not on dev, by a rule fixed in advance:
     # the cheapest threshold within 0.01 of the best CV accuracy (0.871 at
     # 0.15, teacher on 29% of rows; the best, 0.875 at 0.20, sends 47%).
     # `python -m data_engine.domain_student --cv-folds 5` prints the table.
-    cascade_threshold: float = Field(0.15, ge=0.0, le=1.0)  # cascade: student scores below go to the teacher
-    min_score: float = Field(0.0, ge=0.0, le=1.0)  # below: domain_confident = False
-    batch_size: int = Field(256, ge=1)  # rows per model call inside one Ray batch
-    max_tokens: int = Field(1024, ge=16)  # the domain shows early; caps cost per row
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # teacher only
-    teacher_k: int = Field(15, ge=1)  # neighbours voting in the teacher
+    cascade_threshold: float = Field(0.15, ge=0.0, le=1.0, description=(
+        "cascade: student scores below go to the teacher"))
+    min_score: float = Field(0.0, ge=0.0, le=1.0, description="below: domain_confident = False")
+    batch_size: int = Field(256, ge=1, description="rows per model call inside one Ray batch")
+    max_tokens: int = Field(1024, ge=16, description="the domain shows early; caps cost per row")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="teacher only")
+    teacher_k: int = Field(15, ge=1, description="neighbours voting in the teacher")
     # student: "shipped" loads resources/domain_student.npz (seed + lexicon +
     # WordNet glosses, see domain_student.py); "seed" trains at construction
     # from the seed and lexicon alone (a few seconds, lower accuracy).
-    #: shipped: resources/domain_student.npz; seed: train now
-    student_source: Literal["shipped", "seed"] = "shipped"
-    student_path: Path | None = None  # None: the shipped npz
-    seed_path: Path | None = None  # None: the shipped resources/domain_seed.jsonl
-    lexicon_path: Path | None = None  # None: the shipped lexicon
-    use_lexicon: bool = True  # student: add the domain lexicon's features
-    hash_bits: int = Field(18, ge=10, le=24)  # student: 2**hash_bits hashed n-gram features
-    epochs: int = Field(60, ge=1)  # student training (student_source seed)
-    learning_rate: float = Field(0.5, gt=0.0)  # student training (student_source seed)
-    l2: float = Field(1e-4, ge=0.0)  # student training: L2 penalty
-    random_seed: int = 0  # student training and sampling seed
+    student_source: Literal["shipped", "seed"] = Field("shipped", description=(
+        "shipped: resources/domain_student.npz; seed: train now"))
+    student_path: Path | None = Field(None, description="None: the shipped npz")
+    seed_path: Path | None = Field(None, description="None: the shipped resources/domain_seed.jsonl")
+    lexicon_path: Path | None = Field(None, description="None: the shipped lexicon")
+    use_lexicon: bool = Field(True, description="student: add the domain lexicon's features")
+    hash_bits: int = Field(18, ge=10, le=24, description="student: 2**hash_bits hashed n-gram features")
+    epochs: int = Field(60, ge=1, description="student training (student_source seed)")
+    learning_rate: float = Field(0.5, gt=0.0, description="student training (student_source seed)")
+    l2: float = Field(1e-4, ge=0.0, description="student training: L2 penalty")
+    random_seed: int = Field(0, description="student training and sampling seed")
 
 
 # ----------------------------------------------------------------- resources

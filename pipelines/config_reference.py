@@ -1,4 +1,5 @@
-"""Print the config reference (every key, type, default and help) from the pydantic tree.
+"""Print the config reference (every key, type, default and help) from the pydantic tree:
+each key's help is its Field(description=...), a section's its class docstring.
 
     python -m pipelines.config_reference > docs/config.md
 
@@ -6,9 +7,7 @@ A test checks that docs/config.md matches, so the reference never drifts from th
 """
 from __future__ import annotations
 
-import inspect
 import json
-import re
 import types
 import typing
 
@@ -47,33 +46,14 @@ def _default(value) -> str:
     return "`" + json.dumps(value, default=str) + "`"
 
 
-def _comments(model: type[BaseModel]) -> dict[str, str]:
-    """How the config classes document keys: a trailing ``# comment`` on the field's line,
-    or a ``#: comment`` line just above it (for lines that would run long)."""
-    found: dict[str, str] = {}
-    for cls in reversed(model.__mro__):
-        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
-            continue
-        try:
-            source = inspect.getsource(cls)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s{4}(\w+)\s*:[^#\n]*#\s*(.+)$", source, re.M):
-            found[m.group(1)] = m.group(2).strip()
-        for m in re.finditer(r"^((?:\s{4}#:.*\n)+)\s{4}(\w+)\s*:", source, re.M):  # "#: help" lines above
-            found[m.group(2)] = " ".join(line.strip()[2:].strip() for line in m.group(1).splitlines())
-    return found
-
-
 def rows(model: type[BaseModel], prefix: str = "", instance: BaseModel | None = None) -> list[tuple[str, str, str, str]]:
     """(key, type, default, meaning) of every key; instance: the section's default value in its
     parent, whose nested defaults are the ones a recipe gets."""
     out = []
-    comments = _comments(model)
     for name, field in model.model_fields.items():
         key = f"{prefix}{name}"
         sub = _model_of(field.annotation)
-        doc = (field.description or comments.get(name, "")).replace("|", "\\|")
+        doc = (field.description or "").replace("|", "\\|")
         # the default a recipe gets: the parent's default instance's (dpo.engine's lr is not
         # EngineConfig's), else the field's own
         value = (getattr(instance, name) if instance is not None

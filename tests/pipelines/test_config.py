@@ -71,7 +71,7 @@ def test_input_needs_path_or_demo(tmp_path):
 def test_every_config_key_says_what_it_means():
     from pipelines.config_reference import rows
     silent = [key for key, _type, _default, meaning in rows(PipelineConfig) if not meaning.strip()]
-    assert not silent, f"keys with no help (a trailing '# ...' or a '#: ...' line above): {silent}"
+    assert not silent, f"keys with no help (give the field a Field(description=...)): {silent}"
 
 
 def test_config_reference_is_current():
