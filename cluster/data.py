@@ -130,7 +130,8 @@ class _ShardWorker:
         write_parquet_atomic(result.rejected, self.out / "rejected" / f"{name}.parquet")
         maybe_fault(f"{self.fault_prefix}:after_write:{item['index']}", self.fault)
         stats = {"index": item["index"], "kept": result.kept.num_rows,
-                 "rejected": result.rejected.num_rows, "counters": result.counters, "item": item}
+                 "rejected": result.rejected.num_rows, "counters": result.counters, "item": item,
+                 **({"lines": result.lines} if hasattr(result, "lines") else {})}  # ingest's IngestResult
         _write_text_atomic(json.dumps(stats), self.out / "done" / f"{name}.json")
         push_shard(self.out, name)
         return {"result": json.dumps(stats)}

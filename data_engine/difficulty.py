@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import unicodedata
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
 
@@ -60,6 +61,7 @@ from pydantic import Field, field_validator, model_validator
 from data_engine.schema import DIFFICULTIES, DOMAINS, Strict
 
 GLOBAL = "*"  # key of the corpus-wide cuts in quantile_cuts' result
+REFERENCE_COLUMNS = ["id", "source", "domain", "domain_score"]  # what picks the reference
 KENLM_TOOLS = ("lmplz", "build_binary")
 _MEMORY_RE = re.compile(r"^\d+(\.\d+)?[%bkmgtBKMGT]?$")
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
@@ -197,6 +199,35 @@ def fold_training_mask(batch: pa.Table, cfg: DifficultyConfig, fold: int,
     _require(batch, ("id",), "cross-fitting")
     other = row_folds(batch.column("id").to_pylist(), cfg.folds) != fold
     return reference_mask(batch, cfg, thresholds) & other
+
+
+def reference_per_fold(table: pa.Table, cfg: DifficultyConfig) -> tuple[dict | None, list[int]]:
+    """The top_domain_score thresholds (None for the other references) and the number of
+    reference rows in each fold, from the corpus's REFERENCE_COLUMNS (those it has)."""
+    thresholds = domain_score_thresholds(table, cfg) if cfg.reference == "top_domain_score" else None
+    in_reference = reference_mask(table, cfg, thresholds)
+    folds = row_folds(table.column("id").to_pylist(), cfg.folds)
+    return thresholds, np.bincount(folds[in_reference], minlength=cfg.folds).tolist()
+
+
+def check_folds(per_fold: list[int], cfg: DifficultyConfig) -> None:
+    """ValueError, naming the keys to change, when some fold model would have nothing to train on."""
+    if not sum(per_fold):
+        raise ValueError(
+            f"difficulty: the reference is empty (difficulty.reference={cfg.reference!r}); "
+            f"check difficulty.reference_sources against the rows' `source` values, or "
+            f"difficulty.reference_fraction")
+    for fold, n in enumerate(per_fold):
+        if n == sum(per_fold):
+            raise ValueError(f"difficulty: all {n} reference rows fall in fold {fold}, so its model "
+                             f"has nothing to train on; lower difficulty.folds or raise "
+                             f"difficulty.reference_fraction")
+
+
+def fold_training_texts(table: pa.Table, cfg: DifficultyConfig, fold: int,
+                        thresholds: dict | None) -> list[str]:
+    """The texts of ``table`` that train fold ``fold``'s model."""
+    return table.column("text").filter(pa.array(fold_training_mask(table, cfg, fold, thresholds))).to_pylist()
 
 
 def _require(table: pa.Table, columns: Iterable[str], why: str) -> None:
@@ -367,3 +398,38 @@ def assign_difficulty(batch: pa.Table, cuts: Mapping[str, tuple[float, ...]]) ->
     if "difficulty" in batch.column_names:
         batch = batch.drop_columns(["difficulty"])
     return batch.append_column("difficulty", pa.array(names, pa.string()))
+
+
+# --- the stage's report tables -----------------------------------------------------------
+
+def cuts_table(cuts: dict) -> dict:
+    """quantile_cuts' result as a table: the global cuts, then each domain's."""
+    names = [f"{a}/{b}" for a, b in zip(DIFFICULTIES, DIFFICULTIES[1:])]
+    rows = [[d] + [round(c, 3) for c in cuts[d]] for d in [GLOBAL] + [d for d in DOMAINS if d in cuts]]
+    return {"columns": ["domain"] + [f"cut {n}" for n in names], "rows": rows}
+
+
+def difficulty_by_domain(cells: Mapping[tuple[str, str], int]) -> dict:
+    """The difficulty x domain table from the rows per (domain, level)."""
+    cells = Counter(cells)
+    domains = [d for d in DOMAINS if any(cells[d, lvl] for lvl in DIFFICULTIES)]
+    domains += sorted({d for d, _ in cells} - set(DOMAINS))  # GLOBAL when untagged
+    rows = [[d] + [cells[d, lvl] for lvl in DIFFICULTIES] + [sum(cells[d, lvl] for lvl in DIFFICULTIES)]
+            for d in domains]
+    rows.append(["total"] + [sum(r[i + 1] for r in rows) for i in range(len(DIFFICULTIES) + 1)])
+    return {"columns": ["domain", *DIFFICULTIES, "total"], "rows": rows}
+
+
+def ppl_histogram(ppl: np.ndarray, step: float = 0.25) -> dict:
+    """Counts per bin of log10(perplexity); unscorable rows (inf) get their own bin."""
+    finite = ppl[np.isfinite(ppl)]
+    rows = []
+    if len(finite):
+        logs = np.log10(np.maximum(finite, 1.0))
+        lo, hi = math.floor(logs.min() / step) * step, math.floor(logs.max() / step) * step + step
+        edges = np.arange(lo, hi + step / 2, step)
+        counts, _ = np.histogram(logs, bins=edges)
+        rows = [[f"{a:.2f}-{b:.2f}", int(n)] for a, b, n in zip(edges, edges[1:], counts)]
+    if len(finite) < len(ppl):
+        rows.append(["inf", int(len(ppl) - len(finite))])
+    return {"columns": ["log10 ppl", "rows"], "rows": rows}

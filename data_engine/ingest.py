@@ -4,7 +4,8 @@ The work is split into *chunks* (a byte range of a JSONL file, a row-group
 range of a Parquet file, an index range of an HF dataset, a whole JSON file).
 ``plan_chunks`` makes the list on the driver; ``read_raw_rows`` (the reader,
 the only code here that opens input files) gives a chunk's raw rows, and
-``records_from_rows`` (the step) turns them into (kept, rejected) tables;
+``records_from_rows`` (the step) turns them into kept and rejected tables, with
+the line of each kept row;
 ``read_chunk`` does both in process. Which executor runs the chunks is chosen
 elsewhere (``cluster/``), so this module knows nothing of Ray.
 """
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 
-from data_engine.schema import RECORD_SCHEMA, REJECT_SCHEMA, Strict, content_id
+from data_engine.schema import RECORD_SCHEMA, REJECT_SCHEMA, IngestResult, Strict, content_id
 
 INGEST_REJECT_SCHEMA = REJECT_SCHEMA.append(pa.field("file", pa.string())).append(
     pa.field("line", pa.int64()))
@@ -184,25 +185,27 @@ def read_raw_rows(chunk: Chunk) -> list[RawRow]:
     return list(_guarded_rows(chunk, name_range=True))
 
 
-def records_from_rows(chunk: Chunk, rows: Iterable[RawRow], fields: FieldMap
-                      ) -> tuple[pa.Table, pa.Table]:
-    """The ingest step: a chunk's raw rows -> (kept RECORD_SCHEMA, rejected
-    INGEST_REJECT_SCHEMA). Never raises on a bad row: it is rejected with its reason."""
-    kept, rejected = [], []
+def records_from_rows(chunk: Chunk, rows: Iterable[RawRow], fields: FieldMap) -> IngestResult:
+    """The ingest step: a chunk's raw rows -> kept (RECORD_SCHEMA) and rejected
+    (INGEST_REJECT_SCHEMA) rows, with the line (or row number) of each kept row. Never raises on
+    a bad row: it is rejected with its reason."""
+    kept, rejected, lines = [], [], []
     for line, raw, error in rows:
         row, reason = (None, error) if error else _to_record(raw, fields, chunk)
         if reason:
             rejected.append(_rejected_row(chunk, fields, line, reason, raw))
         else:
             kept.append(row)
-    return (pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
-            pa.Table.from_pylist(rejected, schema=INGEST_REJECT_SCHEMA))
+            lines.append(line)
+    return IngestResult(pa.Table.from_pylist(kept, schema=RECORD_SCHEMA),
+                        pa.Table.from_pylist(rejected, schema=INGEST_REJECT_SCHEMA), {}, lines)
 
 
 def read_chunk(chunk: Chunk, fields: FieldMap) -> tuple[pa.Table, pa.Table]:
     """One chunk into (kept, rejected) tables, in process: read_raw_rows, then
     records_from_rows."""
-    return records_from_rows(chunk, read_raw_rows(chunk), fields)
+    result = records_from_rows(chunk, read_raw_rows(chunk), fields)
+    return result.kept, result.rejected
 
 
 def _rejected_row(chunk: Chunk, fields: FieldMap, line: int, reason: tuple[str, str],

@@ -52,6 +52,15 @@ class ShardResult(NamedTuple):
     counters: dict[str, int]  # e.g. ``reject:<reason>`` counts, summed over shards by the stage
 
 
+class IngestResult(NamedTuple):
+    """What ingest's step returns for one chunk: a ShardResult's fields, and the input line (or
+    row number) of each kept row, which run_sharded keeps in the shard's marker."""
+    kept: pa.Table
+    rejected: pa.Table
+    counters: dict[str, int]
+    lines: list[int]
+
+
 def content_id(text: str, source: str = "") -> str:
     """Stable id for a row that has none: a hash of its source and text."""
     digest = hashlib.sha256(f"{source}\x00{text}".encode("utf-8")).hexdigest()

@@ -40,17 +40,15 @@ import pyarrow.parquet as pq
 
 from cluster.data import maybe_fault, shard_name
 from data_engine.difficulty import (
-    GLOBAL, CrossFitScorer, assign_difficulty, domain_score_thresholds, fold_training_mask,
-    quantile_cuts, reference_mask, row_folds, train_kenlm,
+    GLOBAL, REFERENCE_COLUMNS, CrossFitScorer, assign_difficulty, check_folds, cuts_table, difficulty_by_domain,
+    fold_training_texts, ppl_histogram, quantile_cuts, reference_per_fold, train_kenlm,
 )
-from data_engine.schema import DIFFICULTIES, DOMAINS, REJECT_SCHEMA, ShardResult, reject_table
+from data_engine.schema import REJECT_SCHEMA, ShardResult, reject_table
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import (
     input_shards, map_shards, publish_shards, report_tables, shard_funnel,
 )
 from pipelines.store import write_json_atomic
-
-REFERENCE_COLUMNS = ["id", "source", "domain", "domain_score"]  # what picks the reference
 
 
 class ScoreStep:
@@ -100,21 +98,15 @@ def _present(path: str, wanted: list[str]) -> list[str]:
 
 
 def _reference(shards: list[str], cfg) -> tuple[dict | None, list[int]]:
-    """The top_domain_score thresholds (None for the other references) and the
-    number of reference rows in each fold, from the small columns of the whole corpus."""
-    table = _columns(shards, _present(shards[0], REFERENCE_COLUMNS) if shards else ["id"])
-    thresholds = domain_score_thresholds(table, cfg) if cfg.reference == "top_domain_score" else None
-    in_reference = reference_mask(table, cfg, thresholds)
-    folds = row_folds(table.column("id").to_pylist(), cfg.folds)
-    return thresholds, np.bincount(folds[in_reference], minlength=cfg.folds).tolist()
+    """reference_per_fold over the small columns of the whole corpus."""
+    return reference_per_fold(_columns(shards, _present(shards[0], REFERENCE_COLUMNS) if shards else ["id"]), cfg)
 
 
 def _training_texts(shards: list[str], cfg, fold: int, thresholds) -> Iterator[str]:
     """Stream fold ``fold``'s training rows shard by shard: the subset never sits in memory whole."""
     for path in shards:
         table = pq.read_table(path, columns=_present(path, ["text", *REFERENCE_COLUMNS]))
-        mask = fold_training_mask(table, cfg, fold, thresholds)
-        yield from table.column("text").filter(pa.array(mask)).to_pylist()
+        yield from fold_training_texts(table, cfg, fold, thresholds)
 
 
 def _fold_models(ctx: StageContext, shards: list[str], thresholds, per_fold: list[int]
@@ -122,16 +114,7 @@ def _fold_models(ctx: StageContext, shards: list[str], thresholds, per_fold: lis
     """Model k in .work/kenlm/fold<k>/, complete once fold<k>.json exists: the marker
     is written after build_binary, so a restart reuses finished folds and retrains
     a fold that crashed half-way."""
-    if not sum(per_fold):
-        raise ValueError(
-            f"difficulty: the reference is empty (difficulty.reference={ctx.section.reference!r}); "
-            f"check difficulty.reference_sources against the rows' `source` values, or "
-            f"difficulty.reference_fraction")
-    for fold, n in enumerate(per_fold):
-        if n == sum(per_fold):
-            raise ValueError(f"difficulty: all {n} reference rows fall in fold {fold}, so its model "
-                             f"has nothing to train on; lower difficulty.folds or raise "
-                             f"difficulty.reference_fraction")
+    check_folds(per_fold, ctx.section)
     models, infos = [], []
     for fold in range(ctx.section.folds):
         folder, marker = ctx.work / "kenlm" / f"fold{fold}", ctx.work / "kenlm" / f"fold{fold}.json"
@@ -167,40 +150,15 @@ def _cuts(scored: list[str], cfg) -> tuple[dict, np.ndarray]:
     return cuts, table.column("ppl").to_numpy(zero_copy_only=False)
 
 
-def cuts_table(cuts: dict) -> dict:
-    names = [f"{a}/{b}" for a, b in zip(DIFFICULTIES, DIFFICULTIES[1:])]
-    rows = [[d] + [round(c, 3) for c in cuts[d]] for d in [GLOBAL] + [d for d in DOMAINS if d in cuts]]
-    return {"columns": ["domain"] + [f"cut {n}" for n in names], "rows": rows}
-
-
-def difficulty_by_domain(stats: list[dict]) -> dict:
+def _cells(stats: list[dict]) -> Counter:
+    """Rows per (domain, level), from the grade step's ``cell:<domain>:<level>`` counters."""
     cells = Counter()
     for s in stats:
         for key, n in s["counters"].items():
             if key.startswith("cell:"):
                 _, domain, level = key.split(":")
                 cells[domain, level] += n
-    domains = [d for d in DOMAINS if any(cells[d, lvl] for lvl in DIFFICULTIES)]
-    domains += sorted({d for d, _ in cells} - set(DOMAINS))  # GLOBAL when untagged
-    rows = [[d] + [cells[d, lvl] for lvl in DIFFICULTIES] + [sum(cells[d, lvl] for lvl in DIFFICULTIES)]
-            for d in domains]
-    rows.append(["total"] + [sum(r[i + 1] for r in rows) for i in range(len(DIFFICULTIES) + 1)])
-    return {"columns": ["domain", *DIFFICULTIES, "total"], "rows": rows}
-
-
-def ppl_histogram(ppl: np.ndarray, step: float = 0.25) -> dict:
-    """Counts per bin of log10(perplexity); unscorable rows (inf) get their own bin."""
-    finite = ppl[np.isfinite(ppl)]
-    rows = []
-    if len(finite):
-        logs = np.log10(np.maximum(finite, 1.0))
-        lo, hi = math.floor(logs.min() / step) * step, math.floor(logs.max() / step) * step + step
-        edges = np.arange(lo, hi + step / 2, step)
-        counts, _ = np.histogram(logs, bins=edges)
-        rows = [[f"{a:.2f}-{b:.2f}", int(n)] for a, b, n in zip(edges, edges[1:], counts)]
-    if len(finite) < len(ppl):
-        rows.append(["inf", int(len(ppl) - len(finite))])
-    return {"columns": ["log10 ppl", "rows"], "rows": rows}
+    return cells
 
 
 def _publish_model(ctx: StageContext, models: list[Path], cuts: dict) -> None:
@@ -232,7 +190,7 @@ def run(ctx: StageContext) -> dict:
                    scored_shards_reused=sum(s["reused"] for s in scoring))
     finite = ppl[np.isfinite(ppl)]
     metrics["ppl_median"] = round(float(np.median(finite)), 3) if len(finite) else None
-    metrics["tables"] = {"difficulty x domain": difficulty_by_domain(stats),
+    metrics["tables"] = {"difficulty x domain": difficulty_by_domain(_cells(stats)),
                          "perplexity histogram": ppl_histogram(ppl),
                          "quantile cuts": cuts_table(cuts)}
     report_tables(ctx, metrics["tables"], bars={"perplexity histogram": ("log10 ppl", "rows")})

@@ -19,7 +19,7 @@ from cluster.data import (duplicate_values, maybe_fault, run_sharded, shard_name
                           write_parquet_atomic)
 from data_engine.ingest import (UNREADABLE_REASONS, Chunk, FieldMap, InputSpec, RawRow, plan_chunks,
                                 read_raw_rows, records_from_rows, resolve_files)
-from data_engine.schema import ShardResult
+from data_engine.schema import IngestResult
 from pipelines.graph import Stage, StageContext, register
 from pipelines.stages.common import check_budget, funnel_metrics, link_or_copy, publish_shards
 from pipelines.store import write_json_atomic
@@ -31,8 +31,8 @@ class IngestStep:
     def __init__(self, fields: dict):
         self.fields = FieldMap.model_validate(fields)
 
-    def __call__(self, chunk: Chunk, rows: list[RawRow]) -> ShardResult:
-        return ShardResult(*records_from_rows(chunk, rows, self.fields), {})
+    def __call__(self, chunk: Chunk, rows: list[RawRow]) -> IngestResult:
+        return records_from_rows(chunk, rows, self.fields)
 
 
 def read_chunk_rows(item: dict) -> tuple[Chunk, list[RawRow]]:
@@ -69,7 +69,8 @@ def run(ctx: StageContext) -> dict:
             f"{e['item']['chunk']['file']}: {e['error']}" for e in errors[:5]))
     _check_no_empty_files([f for f, _, _ in files], stats)
     unique = ctx.work / "unique"
-    _reject_duplicate_ids(ctx.work / "shards", unique, chunks, ctx.fault)
+    kept_lines = {s["index"]: s.get("lines") for s in stats}
+    _reject_duplicate_ids(ctx.work / "shards", unique, chunks, kept_lines, ctx.fault)
     reasons, per_file, unreadable = Counter(), Counter(), {}
     for path in sorted((unique / "rejected").glob("part-*.parquet")):
         t = pq.read_table(path, columns=["reason", "file", "detail"])
@@ -110,8 +111,10 @@ def _check_unreadable(unreadable: dict[str, str], n_files: int, max_fraction: fl
                          f"max_unreadable_file_fraction={max_fraction}: {named}")
 
 
-def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk], fault: str | None) -> int:
-    """Rows whose id was seen before (shard order, then row order) move to rejected.
+def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk],
+                          kept_lines: dict[int, list[int] | None], fault: str | None) -> int:
+    """Rows whose id was seen before (shard order, then row order) move to rejected, naming
+    the line of the first occurrence (``kept_lines``: each shard's kept rows' lines, from the step).
 
     The shards run_sharded wrote are never changed: ``out`` gets a rewritten data/rejected
     pair for each shard that holds a repeat and a link to the others, then a marker. A crash
@@ -132,7 +135,8 @@ def _reject_duplicate_ids(shards: Path, out: Path, chunks: list[Chunk], fault: s
         data, rejected = shards / "data" / name, shards / "rejected" / name
         ids = pq.read_table(data, columns=["id"]).column("id").to_pylist()
         repeats = [k for k, rid in enumerate(ids) if rid in dups]
-        lines = _kept_lines(chunk, rejected, len(ids)) if repeats else []
+        lines = kept_lines.get(i) or []
+        lines = lines if len(lines) == len(ids) else []  # unknown: the rejection names the id
         drop = {}  # row -> the first occurrence it repeats
         for k in repeats:
             if ids[k] in first:
@@ -166,24 +170,6 @@ def _move_rows(data: Path, rejected: Path, out: Path, drop: dict[int, dict], fil
     write_parquet_atomic(table.filter(keep), out / "data" / data.name)
     write_parquet_atomic(pa.concat_tables([old, pa.Table.from_pylist(moved, schema=old.schema)]),
                          out / "rejected" / rejected.name)
-
-
-def _kept_lines(chunk: Chunk, rejected: Path, n_kept: int) -> list[int]:
-    """The line (JSONL) or row number of each kept row of a chunk: the reader's numbering less
-    its rejected rows' lines (kept records do not carry theirs). [] when it does not add up."""
-    rejected_lines = [n for n in pq.read_table(rejected, columns=["line"]).column("line").to_pylist()
-                      if n]  # line 0 is an unreadable file or chunk, not a row
-    if chunk.format == "jsonl":  # as data_engine.ingest reads: blank lines are counted, not rows
-        with open(chunk.file, "rb") as f:
-            f.seek(chunk.start)
-            raw = f.read(chunk.stop - chunk.start).split(b"\n")
-        numbers = [chunk.first_line + k for k, line in enumerate(raw) if line.strip()]
-    else:  # rows numbered from 1 (json) or from the chunk's start (parquet, hf)
-        start = chunk.start + 1 if chunk.format in ("parquet", "hf") else 1
-        numbers = range(start, start + n_kept + len(rejected_lines))
-    skip = set(rejected_lines)
-    lines = [n for n in numbers if n not in skip]
-    return lines if len(lines) == n_kept else []
 
 
 def _mkdir(path: Path) -> Path:

@@ -146,7 +146,7 @@ class _NoSink:
 
 def test_a_step_that_drops_a_row_fails_the_stage_naming_the_folder(tmp_path, monkeypatch):
     from cluster.session import RaySettings, connect
-    from data_engine.quality import QualityConfig
+    from pipelines.config import QualitySection
     from data_engine.schema import RECORD_SCHEMA
     from pipelines.stages import quality
     for i in range(2):
@@ -155,7 +155,7 @@ def test_a_step_that_drops_a_row_fails_the_stage_naming_the_folder(tmp_path, mon
                                  "source": ["s"] * 3, "meta": ["{}"] * 3}, schema=RECORD_SCHEMA),
                        _mkdir(tmp_path / "dedup" / "data") / f"part-{i:05d}.parquet")
     root = tmp_path / "quality"
-    ctx = StageContext(name="quality", run_id="drop", config=None, section=QualityConfig(),
+    ctx = StageContext(name="quality", run_id="drop", config=None, section=QualitySection(),
                        root=root, out=_mkdir(root / ".staging"), work=_mkdir(root / ".work"),
                        inputs={"dedup": tmp_path / "dedup"}, sink=_NoSink(), data_concurrency=1)
     connect(RaySettings(num_cpus=2))

@@ -10,7 +10,7 @@ from data_engine.dedup import DEDUP_REJECT_SCHEMA
 from data_engine.difficulty import GLOBAL
 from data_engine.ingest import Chunk, FieldMap
 from data_engine.quality import QualityConfig
-from data_engine.schema import RECORD_SCHEMA, ShardResult
+from data_engine.schema import RECORD_SCHEMA, IngestResult
 from pipelines.stages.dedup import DedupApplyStep
 from pipelines.stages.difficulty import GradeStep
 from pipelines.stages.ingest import IngestStep
@@ -24,8 +24,9 @@ def test_ingest_step_maps_raw_rows_to_records_and_rejections():
             (2, None, ("bad_json", "Expecting value")),
             (3, {"id": "c"}, None)]
     result = IngestStep(FieldMap().model_dump())(chunk, rows)
-    assert isinstance(result, ShardResult) and result.counters == {}
+    assert isinstance(result, IngestResult) and result.counters == {}
     assert result.kept.schema == RECORD_SCHEMA and result.kept.column("id").to_pylist() == ["a"]
+    assert result.lines == [1]  # each kept row's line: duplicate-id rejections name it
     rejected = result.rejected.to_pylist()
     assert [(r["line"], r["reason"]) for r in rejected] == [(2, "bad_json"), (3, "missing_text")]
     assert json.loads(rejected[0]["detail"]) == {"file": "in.jsonl", "line": 2,
