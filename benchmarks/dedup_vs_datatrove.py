@@ -12,6 +12,12 @@ punctuation, 5-grams) and the same bands x rows, on as many workers.
     .venv/bin/python benchmarks/dedup_vs_datatrove.py --pairs 8000 --singletons 4000 \
         --datatrove-python /tmp/bench-venv/bin/python
 
+Short real documents (benchmarks/short_docs.py: 16,000 of this machine's offline texts, 2,000
+planted pairs), only ingest and dedup:
+
+    .venv/bin/python benchmarks/dedup_vs_datatrove.py --corpus short-docs --pairs 2000 \
+        --singletons 16000 --stages ingest,dedup --out benchmarks/out/dedup_short
+
 (datatrove 0.10.1 passes str to xxhash, which xxhash 4 refuses; regex,
 tokenizers and orjson are imports of its MinHash and JSONL modules.)
 
