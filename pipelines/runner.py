@@ -108,22 +108,23 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
     store = RunStore(cfg.runs_dir, run_id, cfg.cache_dir)
     code = code_version()
     store.write_pipeline(cfg.model_dump(mode="json"), cfg.stages)
-    fps: dict[str, str] = {}
+    fingerprints: dict[str, str] = {}
     results = []
     for name in cfg.stages:
         stage_dir = store.stage(name)
-        inputs = {dep: input_fingerprint(store, name, dep, fps) for dep in STAGES[name].deps(cfg.stages)}
-        fp = fingerprint(name, stage_config(cfg, name), inputs, code)
+        inputs = {dep: input_fingerprint(store, name, dep, fingerprints) for dep in STAGES[name].deps(cfg.stages)}
+        stage_fingerprint = fingerprint(name, stage_config(cfg, name), inputs, code)
         if name not in selected:
-            fps[name] = _upstream_fingerprint(store, name, fp, selected, cfg.stages, echo)
+            fingerprints[name] = _upstream_fingerprint(store, name, stage_fingerprint, selected, cfg.stages, echo)
             continue
-        fps[name] = fp
-        if not force and stage_dir.is_done(fp) and not stage_dir.verify():
-            echo(f"skip  {name}: done, fingerprint {fp[:12]} unchanged")
-            store.event(name, "skip", fingerprint=fp)
-            results.append(StageResult(name, "skipped", fp, metrics=stage_dir.manifest()["metrics"]))
+        fingerprints[name] = stage_fingerprint
+        if not force and stage_dir.is_done(stage_fingerprint) and not stage_dir.changed_outputs():
+            echo(f"skip  {name}: done, fingerprint {stage_fingerprint[:12]} unchanged")
+            store.event(name, "skip", fingerprint=stage_fingerprint)
+            results.append(StageResult(name, "skipped", stage_fingerprint,
+                                       metrics=stage_dir.manifest()["metrics"]))
             continue
-        results.append(_run_stage(cfg, store, name, fp, inputs, echo, fault, watch))
+        results.append(_run_stage(cfg, store, name, stage_fingerprint, inputs, echo, fault, watch))
     return results
 
 
@@ -164,7 +165,7 @@ def rollout_resources(section) -> dict[str, float] | None:
     return need
 
 
-def input_fingerprint(store: RunStore, stage: str, dep: str, fps: dict[str, str]) -> str:
+def input_fingerprint(store: RunStore, stage: str, dep: str, fingerprints: dict[str, str]) -> str:
     """What stands for an input in a stage's fingerprint: the input's own fingerprint, or, where the
     stage reads only part of it (pretrain reads tasks' eval split), the digest of that part, so a
     change elsewhere in the input (SFT data) does not rerun the stage."""
@@ -173,7 +174,7 @@ def input_fingerprint(store: RunStore, stage: str, dep: str, fps: dict[str, str]
         digest = ((store.stage(dep).manifest() or {}).get("metrics") or {}).get(key)
         if digest is not None:
             return f"{key}:{digest}"
-    return fps[dep]
+    return fingerprints[dep]
 
 
 def _upstream_fingerprint(store: RunStore, name: str, expected: str, selected: list[str],
@@ -192,12 +193,12 @@ def _upstream_fingerprint(store: RunStore, name: str, expected: str, selected: l
     return manifest["fingerprint"]
 
 
-def _run_stage(cfg, store, name, fp, inputs, echo, fault, watch: Watcher | None) -> StageResult:
+def _run_stage(cfg, store, name, stage_fingerprint, inputs, echo, fault, watch: Watcher | None) -> StageResult:
     stage_dir = store.stage(name)
-    manifest = stage_dir.begin(fp, inputs, stage_config(cfg, name))
+    manifest = stage_dir.begin(stage_fingerprint, inputs, stage_config(cfg, name))
     verb = "resume" if manifest["resumed"] else "run  "
-    echo(f"{verb} {name}: fingerprint {fp[:12]}")
-    store.event(name, verb.strip(), fingerprint=fp)
+    echo(f"{verb} {name}: fingerprint {stage_fingerprint[:12]}")
+    store.event(name, verb.strip(), fingerprint=stage_fingerprint)
     connect(RaySettings(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard,
                         cfg.ray.node_ip_address))
     started = time.time()
@@ -221,7 +222,7 @@ def _run_stage(cfg, store, name, fp, inputs, echo, fault, watch: Watcher | None)
     for warning in stage_warnings(metrics, manifest):
         echo(f"warn  {name}: {warning}")
     store.event(name, "done", seconds=round(seconds, 2))
-    return StageResult(name, "ran", fp, seconds, metrics)
+    return StageResult(name, "ran", stage_fingerprint, seconds, metrics)
 
 
 def stage_warnings(metrics: dict, manifest: dict) -> list[str]:
@@ -323,4 +324,5 @@ def resolve_runs_dir(cfg: PipelineConfig, runs_dir: str | None) -> PipelineConfi
     """An absolute runs_dir (a URI such as s3://bucket/runs stays as it is)."""
     from cluster.storage import is_uri
     chosen = runs_dir or cfg.runs_dir
-    return cfg.model_copy(update={"runs_dir": chosen.rstrip("/") if is_uri(chosen) else str(Path(chosen).resolve())})
+    resolved = chosen.rstrip("/") if is_uri(chosen) else str(Path(chosen).resolve())
+    return cfg.model_copy(update={"runs_dir": resolved})

@@ -108,24 +108,24 @@ class StageDir:
         if self.remote:
             storage.upload(self.manifest_path, storage.join(self.remote, "manifest.json"))
 
-    def is_done(self, fp: str | None = None) -> bool:
+    def is_done(self, fingerprint: str | None = None) -> bool:
         m = self.manifest()
-        return bool(m) and m.get("status") == DONE and (fp is None or m.get("fingerprint") == fp)
+        return bool(m) and m.get("status") == DONE and (fingerprint is None or m.get("fingerprint") == fingerprint)
 
-    def begin(self, fp: str, inputs: dict[str, str], config: Any) -> dict:
+    def begin(self, fingerprint: str, inputs: dict[str, str], config: Any) -> dict:
         """Mark running. Partial work of the same fingerprint is kept for resume."""
         old = self.manifest()
-        if old and old.get("fingerprint") != fp:
+        if old and old.get("fingerprint") != fingerprint:
             self.clear()  # a different config: nothing of the old run may be reused
         self.root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir()
-        resumed = bool(old) and old.get("fingerprint") == fp and old.get("status") != DONE
+        resumed = bool(old) and old.get("fingerprint") == fingerprint and old.get("status") != DONE
         if not resumed:  # a forced rerun starts clean, even after a crash while .work was dropped
             shutil.rmtree(self.work, ignore_errors=True)
         if self.remote:
             self._mirror_kept(resumed)
-        manifest = {"stage": self.name, "status": RUNNING, "fingerprint": fp, "inputs": inputs,
+        manifest = {"stage": self.name, "status": RUNNING, "fingerprint": fingerprint, "inputs": inputs,
                     "config": config, "outputs": [], "metrics": {}, "started": time.time(),
                     "finished": None, "error": None, "resumed": resumed,
                     "attempts": (old or {}).get("attempts", 0) + 1 if resumed else 1}
@@ -205,7 +205,7 @@ class StageDir:
                 out.append({"path": str(rel), "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         return out
 
-    def verify(self) -> list[str]:
+    def changed_outputs(self) -> list[str]:
         """Outputs of a done manifest that are missing or changed on disk."""
         if self.remote:
             have = {rel: info.size for rel, info in storage.list_files(self.remote).items()}
