@@ -28,6 +28,7 @@ from cluster.session import shutdown
 from cluster.train import GangLostNodes, run_pretrain
 from data_engine.schema import RECORD_SCHEMA
 from tests.cluster.recording_step import RecordingQualityStep, records
+from tests.cluster.test_train_gang import losses, paths
 from tests.pretrain_corpus import documents, write_corpus, write_tokenizer
 from training.config import PretrainConfig
 from training.pretrain import Paths
@@ -195,17 +196,6 @@ def corpus(tmp_path_factory):
     files = write_corpus(root, n_docs=150)
     write_tokenizer(root / "tok", files, vocab_size=300)
     return root, files
-
-
-def paths(corpus, name: str) -> Paths:
-    root, files = corpus
-    (root / name / "out").mkdir(parents=True, exist_ok=True)
-    # one work folder (the token cache); the runs' fault markers differ by their step
-    return Paths(files, root / "tok", root / "work", root / name / "checkpoints", root / name / "out")
-
-
-def losses(rows: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in rows}  # a replayed step keeps its latest record
 
 
 def train(corpus, name: str, gang: GangConfig, fault: str | None = None):
