@@ -8,6 +8,7 @@ changes (nested keys merge; `rewards` replaces):
 
     .venv/bin/python benchmarks/rl_dev_split.py base '{"iterations": 0}'            # the start model
     .venv/bin/python benchmarks/rl_dev_split.py lr3e-4 '{"iterations": 60, "engine": {"optimizer": {"lr": 3e-4}}}'
+    .venv/bin/python benchmarks/rl_dev_split.py from-sft '{"_init": "sft", "iterations": 120}'   # from SFT's model
 
 Prints the sampled reward every 10 iterations and `RESULT name changes rl <seconds> dev n=<tasks>
 acc <accuracy>`; the per-iteration metrics go to /tmp/rl_dev/<name>/log.jsonl.
@@ -46,7 +47,8 @@ def main() -> None:
     seen = {r["prompt"] for split in ("train", "eval") for f in (runs / "reasoning" / "tasks" / split).glob("*.parquet")
             for r in pq.read_table(f, columns=["prompt"]).to_pylist()}
     dev = [t for t in load_tasks(runs / "dev1" / "tasks" / "eval") if t.prompt not in seen]
-    model = (runs / "reasoning" / "dpo" / "model").resolve()
+    start_stage = changes.pop("_init", "dpo")  # the start model: the reasoning run's dpo (default) or sft
+    model = (runs / "reasoning" / start_stage / "model").resolve()
     start = time.time()
     if changes.get("iterations", 1) > 0:
         cfg = RlConfig.model_validate(deep_merge(BASE, changes, whole=("rewards",)))

@@ -138,8 +138,8 @@ def autoscaler_max_nodes(cap: int) -> list[dict] | None:
 
 def preflight(gang: GangConfig, key: str, extra: dict[str, float] | None = None) -> str | None:
     """Before any stage runs: raise ValueError naming ``key`` when the gang (and ``extra``
-    resources that must be free beside it: an RL stage's rollout workers) can never be placed,
-    not even on the largest cluster the autoscaler may build; return what the run will wait for
+    resources that must be free beside it: an RL stage's actor groups) can never be placed, not
+    even on the largest cluster the autoscaler may build; return what the run will wait for
     when it fits only once the autoscaler adds nodes, or, for an elastic gang that the nodes hold
     only in part (min_workers or more), on how many workers it will run; None when it fits now."""
     alive = alive_nodes()
@@ -182,5 +182,5 @@ def _check_all(gang: GangConfig, key: str, nodes: list[dict], extra: dict[str, f
         short = {k: need.get(k, 0) + extra.get(k, 0) for k in total
                  if need.get(k, 0) + extra.get(k, 0) > total[k] + 1e-9}
         if short:
-            raise ValueError(f"{key}: the gang ({need}) and its rollout workers ({extra}) need {short} in all, "
+            raise ValueError(f"{key}: the gang ({need}) and its RL actor groups ({extra}) need {short} in all, "
                              f"but the cluster has {total}")

@@ -46,11 +46,12 @@ def _shape(name: str, section, model) -> tuple[int, int, int, int, int]:
     """(sequence length, sequences per micro-batch, tokens per step, frozen copies, trained copies)."""
     data = getattr(section, "data", None)
     if name.startswith("prl_"):
-        # rollouts: prompt and completion up to the model's context; the reference, and the rollout
-        # copy where rollouts share the gang's GPUs, are frozen; a separate critic is a second model
+        # rollouts: prompt and completion up to the model's context; the reference and the rollout
+        # copy, where they share the gang's GPUs (not actor groups of their own), are frozen; a
+        # separate critic is a second model
         seq = model.max_seq_len
         critic = section.critic or ("separate" if section.algorithm == "ppo" else "none")
-        frozen = 1 + (section.rollout.workers == 0)
+        frozen = (section.roles.reference.workers == 0) + (section.rollout.workers == 0)
         return seq, section.micro_batch, section.minibatch * seq, frozen, 2 if critic == "separate" else 1
     pairs = name in ("dpo", "reward_model")
     per = 2 if pairs else 1  # chosen and rejected go through together

@@ -138,7 +138,7 @@ def pin_cache_dir(cfg: PipelineConfig) -> PipelineConfig:
 
 
 def check_gangs(cfg: PipelineConfig, selected: list[str], echo: Callable[[str], None]) -> None:
-    """Every selected training stage's gang (and an RL stage's rollout workers beside it) against
+    """Every selected training stage's gang (and an RL stage's actor groups beside it) against
     the cluster, before the first stage runs: an impossible gang fails now, naming its key, not
     after hours of data stages; on an autoscaling cluster, one that must wait for nodes says so."""
     from cluster.gang import preflight
@@ -149,20 +149,26 @@ def check_gangs(cfg: PipelineConfig, selected: list[str], echo: Callable[[str], 
         return
     connect(RaySettings(cfg.ray.address, cfg.ray.num_cpus, cfg.ray.include_dashboard, cfg.ray.node_ip_address))
     for name, section in gangs:
-        wait = preflight(section.gang, f"{name}.gang", rollout_resources(section))
+        wait = preflight(section.gang, f"{name}.gang", role_resources(section))
         if wait:
             echo(f"wait  {name}: {wait}")
 
 
-def rollout_resources(section) -> dict[str, float] | None:
-    """What an RL stage's rollout workers hold beside its gang (None: they share the gang's)."""
-    rollout = getattr(section, "rollout", None)
-    if rollout is None or not getattr(rollout, "workers", 0):
-        return None
-    need = {"CPU": rollout.cpus_per_worker * rollout.workers}
-    if rollout.use_gpu:
-        need["GPU"] = float(rollout.workers)
-    return need
+def role_resources(section) -> dict[str, float] | None:
+    """What an RL stage's actor groups (rollout, reference, reward model) hold beside its gang
+    (None: every role shares the gang's processes)."""
+    groups = [getattr(section, "rollout", None)]
+    roles = getattr(section, "roles", None)
+    if roles is not None:
+        groups += [roles.reference, roles.reward_model]
+    need: dict[str, float] = {}
+    for g in groups:
+        if g is None or not getattr(g, "workers", 0):
+            continue
+        need["CPU"] = need.get("CPU", 0.0) + g.cpus_per_worker * g.workers
+        if g.use_gpu:
+            need["GPU"] = need.get("GPU", 0.0) + float(g.workers)
+    return need or None
 
 
 def input_fingerprint(store: RunStore, stage: str, dep: str, fingerprints: dict[str, str]) -> str:

@@ -133,7 +133,17 @@ class RewardModelConfig(TrainConfig):
 # ----------------------------------------------------------------------------- RL (one PRL stage)
 
 
-class RolloutConfig(Strict):
+class RoleGroupConfig(Strict):
+    """Where a role runs: in the gang's own processes, or as a Ray actor group beside it."""
+
+    workers: int = Field(0, ge=0, description=(
+        "0: every gang worker holds its own copy (colocated); N: a Ray actor group of N workers the gang "
+        "shares (cluster/roles.py), each with a whole copy of the model, on its own GPU with use_gpu"))
+    use_gpu: bool = Field(False, description="one GPU per worker of the group")
+    cpus_per_worker: float = Field(1, gt=0, description="CPUs reserved per worker of the group")
+
+
+class RolloutConfig(RoleGroupConfig):
     """Sampling: prompts per iteration, completions per prompt, decoding."""
 
     prompts: int = Field(8, ge=1, description=(
@@ -152,8 +162,6 @@ class RolloutConfig(Strict):
     workers: int = Field(0, ge=0, description=(
         "0: every gang worker samples with its own copy of the policy (colocated); N: a Ray actor group of N "
         "rollout workers (cluster/roles.py) that the gang shares, synced before each rollout"))
-    use_gpu: bool = Field(False, description="rollout workers: one GPU each")
-    cpus_per_worker: float = Field(1, gt=0, description="rollout workers: CPUs reserved each")
 
 
 class AdvantageConfig(Strict):
@@ -215,6 +223,14 @@ class PlateauConfig(Strict):
     min_iterations: int = Field(5, ge=1, description="never switch before this many iterations")
 
 
+class RolesConfig(Strict):
+    """The frozen roles' placement (the rollout's is rollout.workers): the reference policy (used when
+    loss.kl_coef > 0) and the reward model (used when `reward_model` is a reward term)."""
+
+    reference: RoleGroupConfig = RoleGroupConfig()
+    reward_model: RoleGroupConfig = RoleGroupConfig()
+
+
 class RlConfig(Strict):
     """One RL stage: algorithm, rollout, rewards, loss and the engine; PRL stages are these."""
 
@@ -244,6 +260,8 @@ class RlConfig(Strict):
         "end early on a reward plateau; None: run every iteration"))
     reward_model: str | None = Field(None, description=(
         "a reward model folder for the reward_model term; the pipeline sets its stage's"))
+    roles: RolesConfig = Field(RolesConfig(), description=(
+        "reference and reward model: colocated with the gang (workers 0) or Ray actor groups"))
     stage: int = Field(1, ge=1, description="the PRL stage number (the entropy default scales with it)")
 
     @model_validator(mode="after")
@@ -266,6 +284,12 @@ class RlConfig(Strict):
                              f"rollout.max_new_tokens={self.rollout.max_new_tokens}")
         if self.estimator in ("grpo", "dr_grpo", "rloo") and self.rollout.group_size < 2:
             raise ValueError(f"advantage.estimator={self.estimator} needs rollout.group_size >= 2")
+        if self.roles.reference.workers and not self.loss.kl_coef:
+            raise ValueError(f"roles.reference.workers={self.roles.reference.workers}: no reference is used "
+                             "without a KL term; set loss.kl_coef > 0 or roles.reference.workers: 0")
+        if self.roles.reward_model.workers and "reward_model" not in self.rewards:
+            raise ValueError(f"roles.reward_model.workers={self.roles.reward_model.workers}: the rewards have no "
+                             "reward_model term; add one or set roles.reward_model.workers: 0")
         unknown = [n for n in self.rewards if n not in REWARD_TERMS and ":" not in n]
         if unknown:
             raise ValueError(f"rewards: unknown term(s) {unknown}; known: {', '.join(REWARD_TERMS)}, "

@@ -38,7 +38,8 @@ from rl.config import RlConfig
 from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from rl.rewards import RewardParams, Rewards, Sample
-from rl.roles import ActorCritic, Reference, Rollout, RolloutGroup, action_targets, mix_seed, policy_state
+from rl.roles import (ActorCritic, Reference, ReferenceRole, Rollout, RolloutGroup, action_targets, mix_seed,
+                      policy_state)
 from rl.sampling import PromptSampler
 from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
@@ -92,7 +93,7 @@ class RlJob:
                     "entropy", "response_length/mean", "iteration")
 
     def __init__(self, cfg: RlConfig, tasks: list[EvalTask], prompts: list[list[int]], tok, model_cfg,
-                 reference: Reference | None,
+                 reference: ReferenceRole | None,
                  rewards: Rewards, seed: int, identity: dict, rollout_group: RolloutGroup | None = None):
         self.cfg, self.tasks, self.tok, self.model_cfg = cfg, tasks, tok, model_cfg
         self.reference, self.rewards, self.seed, self._identity = reference, rewards, seed, identity
@@ -278,7 +279,7 @@ class RlJob:
     def score_batch(self, batch: dict) -> None:
         """Old log-probs and values (the policy before this iteration's updates) and the reference's."""
         module, dev = self.engine.module, self.engine.device
-        old, values, ref = [], [], []
+        old, values = [], []
         module.eval()
         for lo in range(0, batch["ids"].shape[0], self.cfg.micro_batch):
             ids, real, act = (batch[k][lo:lo + self.cfg.micro_batch] for k in ("ids", "real", "action"))
@@ -287,14 +288,14 @@ class RlJob:
                 old.append(token_logprobs(logits / self.cfg.rollout.temperature,
                                           action_targets(ids.to(dev), act.to(dev))).cpu())
                 values.append(v.cpu() if v is not None else torch.zeros(ids.shape))
-            if self.reference is not None:
-                ref.append(self.reference.logprobs(ids, real, act))
         module.train()
         zeros = torch.zeros(batch["ids"].shape)
         batch["old_logp"] = torch.cat(old) if old else zeros  # on-policy: the update's own, detached
         batch["old_values"] = (torch.cat(values) if values else zeros) * batch["action"]
-        batch["ref_logp"] = torch.cat(ref) if ref else batch["old_logp"].clone()
-        batch["has_ref"] = torch.tensor(bool(ref))
+        has_ref = self.reference is not None
+        batch["ref_logp"] = (self.reference.logprobs(batch["ids"], batch["real"], batch["action"]) if has_ref
+                             else batch["old_logp"].clone())
+        batch["has_ref"] = torch.tensor(has_ref)
 
     def advantages(self, batch: dict) -> None:
         c = self.cfg
@@ -456,21 +457,29 @@ def load_prompts(files: list[Path], model_cfg, tok, max_new_tokens: int) -> tupl
 
 
 def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None,
-       rollout_group: RolloutGroup | None = None) -> dict:
+       rollout_group: RolloutGroup | None = None, reference_group: ReferenceRole | None = None,
+       reward_model_group=None) -> dict:
     """Run cfg.iterations of RL (resuming from the newest good checkpoint); rank 0's summary.
-    rollout_group: a sampler every rank shares (cluster/roles.py's Ray actors); None: each rank
-    samples with its own copy of the policy."""
+    The roles every rank may share (cluster/roles.py's Ray actor groups; None: in this process):
+    rollout_group samples (else each rank has its own copy of the policy), reference_group gives
+    the reference's log-probs (else the gang's FrozenModel), reward_model_group is the
+    reward_model term (else each rank loads the reward model)."""
     ensure_process_group()
     model_cfg = load_model_config(paths.init_model)
     tok = load_tokenizer(paths.init_model)
     tasks, prompts, too_long = load_prompts(paths.train_tasks, model_cfg, tok, cfg.rollout.max_new_tokens)
     reference = None
     if cfg.loss.kl_coef > 0:
-        reference = Reference(FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.micro_batch),
-                              temperature=cfg.rollout.temperature)
+        reference = reference_group or Reference(
+            FrozenModel.from_folder(paths.init_model, cfg.engine, micro_batch=cfg.micro_batch),
+            temperature=cfg.rollout.temperature, micro_batch=cfg.micro_batch)
     rewards = Rewards(cfg.rewards, RewardParams(**cfg.reward_terms.model_dump(), reward_model=cfg.reward_model,
-                                                max_new_tokens=cfg.rollout.max_new_tokens))
-    identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16],
+                                                max_new_tokens=cfg.rollout.max_new_tokens),
+                      served={"reward_model": reward_model_group} if reward_model_group is not None else None)
+    # where the roles run does not change a result (tested), so a resume may move them
+    placement = {"roles": True, "rollout": {"workers", "use_gpu", "cpus_per_worker"}}
+    identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=placement),
+                                                    sort_keys=True).encode()).hexdigest()[:16],
                 "model": sha256_file(paths.init_model / "model.safetensors")[:16]}
     job = RlJob(cfg, tasks, prompts, tok, model_cfg, reference, rewards, seed, identity, rollout_group)
     loop = train(cfg.train_config(), job, checkpoints=paths.checkpoints, hooks=hooks,
@@ -490,4 +499,5 @@ def worker(payload: dict, hooks: Hooks) -> dict:
     """The gang's entry point (cluster/train.py): JSON payload in, rank 0's summary out."""
     paths = RlPaths(**paths_from_payload(payload["paths"]))
     return rl(RlConfig.model_validate(payload["config"]), paths, seed=payload["seed"], hooks=hooks,
-              rollout_group=payload.get("rollout_group"))
+              rollout_group=payload.get("rollout_group"), reference_group=payload.get("reference_group"),
+              reward_model_group=payload.get("reward_model_group"))

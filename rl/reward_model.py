@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from rl.config import RewardModelConfig
-from rl.dpo import PairJob, held_out_pairs, load_pairs, pair_batch, run_pair_job
+from rl.dpo import PairJob, held_out_pairs, load_pairs, run_pair_job
 from rl.losses import bradley_terry
 from training.engine import Engine, ensure_process_group, to_device
 from training.export import REWARD_CONFIG, WEIGHTS, load_model
@@ -112,51 +112,86 @@ def pair_scores(model: RewardModel, batch: dict) -> tuple[torch.Tensor, torch.Te
 # ----------------------------------------------------------------------------- scoring API
 
 
-class RewardScorer:
-    """Scores (prompt, response) texts with a trained reward model; RL's optional learned reward term.
+class RewardEncoder:
+    """(prompt, response) texts -> the token ids a reward model scores, and the batches they go in.
 
     Each pair is rendered with the chat template as in training. A rendering longer than the
     model's max_seq_len keeps its last max_seq_len tokens (the score is read at the end) and is
-    counted in `truncated`.
+    counted in `truncated`. Batches hold sequences of similar length, for speed.
+    """
+
+    def __init__(self, tokenizer, max_seq_len: int):
+        self.tok, self.max_seq_len, self.truncated = tokenizer, max_seq_len, 0
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "RewardEncoder":
+        """A reward model folder's tokenizer and context, without loading its weights."""
+        folder = Path(folder)
+        if not (folder / REWARD_CONFIG).is_file():
+            raise ValueError(f"{folder}: not a reward model folder (needs {REWARD_CONFIG}; a reward_model stage "
+                             "writes one under model/)")
+        meta = json.loads((folder / REWARD_CONFIG).read_text())
+        return cls(load_tokenizer(folder), ModelConfig.model_validate(meta["model"]).max_seq_len)
+
+    def encode(self, prompts: list[str], responses: list[str], systems: list[str | None] | None = None) -> list[list[int]]:
+        if len(prompts) != len(responses) or (systems is not None and len(systems) != len(prompts)):
+            raise ValueError(f"score: {len(prompts)} prompts, {len(responses)} responses"
+                             + (f", {len(systems)} systems" if systems is not None else "") + "; they must match")
+        seqs = []
+        for p, r, s in zip(prompts, responses, systems or [None] * len(prompts)):
+            ids, _ = encode_example(self.tok, p, r, s)
+            if len(ids) > self.max_seq_len:
+                self.truncated += 1
+                ids = ids[-self.max_seq_len:]
+            seqs.append(ids)
+        return seqs
+
+    @staticmethod
+    def batches(seqs: list[list[int]], batch_size: int) -> list[list[int]]:
+        """Indices of seqs, batch by batch, shortest first."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
+
+
+class RewardScorer:
+    """Scores (prompt, response) texts with a trained reward model; RL's optional learned reward term.
+
+        scorer.score(prompts, responses)          # encode, batch, score: one float per pair, in order
+        scorer.score_ids(seqs)                    # one batch of encoded pairs (what a Ray worker runs)
     """
 
     def __init__(self, model: RewardModel, tokenizer, device: str | torch.device = "cpu"):
-        self.model, self.tok, self.device = model.to(device).eval(), tokenizer, torch.device(device)
+        self.model, self.device = model.to(device).eval(), torch.device(device)
+        self.encoder = RewardEncoder(tokenizer, model.cfg.max_seq_len)
         self.pad_id = tokenizer.token_to_id(PAD)
-        self.truncated = 0
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str | torch.device = "cpu") -> "RewardScorer":
         return cls(RewardModel.load(folder, device), load_tokenizer(folder), device)
 
-    def encode(self, prompt: str, response: str, system: str | None = None) -> list[int]:
-        ids, _ = encode_example(self.tok, prompt, response, system)
-        limit = self.model.cfg.max_seq_len
-        if len(ids) > limit:
-            self.truncated += 1
-            ids = ids[-limit:]
-        return ids
+    @property
+    def truncated(self) -> int:
+        return self.encoder.truncated
 
     @torch.no_grad()
+    def score_ids(self, seqs: list[list[int]]) -> list[float]:
+        """Scores of one batch of encoded pairs, right-padded together."""
+        width = max(len(ids) for ids in seqs)
+        ids_BT = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        real_BT = torch.zeros((len(seqs), width), dtype=torch.bool)
+        for row, ids in enumerate(seqs):
+            ids_BT[row, :len(ids)] = torch.tensor(ids)
+            real_BT[row, :len(ids)] = True
+        scores, _ = self.model(ids_BT.to(self.device), real_BT.to(self.device))
+        return scores.tolist()
+
     def score(self, prompts: list[str], responses: list[str], systems: list[str | None] | None = None,
               batch_size: int = 16) -> list[float]:
-        """One score per (prompt, response), in order; batches of similar length for speed."""
-        if len(prompts) != len(responses) or (systems is not None and len(systems) != len(prompts)):
-            raise ValueError(f"score: {len(prompts)} prompts, {len(responses)} responses"
-                             + (f", {len(systems)} systems" if systems is not None else "") + "; they must match")
-        seqs = [self.encode(p, r, s) for p, r, s in zip(prompts, responses, systems or [None] * len(prompts))]
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        """One score per (prompt, response), in order."""
+        seqs = self.encoder.encode(prompts, responses, systems)
         out = [0.0] * len(seqs)
-        for lo in range(0, len(order), batch_size):
-            index = order[lo:lo + batch_size]
-            width = max(len(seqs[i]) for i in index)
-            ids_BT = torch.full((len(index), width), self.pad_id, dtype=torch.long)
-            real_BT = torch.zeros((len(index), width), dtype=torch.bool)
-            for row, i in enumerate(index):
-                ids_BT[row, :len(seqs[i])] = torch.tensor(seqs[i])
-                real_BT[row, :len(seqs[i])] = True
-            scores, _ = self.model(ids_BT.to(self.device), real_BT.to(self.device))
-            for i, s in zip(index, scores.tolist()):
+        for index in self.encoder.batches(seqs, batch_size):
+            for i, s in zip(index, self.score_ids([seqs[i] for i in index])):
                 out[i] = s
         return out
 

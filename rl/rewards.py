@@ -193,8 +193,12 @@ class Rewards:
     weight 0, so curves of unweighted terms (accuracy in a conciseness stage) stay visible."""
 
     def __init__(self, weights: dict[str, float], params: RewardParams | None = None,
-                 always: Sequence[str] = ("accuracy", "format")):
+                 always: Sequence[str] = ("accuracy", "format"),
+                 served: dict[str, Callable[..., list[float]]] | None = None):
+        """served: terms computed elsewhere with the term signature (the reward model as a Ray actor
+        group, cluster/roles.py), used instead of building them here."""
         self.params = params or RewardParams()
+        self.served = dict(served or {})
         unknown = [n for n in weights if not known_term(n)]
         if unknown:
             raise ValueError(f"unknown reward term(s) {unknown}; known: {list(REWARD_TERMS)} "
@@ -206,6 +210,8 @@ class Rewards:
             self.fns[name] = self._function(name)
 
     def _function(self, name: str) -> Callable[..., list[float]]:
+        if name in self.served:
+            return self.served[name]
         if name in BUILTIN:
             return BUILTIN[name]
         if name == "novelty":

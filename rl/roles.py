@@ -4,8 +4,13 @@
     rollout = Rollout(model.policy.cfg, tok)                                 # sampling, own weights
     rollout.sync(policy_weights(engine))                                     # before every rollout
     gen = rollout.generate(prompt_ids, cfg.rollout, generator)
-    ref = Reference(frozen)                                                  # a FrozenModel, or None
-    ref.logprobs(batch)
+    ref = Reference(frozen, temperature, micro_batch)                        # a FrozenModel, or None
+    ref.logprobs(ids_BT, real_BT, action_BT)                                 # the whole batch
+
+The rewards are rl/rewards.py's ``Rewards`` (its reward_model term rl/reward_model.py's scorer).
+Rollout, reference and the reward model run in the gang's processes or, behind the same calls
+(``RolloutGroup``, ``ReferenceRole``, the reward term's signature), as Ray actor groups
+(cluster/roles.py).
 
 The policy and the critic train in one DeepSpeed engine over ``ActorCritic`` (their parameters
 are disjoint, so one AdamW over both equals two with the same settings; the clip norm is joint).
@@ -162,19 +167,51 @@ class Rollout:
         return stack_generations(parts, self.pad_id)
 
 
-class Reference:
-    """The frozen reference policy's per-token log-probs (training/engine.FrozenModel underneath)."""
+class ReferenceRole(Protocol):
+    """What the RL loop needs of the frozen reference: per-token log-probs of a whole batch.
 
-    def __init__(self, frozen, temperature: float = 1.0):
-        self.frozen, self.temperature = frozen, temperature
+    ``Reference`` computes them in the worker's process (over the gang's FrozenModel, sharded under
+    ZeRO-3); cluster/roles.py's ``RayReferenceGroup`` spreads the same micro-batches over Ray
+    actors holding a whole copy each, with equal results."""
+
+    def logprobs(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor: ...
+
+
+def micro_batches(n: int, micro_batch: int) -> list[slice]:
+    """The row slices a reference pass goes through, wherever it runs."""
+    return [slice(lo, lo + micro_batch) for lo in range(0, n, micro_batch)]
+
+
+class Reference:
+    """The frozen reference policy's per-token log-probs, micro_batch rows per forward.
+
+    model: a training.engine.FrozenModel (the gang's), or a plain Transformer in eval mode
+    (``Reference.from_folder``: a Ray actor's own copy)."""
+
+    def __init__(self, model, temperature: float = 1.0, micro_batch: int = 8):
+        self.model, self.temperature, self.micro_batch = model, temperature, micro_batch
+        self.device = getattr(model, "device", None) or next(model.parameters()).device
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, temperature: float = 1.0, micro_batch: int = 8,
+                    device: str | torch.device = "cpu") -> "Reference":
+        from training.export import load_model
+        model = load_model(folder, device).eval()
+        model.requires_grad_(False)
+        return cls(model, temperature, micro_batch)
 
     @torch.no_grad()
-    def logprobs(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:
-        from training.engine import to_device
+    def logprobs_chunk(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:
+        """One forward: (B, T) log-probs of the next tokens at action positions, 0 elsewhere."""
         from training.logprobs import token_logprobs
-        ids, real = to_device((ids_BT, real_BT), self.frozen.device)
-        logits = self.frozen(ids, real_BT=real).logits / self.temperature
-        return token_logprobs(logits, action_targets(ids, action_BT.to(ids.device))).cpu()
+        ids, real, action = (t.to(self.device) for t in (ids_BT, real_BT, action_BT))
+        logits = self.model(ids, real_BT=real).logits / self.temperature
+        return token_logprobs(logits, action_targets(ids, action)).cpu()
+
+    def logprobs(self, ids_BT: torch.Tensor, real_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:
+        parts = [self.logprobs_chunk(ids_BT[s], real_BT[s], action_BT[s])
+                 for s in micro_batches(ids_BT.shape[0], self.micro_batch)]
+        return torch.cat(parts)
 
 
 def action_targets(ids_BT: torch.Tensor, action_BT: torch.Tensor) -> torch.Tensor:

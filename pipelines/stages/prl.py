@@ -37,11 +37,11 @@ def run(ctx: StageContext) -> dict:
     previous = f"prl_{k - 1}" if k > 1 else ("dpo" if "dpo" in ctx.inputs else "sft")
     paths = ppo.RlPaths(train_tasks=split_files(ctx, TASKS_STAGE, "train"), init_model=start_model(ctx, previous),
                         work=ctx.work, checkpoints=ctx.root / "checkpoints", out=ctx.out)
-    group = rollout_group(cfg, paths.init_model, section.gang)
+    groups = role_groups(cfg, paths.init_model, section.gang)
     try:
-        summary = train_on_gang(ctx, ppo.worker, cfg, paths, extra={"rollout_group": group} if group else None)
+        summary = train_on_gang(ctx, ppo.worker, cfg, paths, extra=groups or None)
     finally:
-        if group is not None:
+        for group in groups.values():
             group.shutdown()
     ctx.log(f"{cfg.algorithm} ({summary['estimator']}, critic {summary['critic']}): {summary['iterations']} "
             f"iterations, reward {summary.get('reward/mean', float('nan')):.3f}, accuracy "
@@ -52,20 +52,38 @@ def run(ctx: StageContext) -> dict:
     return {**summary, **evaluate_stage(ctx, ctx.out / "model", section.eval)}
 
 
-def rollout_group(cfg, init_model, gang):
-    """rollout.workers > 0: a Ray actor group of rollout workers the gang shares (checked to leave
-    room for the gang); else None."""
-    if cfg.rollout.workers == 0:
-        return None
-    from cluster.roles import RayRolloutGroup
+def role_groups(cfg, init_model, gang) -> dict:
+    """The roles the recipe runs as Ray actor groups beside the gang (rollout.workers,
+    roles.reference.workers, roles.reward_model.workers > 0), by the payload key rl.ppo.worker
+    reads; each checked to leave room for the gang. Empty: every role runs in the gang's processes."""
+    from cluster.roles import RayReferenceGroup, RayRewardModelGroup, RayRolloutGroup
     from training.export import load_model_config
     from training.tokenizer import EOS, PAD, load_tokenizer, special_token_ids
-    ids = special_token_ids(load_tokenizer(init_model))
-    return RayRolloutGroup(load_model_config(init_model), [ids[EOS], ids["</answer>"]], ids[PAD],
-                           workers=cfg.rollout.workers, use_gpu=cfg.rollout.use_gpu,
-                           cpus_per_worker=cfg.rollout.cpus_per_worker, strategy=gang.placement_strategy,
-                           key="prl.rollout.workers",
-                           reserve={k: v * gang.num_workers for k, v in gang.worker_resources().items()})
+    place = {"strategy": gang.placement_strategy,
+             "reserve": {k: v * gang.num_workers for k, v in gang.worker_resources().items()}}
+    groups = {}
+    try:
+        if cfg.rollout.workers:
+            ids = special_token_ids(load_tokenizer(init_model))
+            groups["rollout_group"] = RayRolloutGroup(
+                load_model_config(init_model), [ids[EOS], ids["</answer>"]], ids[PAD], workers=cfg.rollout.workers,
+                use_gpu=cfg.rollout.use_gpu, cpus_per_worker=cfg.rollout.cpus_per_worker,
+                key="prl.rollout.workers", **place)
+        ref = cfg.roles.reference
+        if ref.workers:
+            groups["reference_group"] = RayReferenceGroup(
+                init_model, temperature=cfg.rollout.temperature, micro_batch=cfg.micro_batch, workers=ref.workers,
+                use_gpu=ref.use_gpu, cpus_per_worker=ref.cpus_per_worker, key="prl.roles.reference.workers", **place)
+        rm = cfg.roles.reward_model
+        if rm.workers:
+            groups["reward_model_group"] = RayRewardModelGroup(
+                cfg.reward_model, workers=rm.workers, use_gpu=rm.use_gpu, cpus_per_worker=rm.cpus_per_worker,
+                key="prl.roles.reward_model.workers", **place)
+    except BaseException:
+        for group in groups.values():
+            group.shutdown()
+        raise
+    return groups
 
 
 for _k in range(1, MAX_PRL_STAGES + 1):

@@ -1,5 +1,5 @@
-"""Gangs checked before any work: an impossible gang (or an RL stage's rollout workers that leave
-no room for it) fails the run before its first stage, naming the key; on an autoscaling cluster a
+"""Gangs checked before any work: an impossible gang (or an RL stage's actor groups that leave no
+room for it) fails the run before its first stage, naming the key; on an autoscaling cluster a
 gang that fits only the cluster the autoscaler may build is announced as a wait. The autoscaler's
 cluster config is the record KubeRay and the launcher publish in the GCS, written here directly."""
 import pytest
@@ -47,7 +47,19 @@ def test_an_impossible_gang_fails_the_run_before_its_first_stage(local_ray, tmp_
 
 def test_rollout_workers_that_leave_no_room_for_the_gang_fail_first(local_ray, tmp_path):
     cfg = load_config(DEMO, ["prl.rollout.workers=2", f"runs_dir={tmp_path}"])
-    with pytest.raises(ValueError, match=r"prl_1\.gang: the gang .* and its rollout workers"):
+    with pytest.raises(ValueError, match=r"prl_1\.gang: the gang .* and its RL actor groups"):
+        run_pipeline(cfg, "t")
+    assert not (tmp_path / "t" / "ingest").exists()
+
+
+def test_every_rl_actor_group_counts_beside_the_gang(local_ray, tmp_path):
+    from pipelines.runner import role_resources
+    cfg = load_config(DEMO, ["prl.rollout.workers=1", "prl.loss.kl_coef=0.1", "prl.roles.reference.workers=2",
+                             "prl.roles.reference.use_gpu=true", "prl.roles.reference.cpus_per_worker=0.5",
+                             f"runs_dir={tmp_path}"])
+    assert role_resources(cfg.section("prl_1")) == {"CPU": 2.0, "GPU": 2.0}
+    assert role_resources(load_config(DEMO, [f"runs_dir={tmp_path}"]).section("prl_1")) is None
+    with pytest.raises(ValueError, match=r"prl_1\.gang: .* and its RL actor groups \(\{'CPU': 2.0, 'GPU': 2.0\}\)"):
         run_pipeline(cfg, "t")
     assert not (tmp_path / "t" / "ingest").exists()
 

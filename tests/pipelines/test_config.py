@@ -201,6 +201,9 @@ def test_editing_stage_two_leaves_stage_one_fingerprint_alone(tmp_path):
     ("{algorithm: ppo, critic: none}", "needs a critic"),
     ("{critic: shared}", "critic=shared needs advantage.estimator=gae"),
     ("{rewards: {overlong: 1.0}, rollout: {max_new_tokens: 16}}", "overlong_buffer=32 must be <= rollout.max_new_tokens=16"),
+    ("{roles: {reference: {workers: 2}}, loss: {kl_coef: 0}}", "roles.reference.workers=2: no reference is used without a KL term"),
+    ("{roles: {reward_model: {workers: 1}}}", "roles.reward_model.workers=1: the rewards have no reward_model term"),
+    ("{roles: {critic: {workers: 1}}}", "stages.1.roles.critic: unknown key"),
 ])
 def test_a_bad_prl_stage_is_named(tmp_path, stage2, message):
     with pytest.raises(ConfigError) as err:
