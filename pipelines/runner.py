@@ -89,6 +89,26 @@ def stage_config(cfg: PipelineConfig, name: str) -> dict:
     return out
 
 
+# where a stage runs, not what it computes: the gang (workers, resources, placement, restarts) and
+# an RL stage's actor groups
+PLACEMENT_KEYS = {"gang": None, "roles": None, "rollout": ("workers", "use_gpu", "cpus_per_worker")}
+
+
+def fingerprint_config(cfg: PipelineConfig, name: str) -> dict:
+    """stage_config without where the stage runs (PLACEMENT_KEYS): what its fingerprint hashes, so
+    moving a stage to other workers (fewer, after a node is lost for good) resumes a running stage
+    from its checkpoint and leaves a finished one done. The manifest and W&B record the whole
+    stage_config."""
+    out = stage_config(cfg, name)
+    section = out[name]
+    for key, fields in PLACEMENT_KEYS.items():
+        if fields is None:
+            section.pop(key, None)
+        elif isinstance(section.get(key), dict):
+            section[key] = {k: v for k, v in section[key].items() if k not in fields}
+    return out
+
+
 def _content_hash(path: Path) -> str:
     """sha256 of a file, or of a folder's files (relative names and contents)."""
     if path.is_file():
@@ -113,7 +133,7 @@ def run_pipeline(cfg: PipelineConfig, run_id: str, *, stages: list[str] | None =
     for name in cfg.stages:
         stage_dir = store.stage(name)
         inputs = {dep: input_fingerprint(store, name, dep, fingerprints) for dep in STAGES[name].deps(cfg.stages)}
-        stage_fingerprint = fingerprint(name, stage_config(cfg, name), inputs, code)
+        stage_fingerprint = fingerprint(name, fingerprint_config(cfg, name), inputs, code)
         if name not in selected:
             fingerprints[name] = _upstream_fingerprint(store, name, stage_fingerprint, selected, cfg.stages, echo)
             continue

@@ -145,6 +145,28 @@ def test_editing_a_named_file_changes_only_its_stages_fingerprint(tmp_path):
     assert fingerprint("quality", stage_config(moved, "quality"), {}, "code") == fp("quality")
 
 
+def test_where_a_stage_runs_is_not_part_of_its_fingerprint():
+    """A gang moved to fewer workers (a node lost for good) or other resources, and RL roles moved
+    into actor groups, resume the stage instead of restarting it; what it computes still counts."""
+    from pipelines.runner import fingerprint_config, stage_config
+    from pipelines.store import fingerprint
+
+    def fps(overrides):
+        cfg = load_config(DEMO, overrides)
+        return {name: fingerprint(name, fingerprint_config(cfg, name), {}, "code") for name in ("pretrain", "prl_1")}
+    base = fps([])
+    moved = fps(["pretrain.gang.num_workers=1", "pretrain.gang.max_failures=5", "pretrain.gang.placement_strategy=SPREAD",
+                 "prl.gang.num_workers=1", "prl.rollout.workers=1", "prl.rollout.cpus_per_worker=0.5",
+                 "prl.roles.reference.workers=1", "prl.roles.reward_model.use_gpu=true"])
+    assert moved == base
+    assert fps(["pretrain.steps=7"])["pretrain"] != base["pretrain"]
+    assert fps(["prl.rollout.temperature=0.5"])["prl_1"] != base["prl_1"]
+    # the manifest and W&B still record where it ran
+    cfg = load_config(DEMO, ["pretrain.gang.num_workers=1"])
+    assert stage_config(cfg, "pretrain")["pretrain"]["gang"]["num_workers"] == 1
+    assert "gang" not in fingerprint_config(cfg, "pretrain")["pretrain"]
+
+
 def test_a_tokenizer_folder_is_accepted_and_hashed_by_its_files(tmp_path):
     from pipelines.runner import stage_config
     folder = tmp_path / "tokenizer"
