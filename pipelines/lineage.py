@@ -41,6 +41,7 @@ its sha256; and every stage's done manifest gets the compact form under ``lineag
 """
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -153,7 +154,11 @@ def record_lineage(store: RunStore, stage: str, manifest: dict) -> dict:
 def find_lineage(path: str | Path) -> dict | None:
     """The lineage of a stage folder (or any folder in it: model/, a checkpoint) or of an exported
     model: the recorded lineage.json when there is one, else built from the run store (a data
-    stage, or a model published before stages wrote it). None when the path has none."""
+    stage, or a model published before stages wrote it). None when the path has none. A URI
+    (s3://bucket/runs/demo/prl_2/model) is read from the object store, nothing downloaded."""
+    from cluster.storage import is_uri
+    if is_uri(str(path)):
+        return _find_remote(str(path).rstrip("/"))
     path = Path(path).resolve()
     if not path.exists():
         raise ValueError(f"{path}: no such file or folder")
@@ -161,7 +166,7 @@ def find_lineage(path: str | Path) -> dict | None:
     candidates = [path / LINEAGE_FILE] + ([stage / "model" / LINEAGE_FILE] if stage else [])
     recorded = next((p for p in candidates if p.is_file()), None)
     if recorded is not None:
-        return _with_own_finish(read_json(recorded), stage)
+        return _with_own_finish(read_json(recorded), read_json(stage / "manifest.json") if stage else None)
     if stage is not None:
         return build_lineage(RunStore(stage.parent.parent, stage.parent.name), stage.name)
     return None
@@ -176,10 +181,37 @@ def stage_folder(path: Path) -> Path | None:
     return None
 
 
-def _with_own_finish(lineage: dict, stage: Path | None) -> dict:
+def _find_remote(uri: str) -> dict | None:
+    """find_lineage for a URI: the same search, by reading objects."""
+    from cluster.storage import join, list_files, read_bytes
+
+    def read(*parts: str) -> dict | None:
+        data = read_bytes(join(*parts))
+        return json.loads(data) if data is not None else None
+    scheme, _, rest = uri.partition("://")
+    parts = rest.split("/")
+    folders = [f"{scheme}://{'/'.join(parts[:n])}" for n in range(len(parts), 1, -1)]  # uri, parents, not the bucket
+    manifest, stage = None, None
+    for folder, parent in zip(folders, folders[1:]):
+        manifest = read(folder, "manifest.json")
+        if manifest is not None and read_bytes(join(parent, "pipeline.json")) is not None:
+            stage = folder
+            break
+    if stage is None and not list_files(uri):
+        raise ValueError(f"{uri}: no such file or folder in the object store")
+    recorded = read(uri, LINEAGE_FILE) or (read(stage, "model", LINEAGE_FILE) if stage else None)
+    if recorded is not None:
+        return _with_own_finish(recorded, manifest if stage else None)
+    if stage is not None:
+        root, run_id, name = stage.rsplit("/", 2)
+        return build_lineage(RunStore(root, run_id), name)
+    return None
+
+
+def _with_own_finish(lineage: dict, manifest: dict | None) -> dict:
     """A recorded lineage was written before its stage finished: take the finish time from the
     stage's done manifest, when it is the same execution (same fingerprint)."""
-    manifest = (read_json(stage / "manifest.json") or {}) if stage else {}
+    manifest = manifest or {}
     own = lineage["stages"][-1]
     if manifest.get("status") == DONE and manifest.get("fingerprint") == own["fingerprint"]:
         own = dict(own, finished=manifest.get("finished"))

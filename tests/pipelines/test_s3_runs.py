@@ -163,6 +163,25 @@ def test_status_report_and_wandb_folder_on_s3(data_run):
     assert [e["action"] for e in events if e["stage"] == "quality"] == ["run", "fail", "resume", "done"]
 
 
+def test_lineage_reads_the_bucket(data_run):
+    """`r1pipe lineage s3://...`: built from the manifests in the bucket, as for a local run."""
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+    from pipelines.lineage import build_lineage, find_lineage
+    uri = f"{RUNS}/main/quality"
+    found = find_lineage(uri + "/")
+    assert found == build_lineage(RunStore(RUNS, "main"), "quality")
+    assert [s["name"] for s in found["stages"]] == DATA_STAGES and found["warnings"] == []
+    assert found["fingerprint"] == RunStore(RUNS, "main").stage("quality").manifest()["fingerprint"]
+    assert find_lineage(f"{uri}/data") == found  # any folder in the stage
+    out = CliRunner().invoke(app, ["lineage", uri, "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.output)["fingerprint"] == found["fingerprint"]
+    missing = CliRunner().invoke(app, ["lineage", f"{RUNS}/main/nope"])
+    assert missing.exit_code == 2 and "no such file or folder in the object store" in " ".join(missing.output.split())
+
+
 def test_cli_run_and_status_on_s3(data_run):
     """`r1pipe run` of a done stage skips it, then uploads the run's report and its log;
     `r1pipe status` reads the bucket."""
@@ -271,6 +290,11 @@ def test_pretrain_killed_with_its_driver_resumes_from_the_bucket(s3, tmp_path):
     assert all(f"{d}/trainer.json" in storage.list_files(ckpts) for d in ("step_00000012", "step_00000016"))
     log = [json.loads(line) for line in storage.read_bytes(storage.join(stage.remote, "train_log.jsonl")).splitlines()]
     assert [r["step"] for r in log] == list(range(1, 17))  # steps 1-4 from the killed run's log in the bucket
+    from pipelines.lineage import find_lineage  # the model's recorded lineage.json, read from the bucket
+    lineage = find_lineage(storage.join(stage.remote, "model"))
+    names = [s["name"] for s in lineage["stages"]]
+    assert names[-1] == "pretrain" and "tokenizer" in names
+    assert lineage["fingerprint"] == manifest["fingerprint"] and lineage["stages"][-1]["finished"] == manifest["finished"]
     from training.export import load_model
     fresh = tmp_path / "download"
     storage.download(storage.join(stage.remote, "model"), fresh)
