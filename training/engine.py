@@ -340,9 +340,11 @@ class Engine(_Wrapped):
         self.ds.save_checkpoint(str(folder), tag=DS_TAG)
 
     def load(self, folder: str | Path, universal: bool = False) -> None:
+        from training.safe_load import weights_only_loads
         tag = UNIVERSAL if universal else DS_TAG
-        path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        with weights_only_loads():  # DeepSpeed's reads would unpickle anything otherwise
+            path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
         if path is None:
             raise ValueError(f"checkpoint {folder}/{tag}: DeepSpeed found nothing to load")
 
@@ -420,7 +422,7 @@ def to_universal(folder: str | Path, zero_stage: int) -> Path:
     done = folder / ".universal.done"
     if done.exists():
         return out
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+    cmd = [sys.executable, "-m", "training.safe_load",  # ds_to_universal, reading with weights_only=True
            "--input_folder", str(folder / DS_TAG), "--output_folder", str(out),
            "--num_extract_workers", "1", "--num_merge_workers", "1"]
     if zero_stage == 2:
