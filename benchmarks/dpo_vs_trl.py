@@ -267,7 +267,7 @@ def prepare(args, work: Path) -> dict:
     from pipelines.config import load_config
     from rl.config import DpoConfig
     from rl.dpo import PairPools, encode_pairs, read_pairs
-    from training.data import CurriculumSampler
+    from training.pretrain_data import CurriculumSampler
     from training.tokenizer import load_tokenizer
 
     recipe = load_config(args.recipe)

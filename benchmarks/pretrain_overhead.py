@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipelines.config import load_config  # noqa: E402
 from training.config import PretrainConfig  # noqa: E402
-from training.data import CurriculumSampler, PackedCorpus, build_token_cache  # noqa: E402
 from training.engine import lr_at  # noqa: E402
 from training.model import Transformer  # noqa: E402
 from training.pretrain import Paths  # noqa: E402
+from training.pretrain_data import CurriculumSampler, PackedCorpus, build_token_cache  # noqa: E402
 from training.tokenizer import load_tokenizer  # noqa: E402
 
 

@@ -29,8 +29,8 @@ from benchmarks.pretrain_overhead import bare_optimizer  # noqa: E402
 from pipelines.config import load_config  # noqa: E402
 from training import sft  # noqa: E402
 from training.config import SftConfig  # noqa: E402
-from training.data import CurriculumSampler  # noqa: E402
 from training.export import load_model  # noqa: E402
+from training.pretrain_data import CurriculumSampler  # noqa: E402
 from training.sft_data import SftCorpus, build_sft_cache  # noqa: E402
 
 

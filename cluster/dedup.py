@@ -19,7 +19,7 @@ C docs on a candidate pair:
                   driver   streams back the near removals
   3. write-out    driver   write_removals: one file of removals per shard; then
                            per shard ``DedupApplyStep`` (pipelines/stages/dedup.py)
-                           under cluster.data.run_sharded, so finished shards are kept
+                           under cluster.sharded.run_sharded, so finished shards are kept
 
 The driver holds edges and removed ids, never signatures or an index of the
 corpus. Only the C candidate docs' signatures go through a shuffle. Why groups
@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from cluster.data import shard_name, write_parquet_atomic
+from cluster.sharded import shard_name, write_parquet_atomic
 from data_engine.dedup import DedupConfig
 from data_engine.dedup_minhash import normalized_texts, signature_batch
 from data_engine.dedup_parts import (

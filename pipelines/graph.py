@@ -46,7 +46,7 @@ class StageContext:
     inputs: dict[str, Path]     # upstream stage name -> its folder (optional inputs only when in the recipe)
     sink: Sink                  # the stage's metrics, tables and charts (its W&B run)
     data_concurrency: int | None = None
-    fault: str | None = None    # fault injection for tests (cluster.data.maybe_fault)
+    fault: str | None = None    # fault injection for tests (cluster.sharded.maybe_fault)
     resumed: bool = False       # this run continues a crashed run of the same fingerprint
 
     def log(self, message: str) -> None:

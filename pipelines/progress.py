@@ -4,7 +4,7 @@ Stages never talk to the terminal (they run as Ray tasks, often on another node)
 helpers already leave files that say how far they are, and the driver polls them twice a
 second through the runner's ``Watcher``:
 
-- a data stage's shard pass (``cluster.data.run_sharded``): ``.work/<pass>/plan.json`` holds the
+- a data stage's shard pass (``cluster.sharded.run_sharded``): ``.work/<pass>/plan.json`` holds the
   number of shards, ``.work/<pass>/done/part-*.json`` one marker per finished shard;
 - a training stage (``TrainLog``): ``.work/progress.json`` holds the step (an RL stage: the
   iteration), the total and the loss.

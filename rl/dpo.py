@@ -29,13 +29,13 @@ from safetensors.torch import load_file, save_file
 
 from rl.config import DpoConfig
 from rl.losses import NEEDS_REFERENCE, PairLogps, chosen_nll, preference_loss
-from training.data import CurriculumSampler, shard
-from training.distributed import all_gather, all_sum, on_rank0, rank_world
+from training.distributed import all_gather, all_sum, on_rank0, rank_slice, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group, to_device
 from training.export import load_model
 from training.loop import Hooks, SamplerJob, paths_from_payload, train
 from training.model import flops_per_token
 from training.pretrain import expert_metrics
+from training.pretrain_data import CurriculumSampler
 from training.sft import check_model
 from training.sft_data import ExamplePool
 from training.tokenizer import PAD, load_tokenizer
@@ -217,7 +217,7 @@ class PairJob(SamplerJob):
     def next_step(self) -> tuple[list, dict]:
         ids = self.sampler.next_batch()  # the same global batch on every rank
         index = [self.pools.train[p].rows[s][0] for p, s in ids]
-        mine = shard(index, self.rank, self.world)
+        mine = rank_slice(index, self.rank, self.world)
         micro = self.cfg.data.micro_batch
         tokens = sum(len(self.pairs[i].chosen) + len(self.pairs[i].rejected) - 2 for i in index)
         return [self._batch(mine[i:i + micro], "train") for i in range(0, len(mine), micro)], {"tokens": tokens}

@@ -69,3 +69,9 @@ def all_gather(obj: Any) -> list[Any]:
     else:
         gathered[0] = obj
     return gathered
+
+
+def rank_slice(ids: list, rank: int, world: int) -> list:
+    """This rank's contiguous slice of a global batch (its part of every step's rows)."""
+    per = len(ids) // world
+    return ids[rank * per:(rank + 1) * per]

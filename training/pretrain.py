@@ -24,11 +24,11 @@ import torch
 import torch.distributed as dist
 
 from training.config import DataConfig, PretrainConfig
-from training.data import PHASES, CurriculumSampler, PackedCorpus, build_token_cache, shard
-from training.distributed import all_sum, on_rank0, rank_world
+from training.distributed import all_sum, on_rank0, rank_slice, rank_world
 from training.engine import Engine, StepResult, ensure_process_group, lm_loss
 from training.loop import Hooks, NonFiniteLoss, SamplerJob, choose_checkpoint, train  # noqa: F401 - re-exported
 from training.model import Transformer, flops_per_token
+from training.pretrain_data import PHASES, CurriculumSampler, PackedCorpus, build_token_cache
 from training.tokenizer import load_tokenizer
 
 
@@ -102,7 +102,7 @@ class PretrainJob(SamplerJob):
 
     def next_step(self) -> tuple[list, dict]:
         phase = self.sampler.phase()
-        ids = shard(self.sampler.next_batch(), self.rank, self.world)
+        ids = rank_slice(self.sampler.next_batch(), self.rank, self.world)
         micro = self.corpus.micro_batches(ids, self.cfg.data.micro_batch)
         return micro, {"tokens": self.tokens_per_step, "phase": phase, "phase_name": PHASES[phase]}
 

@@ -22,8 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from training.config import SftConfig
-from training.data import CurriculumSampler, shard
-from training.distributed import all_sum, on_rank0, rank_world
+from training.distributed import all_sum, on_rank0, rank_slice, rank_world
 from training.engine import Engine, StepResult, ensure_process_group
 from training.export import load_model, load_model_config
 from training.logprobs import IGNORE
@@ -31,6 +30,7 @@ from training.lora import add_lora, merge_lora
 from training.loop import Hooks, SamplerJob, paths_from_payload, train
 from training.model import Transformer, flops_per_token
 from training.pretrain import expert_metrics
+from training.pretrain_data import CurriculumSampler
 from training.sft_data import SftCorpus, build_sft_cache, val_examples
 from training.tokenizer import load_tokenizer
 
@@ -69,7 +69,7 @@ class SftJob(SamplerJob):
         ids = self.sampler.next_batch()  # the same global batch on every rank
         train = self.corpus.train
         scale = self.gas * self.world / max(1, self.corpus.n_targets(train, ids))
-        mine = shard(ids, self.rank, self.world)
+        mine = rank_slice(ids, self.rank, self.world)
         if not self.cfg.data.packing:  # this rank's examples by length: less padding, same global batch
             mine = sorted(mine, key=lambda ps: self.corpus.n_tokens(train, [ps]))
         micro = self.corpus.micro_batches(mine, self.cfg.data.micro_batch)

@@ -98,7 +98,7 @@ def map_shards(ctx, step_cls, step_kwargs: dict, items: list[dict], out_dir: Pat
     broken storage, not bad input). The step gets the Parquet files under the item's
     ``inputs`` keys, as tables. ``actors=False`` for steps cheap to build. Fault points
     are ``<fault_name>:after_write:<index>``; fault_name defaults to the stage's name."""
-    from cluster.data import finished_shards, run_sharded, shard_reader
+    from cluster.sharded import finished_shards, run_sharded, shard_reader
     reused = set(finished_shards(out_dir))
     if reused:
         ctx.log(f"resuming: {len(reused)} of {len(items)} shard(s) already done")

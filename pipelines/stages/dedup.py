@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cluster.data import shard_name
 from cluster.dedup import find_removals, write_removals
+from cluster.sharded import shard_name
 from data_engine.dedup import apply_removals
 from data_engine.dedup_survivors import REMOVED_SCHEMA
 from data_engine.schema import ShardResult

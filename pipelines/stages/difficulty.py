@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.data import maybe_fault, shard_name
+from cluster.sharded import maybe_fault, shard_name
 from data_engine.difficulty import (
     GLOBAL, REFERENCE_COLUMNS, CrossFitScorer, assign_difficulty, check_folds, cuts_table, difficulty_by_domain,
     fold_training_texts, ppl_histogram, quantile_cuts, reference_per_fold, train_kenlm,

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cluster.data import (duplicate_values, maybe_fault, run_sharded, shard_name,
+from cluster.sharded import (duplicate_values, maybe_fault, run_sharded, shard_name,
                           write_parquet_atomic)
 from data_engine.ingest import (UNREADABLE_REASONS, Chunk, FieldMap, InputSpec, RawRow, plan_chunks,
                                 read_raw_rows, records_from_rows, resolve_files)

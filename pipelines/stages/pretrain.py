@@ -20,7 +20,7 @@ from pipelines.stages.train_common import TrainLog, evaluate_stage, fresh_start_
 def run(ctx: StageContext) -> dict:
     from cluster.train import run_pretrain
     from training.config import PretrainConfig
-    from training.data import build_token_cache
+    from training.pretrain_data import build_token_cache
     from training.pretrain import Paths
     import json
     section = ctx.section

@@ -93,7 +93,7 @@ def _write(ctx: StageContext, train_rows: list[dict], eval_rows: list[dict], rej
 def write_splits(ctx: StageContext, splits: dict[str, list[dict]], rejected: list[dict], schema: pa.Schema,
                  reject_schema: pa.Schema) -> None:
     """<split>/part-00000.parquet per split and rejected/part-00000.parquet, each published atomically."""
-    from cluster.data import shard_name, write_parquet_atomic
+    from cluster.sharded import shard_name, write_parquet_atomic
     name = f"{shard_name(0)}.parquet"
     for folder, rows in splits.items():
         write_parquet_atomic(pa.Table.from_pylist(rows, schema=schema), ctx.out / folder / name)
@@ -127,7 +127,7 @@ def _decontaminate_corpus(ctx: StageContext, eval_rows: list[dict], index_cls) -
     if CORPUS_STAGE not in ctx.inputs or not eval_rows:
         (ctx.out / "corpus_excluded.json").write_text("[]\n")
         return {"corpus_docs_excluded": 0, "eval_tasks_in_corpus": 0}
-    from cluster.data import map_files, write_parquet_atomic
+    from cluster.sharded import map_files, write_parquet_atomic
     index = index_cls(eval_rows, ctx.section.decontamination)
     files = [str(p) for p in corpus_files(ctx.inputs[CORPUS_STAGE])]
     column = ctx.section.decontamination.corpus_text_column

@@ -28,7 +28,7 @@ def shards(tmp_path_factory) -> tuple[pa.Table, list[str]]:
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from cluster.data import configure
+    from cluster.sharded import configure
     from cluster.session import RaySettings, connect
     connect(RaySettings(num_cpus=2))
     configure()
@@ -84,7 +84,7 @@ def test_a_killed_bucket_pass_reuses_the_signatures_it_wrote(ray_session, shards
 
 
 def test_duplicate_values_across_shards(ray_session, tmp_path):
-    from cluster.data import duplicate_values
+    from cluster.sharded import duplicate_values
     paths = []
     for i, ids in enumerate([["a", "b", "c"], ["c", "d"], ["d", "d", "e"]]):
         paths.append(str(tmp_path / f"ids-{i}.parquet"))

@@ -22,9 +22,9 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from cluster.data import configure, run_sharded
 from cluster.gang import GangConfig, launch_size, preflight
 from cluster.session import shutdown
+from cluster.sharded import configure, run_sharded
 from cluster.train import GangLostNodes, run_pretrain
 from data_engine.schema import RECORD_SCHEMA
 from tests.cluster.recording_step import RecordingQualityStep, records

@@ -157,7 +157,7 @@ def test_nonfinite_steps_are_skipped_then_abort(data):
 
 def test_difficulty_curriculum_draws_basic_examples_first(tmp_path):
     from training.config import SftDataConfig
-    from training.data import CurriculumSampler
+    from training.pretrain_data import CurriculumSampler
     from training.sft_data import SftCorpus
     root = tmp_path / "tasks"
     rows = [task_row(t, "train") for t in generate_tasks(60, 3, families=["modular", "gcd_lcm"])]

@@ -4,7 +4,7 @@
     corpus = PackedCorpus(cache, seq_len=128)
     sampler = CurriculumSampler(corpus, cfg, total_steps=1000, seed=0)
     ids = sampler.next_batch()                     # global batch of sequence ids
-    x_BT, y_BT = corpus.batch(shard(ids, rank, world))
+    x_BT, y_BT = corpus.batch(rank_slice(ids, rank, world))   # training.distributed
 
 A *pool* holds every token of one (split, domain, difficulty), documents joined as
 ``<s> text </s>``; sequences are windows of seq_len + 1 tokens with stride seq_len, so
@@ -167,12 +167,6 @@ class PackedCorpus:
 
     def val_ids(self, max_per_pool: int) -> list[tuple[int, int]]:
         return [(p, i) for p, pool in enumerate(self.val) for i in range(min(pool.n, max_per_pool))]
-
-
-def shard(ids: list, rank: int, world: int) -> list:
-    """This rank's contiguous slice of a global batch."""
-    per = len(ids) // world
-    return ids[rank * per:(rank + 1) * per]
 
 
 # ----------------------------------------------------------------------------- the sampler

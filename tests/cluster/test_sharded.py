@@ -3,7 +3,7 @@ import json
 
 import pyarrow as pa
 
-from cluster.data import _current_shards, shard_name, write_parquet_atomic
+from cluster.sharded import _current_shards, shard_name, write_parquet_atomic
 
 
 def _finish(out, item):

@@ -6,7 +6,8 @@ import pytest
 
 from tests.pretrain_corpus import write_corpus, write_tokenizer
 from training.config import CurriculumConfig, DataConfig
-from training.data import CurriculumSampler, PackedCorpus, build_token_cache, is_validation, shard
+from training.distributed import rank_slice
+from training.pretrain_data import CurriculumSampler, PackedCorpus, build_token_cache, is_validation
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,7 @@ def test_domain_weights_and_early_domains(corpus):
 
 def test_sharding_covers_the_global_batch_once(corpus):
     ids = CurriculumSampler(corpus, data_cfg(), total_steps=10, seed=0).next_batch()
-    parts = [shard(ids, r, 4) for r in range(4)]
+    parts = [rank_slice(ids, r, 4) for r in range(4)]
     assert [i for part in parts for i in part] == ids
     micro = corpus.micro_batches(parts[0], 1)
     assert len(micro) == 2 and micro[0][0].shape == (1, 16)
