@@ -169,12 +169,14 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
     that are cheap to build, it saves starting (and importing into) fresh actor
     processes, a few CPU-seconds each.
 
-    Returns (stats of every finished shard, errors of shards that failed).
+    Returns (stats of every finished shard, each with ``reused``: finished by an earlier
+    attempt; errors of shards that failed).
     """
     out_dir = Path(out_dir)
     # how many shards this pass has, for the progress line (pipelines/progress.py)
     _write_text_atomic(json.dumps({"total": len(items)}), out_dir / "plan.json")
     done = _current_shards(out_dir, items)
+    reused = set(done)
     todo = [it for it in items if it["index"] not in done]
     errors = []
     if todo:
@@ -199,7 +201,7 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
             stats = json.loads(r["result"])
             (errors if "error" in stats else []).append(stats)
         done = finished_shards(out_dir)
-    return [done[i] for i in sorted(done)], errors
+    return [dict(done[i], reused=i in reused) for i in sorted(done)], errors
 
 
 def _current_shards(out_dir: Path, items: list[dict]) -> dict[int, dict]:

@@ -98,10 +98,7 @@ def map_shards(ctx, step_cls, step_kwargs: dict, items: list[dict], out_dir: Pat
     broken storage, not bad input). The step gets the Parquet files under the item's
     ``inputs`` keys, as tables. ``actors=False`` for steps cheap to build. Fault points
     are ``<fault_name>:after_write:<index>``; fault_name defaults to the stage's name."""
-    from cluster.sharded import finished_shards, run_sharded, shard_reader
-    reused = set(finished_shards(out_dir))
-    if reused:
-        ctx.log(f"resuming: {len(reused)} of {len(items)} shard(s) already done")
+    from cluster.sharded import run_sharded, shard_reader
     stats, errors = run_sharded(step_cls, step_kwargs, items, out_dir,
                                 concurrency=concurrency or ctx.data_concurrency,
                                 num_gpus=num_gpus, fault_prefix=fault_name or ctx.name, fault=ctx.fault,
@@ -109,7 +106,10 @@ def map_shards(ctx, step_cls, step_kwargs: dict, items: list[dict], out_dir: Pat
     if errors:
         raise RuntimeError(f"{ctx.name}: {len(errors)} shard(s) failed: " + "; ".join(
             f"{shard_label(e['item']['path'])}: {e['error']}" for e in errors[:5]))
-    return [dict(s, reused=s["index"] in reused) for s in stats]
+    reused = sum(s["reused"] for s in stats)
+    if reused:
+        ctx.log(f"resumed: {reused} of {len(items)} shard(s) were done before")
+    return stats
 
 
 def shard_funnel(stage: str, stats: list[dict], shard_dir: Path, max_fraction: float) -> dict:
@@ -125,7 +125,7 @@ def shard_funnel(stage: str, stats: list[dict], shard_dir: Path, max_fraction: f
     rows_in = sum(pq.ParquetFile(s["item"]["path"]).metadata.num_rows for s in stats)
     metrics = funnel_metrics(rows_in, shard_dir, reasons)
     metrics["shards"] = len(stats)
-    metrics["shards_reused"] = sum(bool(s.get("reused")) for s in stats)  # done before a crash
+    metrics["shards_reused"] = sum(s["reused"] for s in stats)  # done before a crash
     check_budget(stage, metrics, max_fraction, per_file)
     return metrics
 

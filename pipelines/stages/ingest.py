@@ -82,7 +82,8 @@ def run(ctx: StageContext) -> dict:
     # What the reader returned for each chunk, recorded in its marker as it read it.
     rows_in = sum(s["kept"] + s["rejected"] for s in stats)
     metrics = funnel_metrics(rows_in, unique, reasons)
-    metrics.update(files=len({c.file for c in chunks}), chunks=len(chunks))
+    metrics.update(files=len({c.file for c in chunks}), chunks=len(chunks),
+                   shards_reused=sum(s["reused"] for s in stats))  # read before a crash
     _check_unreadable(unreadable, metrics["files"], cfg.max_unreadable_file_fraction)
     check_budget("ingest", metrics, cfg.max_reject_fraction, per_file)
     publish_shards(unique, ctx.out)

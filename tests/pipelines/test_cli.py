@@ -119,19 +119,14 @@ def test_killed_driver_resumes(recipe, tmp_path):
     assert json.loads((stage / "manifest.json").read_text())["status"] == "running"
     first_done = {p.name: p.stat().st_mtime_ns for p in done.glob("part-*.json")}
     assert "part-00001.json" not in first_done
-    # A second driver dies in shard 1 too: the shards finished before the kill were not redone.
-    crashed = _r1pipe("run", str(recipe), env={"R1PIPE_FAULT": "ingest:after_write:1"})
-    crashed.communicate(timeout=300)
-    assert crashed.returncode != 0
-    assert {name: (done / name).stat().st_mtime_ns for name in first_done} == first_done
 
     again = _r1pipe("run", str(recipe))
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0, out
     assert "resume ingest" in out
     manifest = json.loads((stage / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["attempts"] == 3
-    assert manifest["metrics"]["kept"] == 95
+    assert manifest["status"] == "done" and manifest["attempts"] == 2
+    assert manifest["metrics"]["kept"] == 95 and manifest["metrics"]["shards_reused"] == len(first_done)
 
 
 def _free_port() -> int:

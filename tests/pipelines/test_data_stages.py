@@ -225,9 +225,9 @@ def test_error_budget_fails_naming_the_worst_shards(tmp_path):
                        _mkdir(tmp_path / "rejected") / f"part-{i:05d}.parquet")
         stats.append({"index": i, "kept": kept, "rejected": rejected,
                       "counters": {"reject:quality:word_count": rejected},
-                      "item": {"path": str(source)}})
+                      "item": {"path": str(source)}, "reused": i == 0})
     metrics = shard_funnel("quality", stats, tmp_path, max_fraction=0.5)
-    assert (metrics["rows_in"], metrics["kept"], metrics["rejected"]) == (30, 16, 14)
+    assert (metrics["rows_in"], metrics["kept"], metrics["rejected"], metrics["shards_reused"]) == (30, 16, 14, 1)
     with pytest.raises(ValueError, match=r"max_reject_fraction=0.4; worst: "
                                          r"dedup/data/part-00001.parquet \(8 rows\), "
                                          r"dedup/data/part-00002.parquet \(5 rows\)"):
