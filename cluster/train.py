@@ -109,7 +109,7 @@ def _gang_worker(config: dict) -> None:
     events: Queue = config["events"]
     # metrics are sent without waiting (ordered per caller); the summary below waits
     hooks = Hooks(on_metrics=lambda metrics, step: events.actor.put_nowait.remote(("metrics", metrics)),
-                  on_checkpoint=_report_checkpoint,
+                  on_checkpoint=_report_checkpoint, on_work_file=storage.push,
                   on_step=fault_hook(config["fault"], rank, Path(config["marker_dir"]), config["name"]))
     events.actor.put_nowait.remote(("node", (rank, ray.get_runtime_context().get_node_id())))
     start = ray.train.get_checkpoint()

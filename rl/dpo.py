@@ -21,6 +21,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 import torch
@@ -291,8 +292,9 @@ class ReferenceLogps:
     """The reference's (chosen, rejected) log-probs of a batch: read from the precomputed table,
     or scored by a frozen copy of the initial model at each call; none for a reference-free loss."""
 
-    def __init__(self, cfg: DpoConfig, paths: DpoPaths, pairs: dict[str, list[EncodedPair]], pad_id: int, seed: int):
-        self.cfg, self.seed, self.paths = cfg, seed, paths
+    def __init__(self, cfg: DpoConfig, paths: DpoPaths, pairs: dict[str, list[EncodedPair]], pad_id: int, seed: int,
+                 on_work_file: Callable[[Path], None] = lambda path: None):
+        self.cfg, self.seed, self.paths, self.on_work_file = cfg, seed, paths, on_work_file
         self.mode = "none" if not NEEDS_REFERENCE[cfg.loss.name] else cfg.reference
         self._frozen: FrozenModel | None = None
         self.table: dict[str, torch.Tensor] = {}
@@ -338,6 +340,7 @@ class ReferenceLogps:
             tmp = path.with_name(path.name + ".tmp")
             save_file({"logps": table}, tmp)
             tmp.replace(path)
+            self.on_work_file(path)  # a run on object storage: a resumed stage on another node finds it
         on_rank0(save)
         return table
 
@@ -371,7 +374,8 @@ def dpo(cfg: DpoConfig, paths: DpoPaths, *, seed: int, hooks: Hooks | None = Non
     ensure_process_group()
     model_cfg, tok, train_pairs, val_pairs, too_long = load_pairs(cfg, paths, "dpo")
     pad_id = tok.token_to_id(PAD)
-    reference = ReferenceLogps(cfg, paths, {"train": train_pairs, "val": val_pairs}, pad_id, seed)
+    reference = ReferenceLogps(cfg, paths, {"train": train_pairs, "val": val_pairs}, pad_id, seed,
+                               on_work_file=(hooks or Hooks()).on_work_file)
     job = DpoJob(cfg, train_pairs, val_pairs, model_cfg, pad_id, reference)
     summary = run_pair_job(cfg, paths, job, tok, too_long, lambda: load_model(paths.init_model), hooks)
     return summary and {**summary, "loss_name": cfg.loss.name, "reference": cfg.reference}

@@ -342,7 +342,7 @@ class Engine(_Wrapped):
     def load(self, folder: str | Path, universal: bool = False) -> None:
         from training.safe_load import weights_only_loads
         tag = UNIVERSAL if universal else DS_TAG
-        with weights_only_loads():  # DeepSpeed's reads would unpickle anything otherwise
+        with weights_only_loads(checkpoint_classes()):  # DeepSpeed's reads would unpickle anything otherwise
             path, _ = self.ds.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
@@ -413,6 +413,25 @@ def needs_universal(zero_stage: int, precision: str, saved_world: int, world: in
     after conversion; fp32 ZeRO-0 keeps it whole and loads anywhere."""
     partitioned = zero_stage > 0 or precision == "bf16"
     return partitioned and saved_world != world
+
+
+def checkpoint_classes() -> list[type]:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and containers: what
+    training/safe_load.py lets a weights-only load rebuild."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [_SkipFlag, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def ds_to_universal_main(argv: list[str]) -> None:
+    """DeepSpeed's ds_to_universal converter, every read a weights-only one."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    from training.safe_load import weights_only_loads
+    sys.argv = [sys.argv[0], *argv]
+    with weights_only_loads(checkpoint_classes()):
+        ds_to_universal.main(ds_to_universal.parse_arguments())
 
 
 def to_universal(folder: str | Path, zero_stage: int) -> Path:

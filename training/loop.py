@@ -49,6 +49,9 @@ class Hooks:
     on_metrics: Callable[[dict, int], None] = lambda metrics, step: None      # rank 0 only
     on_checkpoint: Callable[[Path, dict], None] = lambda path, metrics: None  # every rank
     on_step: Callable[[int, torch.nn.Module], None] = lambda step, model: None  # every rank, before a step
+    # a finished partial product in the stage's work folder (a precomputed table) worth keeping
+    # across a restart; on object storage the caller uploads it (every rank that writes one)
+    on_work_file: Callable[[Path], None] = lambda path: None
 
 
 @dataclass

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cluster import storage
 from cluster.dedup import find_removals, write_removals
 from cluster.sharded import shard_name
 from data_engine.dedup import apply_removals
@@ -42,20 +43,23 @@ class DedupApplyStep:
         return ShardResult(kept, rejected, {f"reject:{r}": reasons.count(r) for r in set(reasons)})
 
 
-def _removals(ctx: StageContext, shards: list[str]) -> dict:
-    """Find and store the removals once; a resumed run reads the cached summary."""
+def _removals(ctx: StageContext, shards: list[str]) -> tuple[dict, bool]:
+    """Find and store the removals once; a resumed run reads the cached summary (True). On
+    object storage they go up with the marker last, so a driver on another node finds them."""
     marker = ctx.work / "removals.json"
     if marker.exists():
         ctx.log("removals cached from an earlier attempt: skipping the bucket and cluster passes")
-        return json.loads(marker.read_text())
+        return json.loads(marker.read_text()), True
     removals, stats = find_removals(shards, library_config(ctx.section), ctx.work,
                                     concurrency=ctx.data_concurrency, log=ctx.log)
     write_removals(removals, len(shards), ctx.work / "removals")
     near = removals.filter(pc.equal(removals.column("reason"), "near_duplicate"))
     stats["near_jaccard_hist"] = _histogram(near.column("jaccard").to_numpy())
+    storage.push(ctx.work / "removals")
     write_json_atomic(marker, stats)
+    storage.push(marker)
     shutil.rmtree(ctx.work / "signatures", ignore_errors=True)  # the removals supersede them
-    return stats
+    return stats, False
 
 
 def _histogram(values: np.ndarray) -> list[list]:
@@ -66,7 +70,7 @@ def _histogram(values: np.ndarray) -> list[list]:
 
 def run(ctx: StageContext) -> dict:
     shards = input_shards(ctx, "ingest")
-    stats = _removals(ctx, shards)
+    stats, cached = _removals(ctx, shards)
     items = [{"index": i, "path": path,
               "removals": str(ctx.work / "removals" / f"{shard_name(i)}.parquet")}
              for i, path in enumerate(shards)]
@@ -74,7 +78,7 @@ def run(ctx: StageContext) -> dict:
                              inputs=("path", "removals"))
     metrics = shard_funnel("dedup", shard_stats, ctx.work / "shards",
                            ctx.section.max_reject_fraction)
-    metrics.update({k: v for k, v in stats.items() if k != "near_jaccard_hist"})
+    metrics.update({k: v for k, v in stats.items() if k != "near_jaccard_hist"}, removals_reused=cached)
     metrics["tables"] = {"near duplicates by estimated Jaccard": {
         "columns": ["jaccard", "removed"], "rows": stats["near_jaccard_hist"]}}
     report_tables(ctx, metrics["tables"], bars={

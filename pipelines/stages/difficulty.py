@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cluster import storage
 from cluster.sharded import maybe_fault, shard_name
 from data_engine.difficulty import (
     GLOBAL, REFERENCE_COLUMNS, CrossFitScorer, assign_difficulty, check_folds, cuts_table, difficulty_by_domain,
@@ -121,7 +122,10 @@ def _fold_models(ctx: StageContext, shards: list[str], thresholds, per_fold: lis
         if marker.exists():
             ctx.log(f"KenLM fold {fold}: model cached from an earlier attempt")
         else:
-            write_json_atomic(marker, _train_fold(ctx, shards, fold, thresholds, folder))
+            info = _train_fold(ctx, shards, fold, thresholds, folder)
+            storage.push(folder)  # object storage: the model goes up before the marker vouching for it
+            write_json_atomic(marker, info)
+            storage.push(marker)
             maybe_fault(f"{ctx.name}:kenlm:{fold}", ctx.fault)
         models.append(folder / "model.binary")
         infos.append(json.loads(marker.read_text()))

@@ -3,7 +3,7 @@
 One moto server (its HTTP API on loopback, not a mock of the client) and one Ray session
 serve the module. The data stages run on it and on a local folder and must keep and reject
 the same rows; a stage killed after one shard resumes from the shard that reached the
-bucket; a stage whose outputs are uploaded but whose manifest is not `done` runs again; a
+bucket, and dedup, killed with its node's disk, from the removals it had uploaded; a stage whose outputs are uploaded but whose manifest is not `done` runs again; a
 changed config reruns one stage there. A short pretrain is killed with its driver and
 resumes from the checkpoint in the bucket, skipping a checkpoint caught half-uploaded.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -101,7 +102,13 @@ def data_run(s3, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("s3data")
     recipe = _data_recipe(tmp, RUNS)
     cfg = load_config(recipe)
-    quality = RunStore(RUNS, "main").stage("quality")
+    quality, dedup = RunStore(RUNS, "main").stage("quality"), RunStore(RUNS, "main").stage("dedup")
+    # 0. dedup dies applying its removals; its node's disk is lost with it (the local mirror's
+    # .work goes): the removals, found once, must come back from the bucket
+    with pytest.raises(StageFailed):
+        run_pipeline(load_config(recipe, ["ray.data_concurrency=1"]), "main", fault="dedup:after_write:0")
+    dedup_work = sorted(storage.list_files(storage.join(dedup.remote, ".work")))
+    shutil.rmtree(dedup.work)
     # 1. quality dies after writing shard 1 (before its marker): shard 0 is in the bucket
     with pytest.raises(StageFailed):
         run_pipeline(load_config(recipe, ["ray.data_concurrency=1"]), "main", fault="quality:after_write:1")
@@ -113,7 +120,8 @@ def data_run(s3, tmp_path_factory):
     (tmp / "local").mkdir()
     local_cfg = load_config(_data_recipe(tmp / "local", str(tmp / "local" / "runs")))
     run_pipeline(local_cfg, "main")
-    return {"recipe": recipe, "cfg": cfg, "killed": killed, "resumed": resumed,
+    return {"recipe": recipe, "cfg": cfg, "killed": killed, "resumed": resumed, "dedup_work": dedup_work,
+            "dedup": dedup.manifest(),
             "local": Path(local_cfg.runs_dir) / "main"}
 
 
@@ -147,6 +155,15 @@ def test_a_failed_stage_resumes_from_the_shards_in_the_bucket(data_run):
     assert [resumed[s].action for s in DATA_STAGES] == ["skipped", "skipped", "ran"]
     assert resumed["quality"].metrics["shards_reused"] == 1
     assert RunStore(RUNS, "main").stage("quality").manifest()["resumed"] is True
+
+
+def test_partial_work_other_than_shards_resumes_from_the_bucket(data_run):
+    """dedup's removals (its costly part) go up with their marker last; a resume on a node
+    without them downloads them instead of finding them again."""
+    assert "removals.json" in data_run["dedup_work"]
+    assert any(rel.startswith("removals/part-") for rel in data_run["dedup_work"])
+    metrics = data_run["dedup"]["metrics"]
+    assert data_run["dedup"]["status"] == "done" and metrics["removals_reused"] is True
 
 
 def test_status_report_and_wandb_folder_on_s3(data_run):

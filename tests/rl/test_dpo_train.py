@@ -25,15 +25,19 @@ def cfg(**kw) -> DpoConfig:
     return DpoConfig.model_validate(base)
 
 
-def run(reasoner, pairs, name, config) -> tuple[dict, list[dict]]:
+def run(reasoner, pairs, name, config, work_files: list | None = None) -> tuple[dict, list[dict]]:
     rows = []
-    summary = dpo(config, paths(reasoner, pairs, name), seed=0, hooks=Hooks(on_metrics=lambda m, s: rows.append(m)))
+    hooks = Hooks(on_metrics=lambda m, s: rows.append(m), on_work_file=(work_files if work_files is not None else []).append)
+    summary = dpo(config, paths(reasoner, pairs, name), seed=0, hooks=hooks)
     return summary, rows
+
+
+FULL_WORK_FILES: list = []
 
 
 @pytest.fixture(scope="module")
 def full(reasoner, pairs):
-    return run(reasoner, pairs, "full", cfg())
+    return run(reasoner, pairs, "full", cfg(), FULL_WORK_FILES)
 
 
 def test_dpo_starts_at_ln2_and_learns_the_held_out_preferences(full, reasoner, pairs):
@@ -55,8 +59,13 @@ def test_a_resumed_run_replays_the_same_losses_and_reuses_the_reference(full, re
     again.checkpoints.mkdir(parents=True)
     shutil.copytree(paths(reasoner, pairs, "full").checkpoints / "step_00000004", again.checkpoints / "step_00000004")
     shutil.copytree(paths(reasoner, pairs, "full").work, again.work)  # the stored reference log-probs
-    summary, replay = run(reasoner, pairs, "again", cfg())
-    assert summary["resumed_from_step"] == 4
+    # the reference tables were offered for upload as they were written (on object storage, a
+    # resume on another node downloads them with the stage's .work); the resume writes none
+    assert sorted(p.name for p in FULL_WORK_FILES) == sorted(p.name for p in again.work.glob("reference-*"))
+    assert len(FULL_WORK_FILES) == 2  # train and held-out pairs
+    offered: list = []
+    summary, replay = run(reasoner, pairs, "again", cfg(), offered)
+    assert summary["resumed_from_step"] == 4 and offered == []
     assert [r["loss"] for r in replay] == [r["loss"] for r in rows[4:]]  # bitwise
 
 

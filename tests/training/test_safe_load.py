@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tests.training.test_engine import batches, tiny_engine
+from training.engine import checkpoint_classes
 from training.safe_load import UnsafeCheckpoint, weights_only_loads
 
 
@@ -41,7 +42,7 @@ def test_a_checkpoint_file_that_carries_code_is_refused_without_running_it(tmp_p
     with pytest.raises(UnsafeCheckpoint, match=r"mp_rank_00_model_states\.pt: refused to load"):
         tiny_engine(1).load(tmp_path / "ck")
     assert not marker.exists()
-    with pytest.raises(UnsafeCheckpoint), weights_only_loads():
+    with pytest.raises(UnsafeCheckpoint), weights_only_loads(checkpoint_classes()):
         torch.load(states, weights_only=False)  # any caller inside, whatever it asks for
     assert not marker.exists()
     assert torch.load.__module__ == "torch.serialization"  # the original is back after the block
