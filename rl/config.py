@@ -159,6 +159,12 @@ class RolloutConfig(RoleGroupConfig):
         "max_refill_rounds; still-short batches keep some tied groups (counted)"))
     max_refill_rounds: int = Field(2, ge=0, description=(
         "dynamic sampling: extra draws of rollout.prompts at most"))
+    curriculum: Literal["uniform", "learnability"] = Field("uniform", description=(
+        "which prompts: uniform (a shuffled pass over the train split); learnability (rl/sampling.py: "
+        "family x difficulty cells drawn by p(1 - p) of their running sampled accuracy p, so half-solved "
+        "cells, where a group's rewards differ, come most often)"))
+    curriculum_floor: float = Field(0.02, gt=0, le=0.25, description=(
+        "learnability: the least weight of a cell (one the policy never or always solves is still visited)"))
     workers: int = Field(0, ge=0, description=(
         "0: every gang worker samples with its own copy of the policy (colocated); N: a Ray actor group of N "
         "rollout workers (cluster/roles.py) that the gang shares, synced before each rollout"))

@@ -40,7 +40,7 @@ from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_l
 from rl.rewards import RewardParams, Rewards, Sample
 from rl.roles import (ActorCritic, Reference, ReferenceRole, Rollout, RolloutGroup, action_targets, mix_seed,
                       policy_state)
-from rl.sampling import PromptSampler
+from rl.sampling import LearnabilitySampler, PromptSampler
 from training.distributed import all_gather, all_sum, barrier, rank_world
 from training.engine import Engine, FrozenModel, StepResult, ensure_process_group
 from training.export import load_model_config, save_model
@@ -79,6 +79,7 @@ class Phases:
 @dataclass
 class Group:
     """One prompt's G completions with their scores."""
+    task: int                           # index of its task (the sampler's unit)
     prompt: list[int]
     completions: list[list[int]]
     samples: list[Sample]
@@ -101,7 +102,9 @@ class RlJob:
         ids = special_token_ids(tok)
         self.pad_id, self.stop_ids = ids[PAD], [ids[EOS], ids["</answer>"]]
         self.prompts = prompts  # each task's rendered prompt, token ids
-        self.sampler = PromptSampler(len(tasks), seed)
+        self.sampler = (LearnabilitySampler([f"{t.family}/{t.difficulty}" for t in tasks], seed,
+                                            floor=cfg.rollout.curriculum_floor)
+                        if cfg.rollout.curriculum == "learnability" else PromptSampler(len(tasks), seed))
         self.iteration = 0
         self.plateau = {"best": None, "since": 0, "stop": False}
         self.queue: list[tuple[list[dict], int]] = []
@@ -184,7 +187,11 @@ class RlJob:
             self.queue = self.plan_updates(batch)
         self.rewards.remember([c for part in all_gather([s.completion for g in groups for s in g.samples])
                                for c in part])
-        metrics = self.rollout_metrics(groups, batch, stats, phases)
+        # every rank's drawn groups, in rank order, so each rank's sampler moves alike
+        outcomes = [o for part in all_gather([(g.task, float(g.terms["accuracy"].mean())) for g in stats["all"]])
+                    for o in part]
+        self.sampler.observe([t for t, _ in outcomes], [a for _, a in outcomes])
+        metrics = {**self.rollout_metrics(groups, batch, stats, phases), **self.sampler.metrics()}
         self._plateau(metrics["reward/mean"])
         self.last_rollout = metrics
         return metrics
@@ -225,7 +232,7 @@ class RlJob:
                                   group=row // G, n_tokens=length, truncated=truncated, system=task.system,
                                   family=task.family, difficulty=task.difficulty))
         scored = self.rewards.score(samples)
-        return [Group(self.prompts[t], completions[j * G:(j + 1) * G], samples[j * G:(j + 1) * G],
+        return [Group(t, self.prompts[t], completions[j * G:(j + 1) * G], samples[j * G:(j + 1) * G],
                       scored.total_B[j * G:(j + 1) * G], {k: v[j * G:(j + 1) * G] for k, v in scored.terms.items()})
                 for j, t in enumerate(mine)]
 

@@ -51,9 +51,10 @@ def test_grpo_raises_the_reward_on_a_task_the_model_half_solves(reasoner, tmp_pa
 
 
 def test_ppo_resumes_after_a_crash_with_equal_rewards_and_losses(reasoner, tmp_path):
-    # a separate critic, a reference (KL in the reward) and the novelty history all live in the checkpoint
+    # a separate critic, a reference (KL in the reward), the novelty history and the learnability
+    # curriculum's cell accuracies all live in the checkpoint
     cfg = config(algorithm="ppo", rewards={"accuracy": 1.0, "novelty": 0.1},
-                 loss={"kl_coef": 0.05, "kl_in": "reward", "kl_estimator": "k1"})
+                 loss={"kl_coef": 0.05, "kl_in": "reward", "kl_estimator": "k1"}, rollout={"curriculum": "learnability"})
     whole, _ = run(reasoner, tmp_path / "whole", cfg)
 
     def crash(step, model):
@@ -65,10 +66,11 @@ def test_ppo_resumes_after_a_crash_with_equal_rewards_and_losses(reasoner, tmp_p
     assert summary["resumed_from_step"] == 4 and [r["step"] for r in resumed] == [5, 6, 7, 8]
     for a, b in zip(whole[4:], resumed):
         for key in ("loss", "policy_loss", "value_loss", "kl", "entropy", "reward/mean", "reward/novelty/mean",
-                    "explained_variance"):
+                    "explained_variance", "curriculum/mean_cell_accuracy"):
             if key in a:
                 assert a[key] == b[key], (key, a["step"])
     assert "value_loss" in whole[0] and "explained_variance" in whole[0] and "reward/novelty/mean" in whole[0]
+    assert whole[0]["curriculum/mean_cell_accuracy"] != 0.5  # the first iteration's groups moved it
 
 
 def test_a_checkpoint_of_another_config_is_refused(reasoner, tmp_path):
