@@ -155,11 +155,6 @@ class RayRewardModelGroup(ActorGroup):
     def __call__(self, samples, **_) -> list[float]:
         if self.encoder is None:
             self.encoder = RewardEncoder.from_folder(self.folder)
-        seqs = self.encoder.encode([s.prompt for s in samples], [s.completion for s in samples],
-                                   [s.system for s in samples])
-        batches = self.encoder.batches(seqs, self.batch_size)
-        out = [0.0] * len(seqs)
-        for index, scores in zip(batches, self.map("score_ids", [([seqs[i] for i in index],) for index in batches])):
-            for i, s in zip(index, scores):
-                out[i] = s
-        return out
+        return self.encoder.score([s.prompt for s in samples], [s.completion for s in samples],
+                                  [s.system for s in samples], self.batch_size,
+                                  lambda batches: self.map("score_ids", [(b,) for b in batches]))

@@ -21,6 +21,7 @@ from pipelines.config import ConfigError, PipelineConfig, input_files
 from pipelines.graph import STAGES, StageContext, check_order
 from pipelines.lineage import record_lineage
 from pipelines.store import RunStore, code_version, fingerprint, sha256_file
+from rl.config import PLACEMENT
 
 
 class StageFailed(RuntimeError):
@@ -90,8 +91,8 @@ def stage_config(cfg: PipelineConfig, name: str) -> dict:
 
 
 # where a stage runs, not what it computes: the gang (workers, resources, placement, restarts) and
-# an RL stage's actor groups
-PLACEMENT_KEYS = {"gang": None, "roles": None, "rollout": ("workers", "use_gpu", "cpus_per_worker")}
+# an RL stage's actor groups (rl.config.PLACEMENT); True: the whole section, a set: those keys of it
+PLACEMENT_KEYS: dict[str, bool | set[str]] = {"gang": True, **PLACEMENT}
 
 
 def fingerprint_config(cfg: PipelineConfig, name: str) -> dict:
@@ -102,7 +103,7 @@ def fingerprint_config(cfg: PipelineConfig, name: str) -> dict:
     out = stage_config(cfg, name)
     section = out[name]
     for key, fields in PLACEMENT_KEYS.items():
-        if fields is None:
+        if fields is True:
             section.pop(key, None)
         elif isinstance(section.get(key), dict):
             section[key] = {k: v for k, v in section[key].items() if k not in fields}
@@ -177,13 +178,10 @@ def check_gangs(cfg: PipelineConfig, selected: list[str], echo: Callable[[str], 
 def role_resources(section) -> dict[str, float] | None:
     """What an RL stage's actor groups (rollout, reference, reward model) hold beside its gang
     (None: every role shares the gang's processes)."""
-    groups = [getattr(section, "rollout", None)]
-    roles = getattr(section, "roles", None)
-    if roles is not None:
-        groups += [roles.reference, roles.reward_model]
+    groups = section.placement_groups() if hasattr(section, "placement_groups") else []
     need: dict[str, float] = {}
     for g in groups:
-        if g is None or not getattr(g, "workers", 0):
+        if not g.workers:
             continue
         need["CPU"] = need.get("CPU", 0.0) + g.cpus_per_worker * g.workers
         if g.use_gpu:

@@ -302,6 +302,11 @@ class RlConfig(Strict):
                              "or a custom 'package.module:function'")
         return self
 
+    def placement_groups(self) -> list[RoleGroupConfig]:
+        """Where the roles that may run as Ray actor groups beside the gang run: rollout, reference,
+        reward model."""
+        return [self.rollout, self.roles.reference, self.roles.reward_model]
+
     @property
     def estimator(self) -> str:
         return self.advantage.estimator or ("gae" if self.algorithm == "ppo" else "grpo")
@@ -332,6 +337,11 @@ class RlConfig(Strict):
         return TrainConfig(steps=self.iterations * u, engine=self.engine, eval_every=self.iterations * u,
                            checkpoint={"every": self.checkpoint_every * u, "keep": self.checkpoint_keep},
                            max_nonfinite=self.max_nonfinite, peak_flops=self.peak_flops)
+
+
+# where an RL stage's roles run, not what they compute (tested to give equal results): left out of
+# a checkpoint's identity (rl/ppo.py) and a stage's fingerprint (pipelines/runner.py)
+PLACEMENT: dict[str, bool | set[str]] = {"roles": True, "rollout": set(RoleGroupConfig.model_fields)}
 
 
 # ----------------------------------------------------------------------------- PRL: progressive stages

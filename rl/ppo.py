@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from rl.advantages import estimate, informative_groups, token_rewards
-from rl.config import RlConfig
+from rl.config import PLACEMENT, RlConfig
 from rl.eval import EvalTask, completion_text, load_tasks
 from rl.losses import aggregate_parts, entropy_from_logits, kl_penalty, policy_loss, value_loss
 from rl.rewards import RewardParams, Rewards, Sample
@@ -187,10 +187,10 @@ class RlJob:
             self.queue = self.plan_updates(batch)
         self.rewards.remember([c for part in all_gather([s.completion for g in groups for s in g.samples])
                                for c in part])
-        # every rank's drawn groups, in rank order, so each rank's sampler moves alike
-        outcomes = [o for part in all_gather([(g.task, float(g.terms["accuracy"].mean())) for g in stats["all"]])
-                    for o in part]
-        self.sampler.observe([t for t, _ in outcomes], [a for _, a in outcomes])
+        if self.cfg.rollout.curriculum != "uniform":  # every rank's drawn groups, in rank order, so
+            outcomes = [o for part in all_gather(      # each rank's sampler moves alike
+                [(g.task, float(g.terms["accuracy"].mean())) for g in stats["all"]]) for o in part]
+            self.sampler.observe([t for t, _ in outcomes], [a for _, a in outcomes])
         metrics = {**self.rollout_metrics(groups, batch, stats, phases), **self.sampler.metrics()}
         self._plateau(metrics["reward/mean"])
         self.last_rollout = metrics
@@ -484,8 +484,7 @@ def rl(cfg: RlConfig, paths: RlPaths, *, seed: int, hooks: Hooks | None = None,
                                                 max_new_tokens=cfg.rollout.max_new_tokens),
                       served={"reward_model": reward_model_group} if reward_model_group is not None else None)
     # where the roles run does not change a result (tested), so a resume may move them
-    placement = {"roles": True, "rollout": {"workers", "use_gpu", "cpus_per_worker"}}
-    identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=placement),
+    identity = {"config": hashlib.sha256(json.dumps(cfg.model_dump(mode="json", exclude=PLACEMENT),
                                                     sort_keys=True).encode()).hexdigest()[:16],
                 "model": sha256_file(paths.init_model / "model.safetensors")[:16]}
     job = RlJob(cfg, tasks, prompts, tok, model_cfg, reference, rewards, seed, identity, rollout_group)

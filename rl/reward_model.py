@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -152,6 +153,18 @@ class RewardEncoder:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         return [order[lo:lo + batch_size] for lo in range(0, len(order), batch_size)]
 
+    def score(self, prompts: list[str], responses: list[str], systems: list[str | None] | None, batch_size: int,
+              score_batches: Callable[[list[list[list[int]]]], list[list[float]]]) -> list[float]:
+        """One score per (prompt, response), in order: encoded, batched, and the batches handed to
+        score_batches all at once (one process scores them in turn, a Ray group spreads them)."""
+        seqs = self.encode(prompts, responses, systems)
+        batches = self.batches(seqs, batch_size)
+        out = [0.0] * len(seqs)
+        for index, scores in zip(batches, score_batches([[seqs[i] for i in index] for index in batches])):
+            for i, s in zip(index, scores):
+                out[i] = s
+        return out
+
 
 class RewardScorer:
     """Scores (prompt, response) texts with a trained reward model; RL's optional learned reward term.
@@ -188,12 +201,8 @@ class RewardScorer:
     def score(self, prompts: list[str], responses: list[str], systems: list[str | None] | None = None,
               batch_size: int = 16) -> list[float]:
         """One score per (prompt, response), in order."""
-        seqs = self.encoder.encode(prompts, responses, systems)
-        out = [0.0] * len(seqs)
-        for index in self.encoder.batches(seqs, batch_size):
-            for i, s in zip(index, self.score_ids([seqs[i] for i in index])):
-                out[i] = s
-        return out
+        return self.encoder.score(prompts, responses, systems, batch_size,
+                                  lambda batches: [self.score_ids(b) for b in batches])
 
 
 # ----------------------------------------------------------------------------- the trainer

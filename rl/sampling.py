@@ -42,9 +42,6 @@ class PromptSampler:
             self.pos += 1
         return out
 
-    def observe(self, tasks: list[int], accuracies: list[float]) -> None:
-        """Uniform sampling learns nothing from outcomes."""
-
     def metrics(self) -> dict[str, float]:
         return {}
 
