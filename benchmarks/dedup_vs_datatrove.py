@@ -185,6 +185,19 @@ def _ids(folder: Path) -> list[str]:
     return [i for p in sorted(folder.glob("*.parquet")) for i in pq.read_table(p)["id"].to_pylist()]
 
 
+def run_command(out: Path, cfg: DedupConfig, workers: int, stages: list[str]) -> float:
+    """Wall seconds of the whole `r1pipe run RECIPE --stages ...` command in a fresh process:
+    Python and Ray start-up, every stage, the store."""
+    import yaml
+    recipe = out / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(_recipe(out, cfg, workers, stages).model_dump(mode="json")))
+    shutil.rmtree(out / "runs", ignore_errors=True)
+    started = time.time()
+    subprocess.run([str(Path(sys.executable).with_name("r1pipe")), "run", str(recipe),
+                    "--stages", ",".join(stages)], check=True, stdout=subprocess.DEVNULL)
+    return round(time.time() - started, 2)
+
+
 def run_datatrove(out: Path, bands: int, rows: int, ngram: int, workers: int,
                   python: str) -> dict:
     dt_out = out / f"datatrove_{bands}x{rows}"
@@ -258,11 +271,18 @@ def main() -> None:
     parser.add_argument("--datatrove-bands", default="20x6,14x9",
                         help="bands x rows settings to run datatrove with")
     parser.add_argument("--repeat", type=int, default=3, help="dedup timings, interleaved")
+    parser.add_argument("--jaccard", default="exact,estimated",
+                        help="our verification settings to time (dedup.jaccard), the first is 'ours'")
+    parser.add_argument("--command-repeat", type=int, default=0,
+                        help="also time the whole `r1pipe run --stages ...` command this many "
+                             "times, interleaved with datatrove's first setting")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "out" / "dedup"))
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = DedupConfig()
+    variants = args.jaccard.split(",")
+    cfgs = {("ours" if i == 0 else f"ours_{v}"): DedupConfig(jaccard=v) for i, v in enumerate(variants)}
+    cfg = cfgs["ours"]
     records, truth = make_corpus(args.corpus, args.pairs, args.singletons, args.seed, out.parent)
     write_corpus(out, records, args.files)
     stages = args.stages.split(",")
@@ -270,15 +290,18 @@ def main() -> None:
     ours = run_ours(out, cfg, args.workers, stages, monitor)
     docs = records.num_rows
     settings = args.datatrove_bands.split(",")
-    times = {"ours": [ours["stages"]["dedup"]["seconds"]], **{s: [] for s in settings}}
-    cpu = {"ours": [ours["stages"]["dedup"]["cpu_s"]], **{s: [] for s in settings}}
+    times = {"ours": [ours["stages"]["dedup"]["seconds"]], **{k: [] for k in list(cfgs)[1:]},
+             **{s: [] for s in settings}}
+    cpu = {k: ([ours["stages"]["dedup"]["cpu_s"]] if k == "ours" else []) for k in times}
     removed = {"ours": ours["removed"]}
     # Interleaved repeats: the machine is shared, so load drifts between runs.
     for rep in range(args.repeat):
-        if rep:
-            wall, cpu_s = rerun_dedup(out, cfg, args.workers, stages, monitor)
-            times["ours"].append(wall)
-            cpu["ours"].append(cpu_s)
+        for name, variant in cfgs.items():
+            if rep or name != "ours":
+                wall, cpu_s = rerun_dedup(out, variant, args.workers, stages, monitor)
+                times[name].append(wall)
+                cpu[name].append(cpu_s)
+                removed.setdefault(name, set(_ids(out / "runs" / "bench" / "dedup" / "rejected")))
         for setting in settings:
             bands, rows = map(int, setting.split("x"))
             theirs = run_datatrove(out, bands, rows, cfg.ngram, args.workers,
@@ -287,12 +310,21 @@ def main() -> None:
             cpu[setting].append(theirs["cpu_s"])
             removed.setdefault(setting, theirs["removed"])
             print(f"datatrove {setting}: {theirs['seconds']}", flush=True)
+    commands = {"ours": [], "datatrove": []}
+    for _ in range(args.command_repeat):  # whole commands, fresh processes, interleaved
+        commands["ours"].append(run_command(out, cfg, args.workers, stages))
+        bands, rows = map(int, settings[0].split("x"))
+        commands["datatrove"].append(run_datatrove(out, bands, rows, cfg.ngram, args.workers,
+                                                   args.datatrove_python)["seconds"]["total"])
+        print(f"whole command: ours {commands['ours'][-1]}s, datatrove "
+              f"{commands['datatrove'][-1]}s", flush=True)
     ours_s, ours_cpu = statistics.median(times["ours"]), statistics.median(cpu["ours"])
     report = {"corpus": args.corpus, "docs": docs, "workers": args.workers, "bands": cfg.bands, "rows": cfg.rows,
               "threshold": cfg.threshold, "repeat": args.repeat, "stages": ours["stages"]}
     for name, runs in times.items():
         median = statistics.median(runs)
-        key = "ours_dedup" if name == "ours" else f"datatrove_{name}"
+        key = "ours_dedup" if name == "ours" else name if name.startswith("ours_") \
+            else f"datatrove_{name}"
         median_cpu = statistics.median(cpu[name])
         report[key] = {**score(removed[name], truth, cfg.threshold,
                                   records if args.corpus == "short-docs" else None), "seconds": runs,
@@ -301,6 +333,11 @@ def main() -> None:
                        "median_cpu_s": median_cpu,
                        "docs_per_cpu_s": round(docs / median_cpu, 1),
                        "ours_cpu_speedup": round(median_cpu / ours_cpu, 3)}
+    if args.command_repeat:
+        ours_cmd, theirs_cmd = (statistics.median(commands[k]) for k in ("ours", "datatrove"))
+        report["whole_command"] = {"stages": stages, "ours_s": commands["ours"],
+                                   f"datatrove_{settings[0]}_s": commands["datatrove"],
+                                   "ours_speedup": round(theirs_cmd / ours_cmd, 3)}
     (out / "results.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

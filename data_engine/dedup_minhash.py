@@ -1,8 +1,11 @@
 """Dedup's text side: normalising, exact keys, shingling, MinHash signatures, LSH bands and
-the candidate edges they give, verified by estimated Jaccard.
+the candidate edges they give, verified by Jaccard: exact (the candidates' shingle sets,
+recomputed for them alone) or estimated from the signatures (``cfg.jaccard``).
 
     sigs = signature_batch(batch, cfg)                   # Table(id, sig, n_chars)
-    edges = bucket_edges(band_rows(sigs, cfg), cfg, sigs=sigs)   # Table(a, b, jaccard_est)
+    candidates = bucket_edges(band_rows(sigs, cfg), cfg)          # Table(a, b, jaccard=null)
+    members = with_shingles(sigs_of_endpoints, texts, cfg)        # + shingles, for exact
+    edges = verify_edges(candidates, members, cfg)                # Table(a, b, jaccard)
 
 ``cfg`` is a data_engine.dedup.DedupConfig (``optimal_bands`` derives its bands and rows).
 Pure Arrow and numpy over batches; data_engine/dedup.py composes these with the survivor
@@ -25,7 +28,8 @@ if TYPE_CHECKING:
     from data_engine.dedup import DedupConfig
 
 SIG_TYPE = pa.list_(pa.uint32())
-EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("jaccard_est", pa.float64())])
+EDGE_SCHEMA = pa.schema([("a", pa.string()), ("b", pa.string()), ("jaccard", pa.float64())])
+SHINGLES_TYPE = pa.list_(pa.uint64())
 _EMPTY_SIG = np.uint32(0xFFFFFFFF)  # datasketch's value for a set with no shingles
 # Operators carry meaning in math and code ("2x + 3" is not "2x - 3"): they stay, as tokens of
 # their own. A hyphen that follows a word character and precedes no digit ("well-known") is
@@ -35,8 +39,15 @@ _EMPTY_SIG = np.uint32(0xFFFFFFFF)  # datasketch's value for a set with no shing
 _OPERATORS = "+*/=<>^%|&~\u00d7\u00f7\u2200-\u22ff"
 _WORD_HYPHEN_RE = re.compile(r"-(?<=\w-)(?!\d)")
 _PUNCT_RE = re.compile(rf"[^\w\s{_OPERATORS}-]+")
-_OPERATOR_RE = re.compile(rf"[{_OPERATORS}-]")
+# Operators are padded with spaces by str.replace, once per distinct operator in the text: a
+# regex with a " \g<0> " template expands it in Python for every match (slow on code).
+_OPERATOR_CHARS = frozenset("+*/=<>^%|&~\u00d7\u00f7-") | frozenset(map(chr, range(0x2200, 0x2300)))
 _NGRAM_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd, so the n-gram polynomial mixes every word
+# MurmurHash3's 32-bit finalizer: datasketch's affine32 scheme mixes each input with it before
+# its permutations a*h + b (mod 2^32); minhash_matrix applies the same to a whole batch.
+_FMIX32 = (np.uint32(16), np.uint32(0x85EBCA6B), np.uint32(13), np.uint32(0xC2B2AE35), np.uint32(16))
+_BAND_PRIME = np.uint64(0x100000001B3)  # FNV-1a's 64-bit prime: band keys fold rows with it
+_MINHASH_BLOCK = 2048  # values per step of minhash_matrix
 
 
 # --- LSH parameters ------------------------------------------------------------
@@ -83,7 +94,11 @@ def normalize_text(text: str | None, cfg: DedupConfig) -> str:
         text = text.lower()
     if cfg.strip_punctuation:
         # A space, not nothing: "foo.bar(x)" must not fuse into one word.
-        text = _OPERATOR_RE.sub(r" \g<0> ", _PUNCT_RE.sub(" ", _WORD_HYPHEN_RE.sub(" ", text)))
+        if "-" in text:
+            text = _WORD_HYPHEN_RE.sub(" ", text)
+        text = _PUNCT_RE.sub(" ", text)
+        for op in _OPERATOR_CHARS.intersection(text):
+            text = text.replace(op, f" {op} ")
     return " ".join(text.split())
 
 
@@ -124,43 +139,126 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def shingle_hashes(normalized: str, n: int, cache: dict[str, int] | None = None) -> list[int]:
-    """32-bit hashes of the word n-grams of ``shingles()``, one per position.
+def _ngram_hashes(normalized: str, n: int, cache: dict[str, int] | None) -> np.ndarray:
+    """64-bit hashes of the word n-grams of ``shingles()``, one per position (uint64)."""
+    values, _ = batch_ngram_hashes([normalized], n, cache)
+    return values
 
-    The n-gram strings are never built: each distinct word is hashed once
-    (blake2b, memoised in ``cache`` across a batch) and an n-gram hashes as a
-    polynomial of its words' hashes mod 2^64, high 32 bits kept. This is 3-4x
-    cheaper than SHA-1 over every n-gram string, the cost that dominated
-    signatures. A repeated n-gram repeats its hash, which a minimum ignores.
+
+def batch_ngram_hashes(normalized: list[str], n: int, cache: dict[str, int] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """The 64-bit hashes of every text's word n-grams (one per position), concatenated, and
+    the offsets (N + 1) of each text's run.
+
+    The n-gram strings are never built: each distinct word is hashed once (blake2b, memoised
+    in ``cache`` across a batch) and an n-gram hashes as a polynomial of its words' hashes mod
+    2^64, for the whole batch at once. A text shorter than n words is one shingle of all its
+    words (as in shingles()), an empty text none.
     """
-    words = normalized.split()
-    if not words:
-        return []
     cache = {} if cache is None else cache
-    ids = np.fromiter((cache[w] if w in cache else cache.setdefault(w, _word_hash(w))
-                       for w in words), np.uint64, len(words))
-    n = min(n, len(words))  # a text shorter than n words is one shingle, as in shingles()
-    m = len(words) - n + 1
-    h = np.zeros(m, np.uint64)
+    words = [t.split() for t in normalized]
+    lengths = np.fromiter(map(len, words), np.int64, len(words))
+    flat = [w for ws in words for w in ws]
+    for w in dict.fromkeys(flat):  # each distinct word of the batch once
+        if w not in cache:
+            cache[w] = _word_hash(w)
+    ids = np.fromiter(map(cache.__getitem__, flat), np.uint64, len(flat))
+    starts = np.r_[0, np.cumsum(lengths)[:-1]].astype(np.int64) if len(words) else lengths
+    padded = np.r_[ids, np.zeros(n - 1, np.uint64)]
+    h = np.zeros(len(flat), np.uint64)
+    short = np.flatnonzero((lengths > 0) & (lengths < n))
+    short_h = np.zeros(len(short), np.uint64)
     for k in range(n):  # uint64 arithmetic wraps: the polynomial is mod 2^64
-        h = h * _NGRAM_BASE + ids[k:k + m]
-    return (h >> np.uint64(32)).astype(np.uint32).tolist()
+        h = h * _NGRAM_BASE + padded[k:k + len(flat)]
+        ending = lengths[short] == k + 1
+        short_h[ending] = h[starts[short[ending]]]
+    counts = np.where(lengths >= n, lengths - n + 1, (lengths > 0).astype(np.int64))
+    offsets = np.r_[0, np.cumsum(counts)].astype(np.int64)
+    doc = np.repeat(np.arange(len(words)), counts)
+    values = h[starts[doc] + (np.arange(offsets[-1]) - offsets[doc])]
+    values[offsets[short]] = short_h
+    return values, offsets
+
+
+def shingle_hashes(normalized: str, n: int, cache: dict[str, int] | None = None) -> list[int]:
+    """32-bit hashes of the word n-grams of ``shingles()``, one per position: the high 32 bits
+    of batch_ngram_hashes. A repeated n-gram repeats its hash, which a minimum ignores."""
+    return (_ngram_hashes(normalized, n, cache) >> np.uint64(32)).astype(np.uint32).tolist()
+
+
+def shingle_sets(normalized: list[str], n: int) -> pa.Array:
+    """list<uint64>: each text's distinct word n-grams as their full 64-bit hashes, sorted.
+    Exact verification compares these: two distinct n-grams of a pair share a hash with
+    probability about 2^-64 per pair of n-grams."""
+    values, offsets = batch_ngram_hashes(normalized, n)
+    sets = [np.unique(values[lo:hi]) for lo, hi in zip(offsets[:-1], offsets[1:])]
+    flat = np.concatenate(sets) if sets else np.zeros(0, np.uint64)
+    bounds = np.r_[0, np.cumsum([len(x) for x in sets])].astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(bounds), pa.array(flat, pa.uint64()))
+
+
+def with_shingles(members: pa.Table, texts: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """``members`` (with ``id``) plus ``shingles`` (shingle_sets) when cfg.jaccard is exact;
+    ``texts`` is a Table(id, text) holding at least the members' ids. Unchanged otherwise."""
+    if cfg.jaccard != "exact":
+        return members
+    pos = pc.index_in(members.column("id"), value_set=texts.column("id"))
+    if pos.null_count:
+        missing = pc.filter(members.column("id"), pc.is_null(pos))[0].as_py()
+        raise ValueError(f"no text for id {missing!r}: exact verification needs the text of "
+                         f"every candidate")
+    chosen = texts.take(pos)
+    return members.append_column("shingles", shingle_sets(normalized_texts(chosen, cfg), cfg.ngram))
 
 
 def signature_batch(batch: pa.Table, cfg: DedupConfig,
                     normalized: list[str] | None = None) -> pa.Table:
-    """Table(id string, sig list<uint32>[num_perm], n_chars int64) via MinHash.bulk."""
-    cache: dict[str, int] = {}
+    """Table(id string, sig list<uint32>[num_perm], n_chars int64): each text's MinHash over
+    its shingle_hashes, equal to datasketch's MinHash(scheme="affine32", hashfunc=int)."""
     normalized = normalized if normalized is not None else normalized_texts(batch, cfg)
-    sets = [shingle_hashes(t, cfg.ngram, cache) for t in normalized]
-    # A fixed seed and scheme make the permutations, hence the signatures,
-    # identical in every process. The items are already hashes: ``int`` passes them through.
-    minhashes = MinHash.bulk(sets, num_perm=cfg.num_perm, seed=cfg.seed, scheme="affine32",
-                             hashfunc=int)
-    matrix = np.stack([m.hashvalues.astype(np.uint32) for m in minhashes]) if minhashes \
-        else np.zeros((0, cfg.num_perm), np.uint32)
+    values, offsets = batch_ngram_hashes(normalized, cfg.ngram)
+    matrix = minhash_matrix((values >> np.uint64(32)).astype(np.uint32), offsets,
+                            cfg.num_perm, cfg.seed)
     return pa.table({"id": batch.column("id"), "sig": sig_array(matrix),
                      "n_chars": _n_chars(batch)})
+
+
+@lru_cache(maxsize=8)
+def _permutations(num_perm: int, seed: int) -> np.ndarray:
+    """(2, num_perm) uint32: datasketch's (a, b) for this seed. A fixed seed and scheme make
+    the permutations, hence the signatures, identical in every process."""
+    return MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
+
+
+def minhash_matrix(values: np.ndarray, offsets: np.ndarray, num_perm: int, seed: int) -> np.ndarray:
+    """(N, num_perm) uint32: the MinHash of each set values[offsets[i]:offsets[i + 1]] (uint32
+    items), for a whole batch in a few numpy steps instead of one datasketch object per text:
+    the same arithmetic (fmix32, then a * h + b mod 2^32, then the minimum) and the same
+    permutations, so equal values (tests compare them with MinHash.bulk). An empty set gets
+    datasketch's empty value, 0xFFFFFFFF everywhere."""
+    a, b = _permutations(num_perm, seed)
+    n_sets = len(offsets) - 1
+    out = np.full((n_sets, num_perm), _EMPTY_SIG, np.uint32)
+    filled = np.flatnonzero(offsets[1:] > offsets[:-1])
+    if not len(filled):
+        return out
+    s1, m1, s2, m2, s3 = _FMIX32
+    h = values.astype(np.uint32)
+    h = h ^ (h >> s1)
+    h = h * m1
+    h = h ^ (h >> s2)
+    h = h * m2
+    h = h ^ (h >> s3)
+    # Blocks of whole sets, about _MINHASH_BLOCK values each: a block's values x permutations
+    # (1 MiB) stays in cache, which more than halves the time of one pass over the batch.
+    sets = offsets[filled]
+    cuts = np.unique(np.r_[np.searchsorted(sets, np.arange(0, offsets[-1], _MINHASH_BLOCK)),
+                           len(sets)])
+    for first, last in zip(cuts[:-1], cuts[1:]):
+        lo, hi = sets[first], offsets[filled[last - 1] + 1]
+        permuted = h[lo:hi, None] * a + b  # uint32 arithmetic wraps: mod 2^32, as datasketch's
+        out[filled[first:last]] = np.minimum.reduceat(permuted, sets[first:last] - lo, axis=0)
+    return out
 
 
 def sig_array(matrix: np.ndarray) -> pa.Array:
@@ -186,22 +284,28 @@ def sig_matrix(column: pa.Array | pa.ChunkedArray, num_perm: int) -> np.ndarray:
 def band_rows(sig_batch: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Table(band int32, key int64, id string): one row per (doc, band).
 
-    Docs with no shingles (empty text) get no rows: their signatures are all
-    the same sentinel and would collide with each other.
+    A band's key folds its rows' values into 64 bits (FNV-1a over the 32-bit values, then
+    fmix64), for every doc at once; two different bands of values share a key with
+    probability about 2^-64, and then only cost a verified comparison. Docs with no shingles
+    (empty text) get no rows: their signatures are all the same sentinel and would collide
+    with each other.
     """
     sigs = sig_matrix(sig_batch.column("sig"), cfg.num_perm)
-    ids = sig_batch.column("id").to_pylist()
     live = np.flatnonzero(~np.all(sigs == _EMPTY_SIG, axis=1))
-    bands, keys, out_ids = [], [], []
+    values = sigs[live].astype(np.uint64)
+    keys = []
     for b in range(cfg.bands):
-        block = np.ascontiguousarray(sigs[live, b * cfg.rows:(b + 1) * cfg.rows])
-        for row, i in zip(block, live):
-            digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
-            keys.append(int.from_bytes(digest, "little", signed=True))
-        bands.extend([b] * len(live))
-        out_ids.extend(ids[i] for i in live)
-    return pa.table({"band": pa.array(bands, pa.int32()), "key": pa.array(keys, pa.int64()),
-                     "id": pa.array(out_ids, pa.string())})
+        h = np.full(len(live), np.uint64(0xCBF29CE484222325) ^ np.uint64(b), np.uint64)
+        for r in range(b * cfg.rows, (b + 1) * cfg.rows):
+            h = (h ^ values[:, r]) * _BAND_PRIME
+        h ^= h >> np.uint64(33)  # fmix64: spread the fold over all bits (parts take key mod P)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+        keys.append(h.view(np.int64))
+    ids = pc.take(sig_batch.column("id"), pa.array(np.tile(live, cfg.bands)))
+    return pa.table({"band": pa.array(np.repeat(np.arange(cfg.bands, dtype=np.int32), len(live))),
+                     "key": pa.array(np.concatenate(keys) if keys else np.zeros(0, np.int64)),
+                     "id": ids})
 
 
 def _bucket_pairs(members: list[str], all_pairs_max: int) -> Iterable[tuple[str, str]]:
@@ -211,12 +315,12 @@ def _bucket_pairs(members: list[str], all_pairs_max: int) -> Iterable[tuple[str,
     return ((members[0], b) for b in members[1:])
 
 
-def bucket_edges(group: pa.Table, cfg: DedupConfig, sigs: pa.Table | None = None) -> pa.Table:
-    """Table(a, b, jaccard_est) with a < b, unique, from band rows of one or many buckets.
+def bucket_edges(group: pa.Table, cfg: DedupConfig, members: pa.Table | None = None) -> pa.Table:
+    """Table(a, b, jaccard) with a < b, unique, from band rows of one or many buckets.
 
-    With ``sigs`` (a Table(id, sig) holding at least these ids) edges are
-    scored and, if cfg.verify, filtered by verify_edges. Without it,
-    jaccard_est is null: candidates that still need verify_edges.
+    With ``members`` (Table(id, sig[, shingles]) holding at least these ids: what
+    PairJaccard needs) edges are scored and, if cfg.verify, filtered by verify_edges.
+    Without it, jaccard is null: candidates that still need verify_edges.
     """
     ordered = group.select(["band", "key", "id"]).sort_by(
         [("band", "ascending"), ("key", "ascending"), ("id", "ascending")])
@@ -230,17 +334,23 @@ def bucket_edges(group: pa.Table, cfg: DedupConfig, sigs: pa.Table | None = None
             pairs.update(_bucket_pairs(ids[lo:hi], cfg.all_pairs_max))
     a, b = zip(*sorted(pairs)) if pairs else ((), ())
     edges = pa.table({"a": pa.array(a, pa.string()), "b": pa.array(b, pa.string()),
-                      "jaccard_est": pa.nulls(len(a), pa.float64())})
-    return verify_edges(edges, sigs, cfg) if sigs is not None else edges
+                      "jaccard": pa.nulls(len(a), pa.float64())})
+    return verify_edges(edges, members, cfg) if members is not None else edges
 
 
-def _lookup_sigs(ids: pa.Array | pa.ChunkedArray, sigs: pa.Table, num_perm: int) -> np.ndarray:
-    pos = pc.index_in(ids, value_set=sigs.column("id"))
+def endpoints(edges: pa.Table) -> pa.Array:
+    """The distinct ids on any edge."""
+    return pa.chunked_array(edges.column("a").chunks + edges.column("b").chunks,
+                            pa.string()).unique()
+
+
+def _rows_of(ids: pa.Array | pa.ChunkedArray, members: pa.Table) -> np.ndarray:
+    pos = pc.index_in(ids, value_set=members.column("id"))
     if pos.null_count:
-        missing = pc.filter(ids, pc.is_null(pos))[0]
+        missing = pc.filter(ids, pc.is_null(pos))[0].as_py()
         raise ValueError(f"no signature for id {missing!r}: pass the signatures of every "
                          f"edge endpoint")
-    return sig_matrix(sigs.column("sig"), num_perm)[pos.to_numpy(zero_copy_only=False)]
+    return pos.to_numpy(zero_copy_only=False)
 
 
 def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
@@ -248,31 +358,76 @@ def estimate_jaccard(sig_a: np.ndarray, sig_b: np.ndarray) -> np.ndarray:
     return (sig_a == sig_b).mean(axis=1) if len(sig_a) else np.zeros(0)
 
 
-def verify_edges(edges: pa.Table, sigs: pa.Table, cfg: DedupConfig) -> pa.Table:
-    """Score edges with estimated Jaccard; if cfg.verify keep those >= cfg.threshold.
+class PairJaccard:
+    """The Jaccard of pairs of rows of a members table, as cfg.jaccard says: ``exact`` over
+    the rows' ``shingles`` (with_shingles), ``estimated`` from their MinHash ``sig``.
 
-    ``sigs`` (Table(id, sig)) holds the signature of every edge endpoint.
+        jaccard = PairJaccard(members, cfg)
+        jaccard(np.array([0, 0]), np.array([1, 2]))   # rows 0~1 and 0~2
     """
-    est = estimate_jaccard(_lookup_sigs(edges.column("a"), sigs, cfg.num_perm),
-                           _lookup_sigs(edges.column("b"), sigs, cfg.num_perm))
+
+    def __init__(self, members: pa.Table, cfg: DedupConfig):
+        self.exact = cfg.jaccard == "exact"
+        if self.exact:
+            if "shingles" not in members.column_names:
+                raise ValueError("exact Jaccard needs the members' shingles (with_shingles)")
+            column = members.column("shingles")
+            column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+            values = column.flatten().to_numpy(zero_copy_only=False).tolist()
+            bounds = column.offsets.to_numpy()
+            self._sets: list[frozenset | None] = [None] * len(bounds[:-1])
+            self._values, self._bounds = values, bounds
+        else:
+            self.sigs = sig_matrix(members.column("sig"), cfg.num_perm)
+
+    def _set(self, i: int) -> frozenset:
+        found = self._sets[i]
+        if found is None:
+            found = self._sets[i] = frozenset(self._values[self._bounds[i]:self._bounds[i + 1]])
+        return found
+
+    def __call__(self, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+        if not self.exact:
+            return estimate_jaccard(self.sigs[rows_a], self.sigs[rows_b])
+        out = np.empty(len(rows_a))
+        for k, (i, j) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
+            a, b = self._set(i), self._set(j)
+            shared = len(a & b)
+            union = len(a) + len(b) - shared
+            out[k] = shared / union if union else 1.0
+        return out
+
+
+def verify_edges(edges: pa.Table, members: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """Score edges with their Jaccard (PairJaccard); if cfg.verify keep those >= cfg.threshold.
+
+    ``members`` (Table(id, sig[, shingles])) holds every edge endpoint.
+    """
+    jaccard = PairJaccard(members, cfg)(_rows_of(edges.column("a"), members),
+                                        _rows_of(edges.column("b"), members))
     scored = pa.table({"a": edges.column("a"), "b": edges.column("b"),
-                       "jaccard_est": pa.array(est, pa.float64())}, schema=EDGE_SCHEMA)
+                       "jaccard": pa.array(jaccard, pa.float64())}, schema=EDGE_SCHEMA)
     if not cfg.verify:
         return scored
     # The tiny epsilon keeps e.g. 90/128 >= 0.703 from flickering on rounding.
-    return scored.filter(pa.array(est >= cfg.threshold - 1e-12))
+    return scored.filter(pa.array(jaccard >= cfg.threshold - 1e-12))
 
 
 def cross_edges(left: pa.Table, right: pa.Table, cfg: DedupConfig) -> pa.Table:
     """Near-duplicate pairs *between* two tables of (id, text), none within one: Table(a, b,
-    jaccard_est) with a from left and b from right, found by the same LSH bands and verified
+    jaccard) with a from left and b from right, found by the same LSH bands and verified
     like dedup's own edges (the tasks stage: held-out prompts against training prompts)."""
     sigs_l, sigs_r = signature_batch(left, cfg), signature_batch(right, cfg)
     bands_l, bands_r = band_rows(sigs_l, cfg), band_rows(sigs_r, cfg)
     joined = bands_l.join(bands_r, keys=["band", "key"], join_type="inner", left_suffix="_a", right_suffix="_b")
     pairs = joined.group_by(["id_a", "id_b"]).aggregate([]).sort_by([("id_a", "ascending"), ("id_b", "ascending")])
-    a, b = pairs.column("id_a"), pairs.column("id_b")
-    est = estimate_jaccard(_lookup_sigs(a, sigs_l, cfg.num_perm), _lookup_sigs(b, sigs_r, cfg.num_perm))
-    scored = pa.table({"a": a.cast(pa.string()), "b": b.cast(pa.string()),
-                       "jaccard_est": pa.array(est, pa.float64())}, schema=EDGE_SCHEMA)
-    return scored.filter(pa.array(est >= cfg.threshold - 1e-12)) if cfg.verify else scored
+    a, b = pairs.column("id_a").cast(pa.string()), pairs.column("id_b").cast(pa.string())
+    # One members table for PairJaccard: left's rows, then right's (ids may repeat across them).
+    members = pa.concat_tables([with_shingles(sigs_l.select(["id", "sig"]), left, cfg),
+                                with_shingles(sigs_r.select(["id", "sig"]), right, cfg)])
+    rows_a = _rows_of(a, sigs_l)
+    rows_b = _rows_of(b, sigs_r) + sigs_l.num_rows
+    jaccard = PairJaccard(members, cfg)(rows_a, rows_b)
+    scored = pa.table({"a": a, "b": b, "jaccard": pa.array(jaccard, pa.float64())},
+                      schema=EDGE_SCHEMA)
+    return scored.filter(pa.array(jaccard >= cfg.threshold - 1e-12)) if cfg.verify else scored

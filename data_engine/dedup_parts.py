@@ -1,16 +1,17 @@
 """Dedup's per-part algorithms for a sharded corpus: pure Arrow, no I/O, no Ray.
 
-cluster/dedup.py schedules them on Ray Data (its docstring has the passes in full);
+cluster/dedup.py schedules them on Ray tasks (its docstring has the passes in full);
 each function here maps tables to tables, so it is tested on tiny inputs. N docs,
 B bands, P parts:
 
   bucket pass   key_rows (per shard: one exact row and B band rows per doc, each
-                with ``part`` = a hash of (band, key) mod P) -> groupby(part) ->
+                with ``part`` = a hash of (band, key) mod P) -> split_by_part ->
                 bucket_part (exact groups -> exact removals; LSH buckets, exact
                 copies dropped -> candidate pairs) -> split_pairs (driver)
   cluster pass  cluster_parts (driver: each candidate component to one part) ->
-                member_sigs (per shard: the signatures of docs on an edge) ->
-                groupby(part) -> resolve_part (verify, components, survivors)
+                member_sigs (per shard: the signatures of docs on an edge, and with exact
+                Jaccard their shingle sets, from the shard's texts) ->
+                split_by_part -> resolve_part (verify, components, survivors)
 
 A part, not a (band, key) bucket, is the unit of a group: Ray's map_groups calls
 Python once per group and almost every LSH bucket is a singleton. Every bucket
@@ -28,7 +29,8 @@ import pyarrow.compute as pc
 
 from data_engine.dedup import DedupConfig
 from data_engine.dedup_minhash import (
-    band_rows, bucket_edges, exact_keys, normalized_texts, signature_batch, verify_edges,
+    SHINGLES_TYPE, band_rows, bucket_edges, exact_keys, normalized_texts, signature_batch,
+    verify_edges, with_shingles,
 )
 from data_engine.dedup_survivors import (
     KEEP_ORDER, REMOVED_SCHEMA, attach_roots, choose_survivors, component_labels,
@@ -47,6 +49,7 @@ SIG_SCHEMA = pa.schema([("id", pa.string()), ("sig", pa.list_(pa.uint32())),
                         ("n_chars", pa.int64())])
 MEMBER_SCHEMA = pa.schema([("id", pa.string()), ("sig", pa.list_(pa.uint32())),
                            ("n_chars", pa.int64()), ("part", pa.int32()), ("shard", pa.int32())])
+EXACT_MEMBER_SCHEMA = MEMBER_SCHEMA.append(pa.field("shingles", SHINGLES_TYPE))
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -157,13 +160,24 @@ def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[pa.Table, pa.Tabl
     return part_of, edges.sort_by([("part", "ascending")])
 
 
-def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int]) -> pa.Table:
-    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge."""
+def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int], cfg: DedupConfig,
+                texts: pa.Table | None = None) -> pa.Table:
+    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge; with
+    exact Jaccard (cfg.jaccard) also their shingle sets, from ``texts`` (the shard's id, text)."""
     parts = [part_of.get(i, -1) for i in sigs.column("id").to_pylist()]
     mask = pa.array([p >= 0 for p in parts])
     members = sigs.filter(mask)
-    return members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
+    members = members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
         .append_column("shard", pa.array(np.full(members.num_rows, shard, np.int32)))
+    if cfg.jaccard == "exact":
+        if texts is None:
+            raise ValueError("exact Jaccard needs the shard's texts for its candidates")
+        members = with_shingles(members, texts, cfg)
+    return members
+
+
+def member_schema(cfg: DedupConfig) -> pa.Schema:
+    return EXACT_MEMBER_SCHEMA if cfg.jaccard == "exact" else MEMBER_SCHEMA
 
 
 def part_lookup(part_of: pa.Table) -> dict[str, int]:
@@ -172,7 +186,7 @@ def part_lookup(part_of: pa.Table) -> dict[str, int]:
 
 def resolve_part(members: pa.Table, edges: pa.Table, cfg: DedupConfig) -> pa.Table:
     """REMOVAL_SCHEMA rows of one cluster part from its members' signatures and candidate edges."""
-    verified = verify_edges(edges, members.select(["id", "sig"]), cfg)
+    verified = verify_edges(edges, members, cfg)
     components = connected_components(verified)
     if not components:
         return REMOVAL_SCHEMA.empty_table()
@@ -181,9 +195,9 @@ def resolve_part(members: pa.Table, edges: pa.Table, cfg: DedupConfig) -> pa.Tab
     return removed.append_column("shard", pc.take(members.column("shard"), pos))
 
 
-def slices_by_part(edges: pa.Table) -> dict[int, pa.Table]:
-    """Edges (a, b, part) sorted by part -> {part: Table(a, b)}."""
-    part = edges.column("part").to_numpy()
-    bounds = np.flatnonzero(np.r_[True, part[1:] != part[:-1], True]) if len(part) else []
-    pairs = edges.select(["a", "b"])
-    return {int(part[lo]): pairs.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])}
+def split_by_part(table: pa.Table, parts: int) -> list[pa.Table]:
+    """A table with a ``part`` column (0..parts-1) -> its rows of each part, in part order
+    (empty tables for parts it has no rows of)."""
+    ordered = table.sort_by([("part", "ascending")]) if table.num_rows else table
+    bounds = np.searchsorted(ordered.column("part").to_numpy(), np.arange(parts + 1))
+    return [ordered.slice(lo, hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:])]

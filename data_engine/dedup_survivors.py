@@ -2,7 +2,7 @@
 member of each group (a component, or an exact-hash group) stays.
 
     components = connected_components(edges)             # {id: root}
-    removed = choose_survivors(attach_roots(sigs, components), cfg)   # REMOVED_SCHEMA rows
+    removed = choose_survivors(attach_roots(members, components), cfg)   # REMOVED_SCHEMA rows
 
 ``cfg`` is a data_engine.dedup.DedupConfig (``keep``: first_id, longest or shortest). With
 ``verify``, a chain A~B~C whose ends are far apart keeps a second survivor, so no removed row
@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from data_engine.dedup_minhash import estimate_jaccard, sig_matrix
+from data_engine.dedup_minhash import PairJaccard
 
 if TYPE_CHECKING:
     from data_engine.dedup import DedupConfig
@@ -83,8 +83,9 @@ def choose_survivors(members: pa.Table, cfg: DedupConfig, group_col: str = "root
     """Apply cfg.keep per group; REMOVED_SCHEMA rows for every non-survivor.
 
     ``members`` has id, n_chars, ``group_col`` and, unless reason is
-    exact_duplicate, sig (for the estimated Jaccard to the survivor). Ties on
-    length fall back to the smallest id, so the choice is deterministic.
+    exact_duplicate, what PairJaccard needs for the Jaccard to the survivor (sig, or
+    shingles for exact). Ties on length fall back to the smallest id, so the choice is
+    deterministic.
     """
     order = [(group_col, "ascending")] + KEEP_ORDER[cfg.keep] + [("id", "ascending")]
     ordered = members.sort_by(order)
@@ -96,10 +97,10 @@ def choose_survivors(members: pa.Table, cfg: DedupConfig, group_col: str = "root
         removed = np.flatnonzero(~first)
         jaccard = np.ones(len(removed))
     else:
-        sigs = sig_matrix(ordered.column("sig"), cfg.num_perm)
-        jaccard_all = estimate_jaccard(sigs, sigs[survivor_idx])
+        pair_jaccard = PairJaccard(ordered, cfg)
+        jaccard_all = pair_jaccard(np.arange(len(ids)), survivor_idx)
         if cfg.verify:
-            _split_chains(sigs, first, survivor_idx, jaccard_all, cfg.threshold)
+            _split_chains(pair_jaccard, first, survivor_idx, jaccard_all, cfg.threshold)
         removed = np.flatnonzero(survivor_idx != np.arange(len(ids)))
         jaccard = jaccard_all[removed]
     return pa.table({
@@ -110,7 +111,7 @@ def choose_survivors(members: pa.Table, cfg: DedupConfig, group_col: str = "root
     }, schema=REMOVED_SCHEMA)
 
 
-def _split_chains(sigs: np.ndarray, first: np.ndarray, survivor_idx: np.ndarray,
+def _split_chains(pair_jaccard: PairJaccard, first: np.ndarray, survivor_idx: np.ndarray,
                   jaccard: np.ndarray, threshold: float) -> None:
     """Keep every removal within ``threshold`` of the row it names (in place).
 
@@ -131,7 +132,7 @@ def _split_chains(sigs: np.ndarray, first: np.ndarray, survivor_idx: np.ndarray,
             survivor_idx[head], jaccard[head] = head, 1.0
             if not len(rest):
                 break
-            est = estimate_jaccard(sigs[rest], sigs[np.full(len(rest), head)])
-            close = est >= threshold - 1e-12
-            survivor_idx[rest[close]], jaccard[rest[close]] = head, est[close]
+            score = pair_jaccard(rest, np.full(len(rest), head))
+            close = score >= threshold - 1e-12
+            survivor_idx[rest[close]], jaccard[rest[close]] = head, score[close]
             pending = list(rest[~close])

@@ -2,7 +2,8 @@
 
 Writes data/part-*.parquet (the surviving rows, unchanged) and
 rejected/part-*.parquet (each removed row with reason exact_duplicate or
-near_duplicate, duplicate_of and the estimated Jaccard). cluster/dedup.py
+near_duplicate, duplicate_of and its Jaccard: exact, or the MinHash estimate with
+dedup.jaccard=estimated). cluster/dedup.py
 says what runs where; data_engine/dedup.py and dedup_parts.py hold the
 algorithms. Resumable in two steps: the removals (the driver-side result of
 both passes) are cached in the work folder, and the per-shard write-out
@@ -79,10 +80,10 @@ def run(ctx: StageContext) -> dict:
     metrics = shard_funnel("dedup", shard_stats, ctx.work / "shards",
                            ctx.section.max_reject_fraction)
     metrics.update({k: v for k, v in stats.items() if k != "near_jaccard_hist"}, removals_reused=cached)
-    metrics["tables"] = {"near duplicates by estimated Jaccard": {
+    metrics["tables"] = {"near duplicates by Jaccard": {
         "columns": ["jaccard", "removed"], "rows": stats["near_jaccard_hist"]}}
     report_tables(ctx, metrics["tables"], bars={
-        "near duplicates by estimated Jaccard": ("jaccard", "removed")})
+        "near duplicates by Jaccard": ("jaccard", "removed")})
     publish_shards(ctx.work / "shards", ctx.out)
     return metrics
 

@@ -63,7 +63,8 @@ def run(ctx: StageContext) -> dict:
     ctx.log(f"{len(items)} chunks from {len({c.file for c in chunks})} file(s)")
     stats, errors = run_sharded(IngestStep, {"fields": cfg.fields.model_dump()}, items,
                                 ctx.work / "shards", concurrency=ctx.data_concurrency,
-                                fault_prefix="ingest", fault=ctx.fault, read=read_chunk_rows)
+                                fault_prefix="ingest", fault=ctx.fault, read=read_chunk_rows,
+                                actors=False)  # a FieldMap is cheap to build per chunk
     if errors:
         raise RuntimeError("ingest: unreadable chunk(s): " + "; ".join(
             f"{e['item']['chunk']['file']}: {e['error']}" for e in errors[:5]))

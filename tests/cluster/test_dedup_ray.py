@@ -1,4 +1,4 @@
-"""Dedup on Ray Data gives exactly the removals of the in-process dedup_table.
+"""Dedup on Ray tasks gives exactly the removals of the in-process dedup_table.
 
 The passes run on a real embedded Ray cluster over several Parquet shards; the
 pure per-part functions are checked without Ray in tests/data_engine/test_dedup_parts.py.
@@ -45,12 +45,13 @@ def test_removals_are_written_one_file_per_shard(tmp_path):
 
 # --- the passes on Ray ---------------------------------------------------------------
 
-@pytest.mark.parametrize("cfg", [DedupConfig(), DedupConfig(keep="longest", exact=False)],
-                         ids=["default", "longest-near-only"])
-def test_ray_removals_equal_dedup_table(ray_session, shards, cfg, tmp_path):
+@pytest.mark.parametrize("cfg, concurrency", [
+    (DedupConfig(), None), (DedupConfig(keep="longest", exact=False), None),
+    (DedupConfig(jaccard="estimated"), 1)], ids=["default", "longest-near-only", "estimated-1-part"])
+def test_ray_removals_equal_dedup_table(ray_session, shards, cfg, concurrency, tmp_path):
     table, paths = shards
     _, expected = dedup_table(table, cfg)
-    removed, stats = find_removals(paths, cfg, tmp_path)
+    removed, stats = find_removals(paths, cfg, tmp_path, concurrency=concurrency)
     assert _removed(removed) == _removed(expected)
     assert stats["candidate_pairs"] >= stats["near_removed"] > 0
     # Every removal names the shard that holds the row.
@@ -90,4 +91,5 @@ def test_duplicate_values_across_shards(ray_session, tmp_path):
         paths.append(str(tmp_path / f"ids-{i}.parquet"))
         pq.write_table(pa.table({"id": ids}), paths[-1])
     assert duplicate_values(paths, "id") == {"c", "d"}
+    assert duplicate_values(paths, "id", parts=3) == {"c", "d"}  # split by a hash, then counted
     assert duplicate_values(paths[:1], "id") == set() == duplicate_values([], "id")

@@ -17,7 +17,7 @@ from data_engine.dedup import (
 )
 from data_engine.dedup_minhash import (
     band_rows, bucket_edges, exact_keys, normalize_text, optimal_bands, shingle_hashes, shingles,
-    sig_matrix, signature_batch, verify_edges,
+    batch_ngram_hashes, minhash_matrix, sig_matrix, signature_batch, verify_edges, with_shingles,
 )
 from data_engine.generators.dedup_corpus import make_jaccard_corpus, true_jaccard
 from data_engine.dedup_survivors import attach_roots, choose_survivors, connected_components
@@ -105,6 +105,70 @@ def test_shingle_hashes_are_one_per_distinct_shingle():
     assert len(shingle_hashes("a b c", 5)) == 1 and shingle_hashes("", 5) == []
 
 
+def test_batch_ngram_hashes_are_each_texts_polynomial_of_its_word_hashes():
+    """A whole batch at once gives, text by text, the polynomial mod 2^64 of each n-gram's
+    blake2b word hashes; texts shorter than n are one shingle of all their words, empty ones
+    none; the per-text shingle_hashes are its high 32 bits."""
+    import hashlib
+
+    def reference(text: str, n: int) -> list[int]:
+        words = text.split()
+        ids = [int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+               for w in words]
+        n = min(n, len(words))
+        out = []
+        for i in range(len(words) - n + 1 if words else 0):
+            h = 0
+            for w in ids[i:i + n]:
+                h = (h * 0x9E3779B97F4A7C15 + w) % 2 ** 64
+            out.append(h)
+        return out
+
+    texts = ["", "a", "a b c d", "a b c d e", "x y a b c d e f g", "", "q " * 7, "lone"]
+    for n in (1, 3, 5):
+        values, offsets = batch_ngram_hashes(texts, n)
+        assert len(offsets) == len(texts) + 1
+        got = [values[lo:hi].tolist() for lo, hi in zip(offsets[:-1], offsets[1:])]
+        assert got == [reference(t, n) for t in texts]
+        assert [shingle_hashes(t, n) for t in texts] == [[v >> 32 for v in r] for r in got]
+
+
+def test_minhash_matrix_equals_datasketch():
+    """The batched MinHash is datasketch's MinHash(scheme="affine32", hashfunc=int) for every
+    set: empty (all 0xFFFFFFFF), one item, repeats, and sets that straddle the blocks."""
+    from datasketch import MinHash
+    rng = np.random.default_rng(0)
+    sizes = [0, 1, 3, 0, 2500, 40, 1, 5000, 7]
+    sets = [rng.integers(0, 2 ** 32, size=k, dtype=np.uint64).astype(np.uint32) for k in sizes]
+    sets[2] = np.array([5, 5, 9], np.uint32)
+    offsets = np.r_[0, np.cumsum(sizes)]
+    values = np.concatenate(sets)
+    for num_perm, seed in [(128, 1), (64, 7)]:
+        got = minhash_matrix(values, offsets, num_perm, seed)
+        expected = np.stack([m.hashvalues for m in MinHash.bulk(
+            [s.tolist() for s in sets], num_perm=num_perm, seed=seed, scheme="affine32",
+            hashfunc=int)])
+        assert got.dtype == np.uint32 and np.array_equal(got, expected)
+    assert (minhash_matrix(values, offsets, 128, 1)[0] == 0xFFFFFFFF).all()
+
+
+def test_band_keys_put_equal_bands_together_and_different_ones_apart():
+    cfg = DedupConfig()
+    sigs = signature_batch(records({"a": edited([]), "b": edited([]).upper(),
+                                    "c": edited([100]), "d": edited(list(range(0, 200, 5)))}), cfg)
+    bands = band_rows(sigs, cfg)
+    m = sig_matrix(sigs["sig"], cfg.num_perm)
+    key = {(r["band"], r["id"]): r["key"] for r in bands.to_pylist()}
+    ids = ["a", "b", "c", "d"]
+    for band in range(cfg.bands):
+        cols = slice(band * cfg.rows, (band + 1) * cfg.rows)
+        for i, x in enumerate(ids):
+            for j, y in enumerate(ids):
+                same = bool((m[i, cols] == m[j, cols]).all())
+                assert (key[band, x] == key[band, y]) == same, (band, x, y)
+    assert len({key[b, "a"] for b in range(cfg.bands)}) == cfg.bands  # bands differ by index
+
+
 def test_exact_keys_match_after_normalisation():
     keys = exact_keys(records({"a": "Hello,  World!", "b": "hello world", "c": "hello there"}),
                       DedupConfig())
@@ -157,14 +221,14 @@ def test_bucket_edges_all_pairs_for_small_buckets_star_for_large():
     star = bucket_edges(group, DedupConfig(all_pairs_max=3))
     assert list(zip(star["a"].to_pylist(), star["b"].to_pylist())) == [
         ("a", "b"), ("a", "c"), ("a", "d")]
-    assert star["jaccard_est"].null_count == 3  # candidates: no signatures given
+    assert star["jaccard"].null_count == 3  # candidates: no members given
     full = bucket_edges(group, DedupConfig(all_pairs_max=8))
     assert full.num_rows == 6
 
 
 def test_connected_components_roots_are_min_ids_in_any_edge_order():
     edges = pa.table({"a": ["c", "b", "x"], "b": ["d", "c", "y"],
-                      "jaccard_est": [0.9, 0.9, 0.9]})
+                      "jaccard": [0.9, 0.9, 0.9]})
     expected = {"b": "b", "c": "b", "d": "b", "x": "x", "y": "x"}
     assert connected_components(edges) == expected
     assert connected_components([edges.slice(2), edges.slice(0, 2)]) == expected
@@ -259,7 +323,7 @@ def test_a_chain_removes_no_row_below_the_threshold_to_its_survivor():
     assert true_jaccard(table["text"][0].as_py(), text_c) < 0.7
     cfg = DedupConfig()
     sigs = signature_batch(table, cfg)
-    edges = bucket_edges(band_rows(sigs, cfg), cfg, sigs=sigs)
+    edges = bucket_edges(band_rows(sigs, cfg), cfg, members=with_shingles(sigs, table, cfg))
     assert list(zip(edges["a"].to_pylist(), edges["b"].to_pylist())) == [(a, b), (b, c)]
     kept, rejected = dedup_table(table, cfg)
     assert kept["id"].to_pylist() == [a, c]
@@ -289,7 +353,7 @@ def test_chain_splitting_keeps_keep_order_and_recall():
     for row in rejected.to_pylist():
         assert row["duplicate_of"] in kept_ids and row["jaccard"] >= cfg.threshold
     sigs = signature_batch(table, cfg)
-    edges = bucket_edges(band_rows(sigs, cfg), cfg, sigs=sigs)
+    edges = bucket_edges(band_rows(sigs, cfg), cfg, members=with_shingles(sigs, table, cfg))
     assert edges.num_rows >= 3
     for x, y in zip(edges["a"].to_pylist(), edges["b"].to_pylist()):
         assert not (x in kept_ids and y in kept_ids), (x, y)
@@ -337,9 +401,10 @@ def test_sharded_composition_matches_the_local_executor():
     endpoints = pa.chunked_array(candidates["a"].chunks + candidates["b"].chunks).unique()
     endpoint_sigs = pa.concat_tables([s.filter(pc.is_in(s["id"], value_set=endpoints))
                                       for s in sigs])                         # broadcast filter
+    endpoint_sigs = with_shingles(endpoint_sigs, table, cfg)                  # their texts
     edges = verify_edges(candidates, endpoint_sigs, cfg)
     components = connected_components(edges)                                  # driver
-    members = pa.concat_tables([attach_roots(s, components) for s in sigs])   # map_batches
+    members = attach_roots(endpoint_sigs, components)                         # map_batches
     removed = pa.concat_tables([choose_survivors(g, cfg) for g in _groups(members, ["root"])])
     local = near_removals(table, cfg)
     assert sorted(removed.to_pylist(), key=lambda r: r["id"]) == \
@@ -350,14 +415,55 @@ def test_sharded_composition_matches_the_local_executor():
 
 
 def test_verify_edges_scores_by_estimated_jaccard_and_keeps_those_at_threshold():
-    cfg = DedupConfig()
+    cfg = DedupConfig(jaccard="estimated")
     sigs = signature_batch(records({"a": edited([]), "b": edited([100]), "c": edited(
         list(range(0, 200, 5)))}), cfg)
     m = sig_matrix(sigs["sig"], cfg.num_perm)
     candidates = pa.table({"a": ["a", "a"], "b": ["b", "c"]})
     edges = verify_edges(candidates, sigs, cfg)
     assert list(zip(edges["a"].to_pylist(), edges["b"].to_pylist())) == [("a", "b")]
-    assert edges["jaccard_est"][0].as_py() == pytest.approx((m[0] == m[1]).mean())
+    assert edges["jaccard"][0].as_py() == pytest.approx((m[0] == m[1]).mean())
+
+
+def test_exact_verification_scores_by_the_shingle_sets():
+    """Exact Jaccard is the word-5-gram Jaccard itself: edits at 100 kill 5 of 196 shingles of
+    each side (191/201); 40 edits 5 apart leave none shared with a."""
+    cfg = DedupConfig()
+    assert cfg.jaccard == "exact"
+    table = records({"a": edited([]), "b": edited([100]), "c": edited(list(range(0, 200, 5)))})
+    members = with_shingles(signature_batch(table, cfg), table, cfg)
+    assert members["shingles"].to_pylist()[0] == sorted(set(members["shingles"][0].as_py()))
+    edges = verify_edges(pa.table({"a": ["a", "a"], "b": ["b", "c"]}), members, cfg)
+    assert list(zip(edges["a"].to_pylist(), edges["b"].to_pylist())) == [("a", "b")]
+    texts = table["text"].to_pylist()
+    assert edges["jaccard"][0].as_py() == true_jaccard(texts[0], texts[1]) == 191 / 201
+    with pytest.raises(ValueError, match="no text for id 'zz'"):
+        with_shingles(members.slice(0, 1).set_column(0, "id", pa.array(["zz"])), table, cfg)
+    with pytest.raises(ValueError, match="needs the members' shingles"):
+        verify_edges(pa.table({"a": ["a"], "b": ["b"]}), members.drop_columns(["shingles"]), cfg)
+
+
+def test_exact_verification_drops_a_pair_the_estimate_keeps_and_says_its_jaccard():
+    """Two texts whose MinHash estimate lands above 0.7 while their shingle sets share less:
+    the estimate removes one of them, exact verification keeps both; every removal's jaccard
+    is the true word-5-gram Jaccard to the row it names."""
+    cfg_est, cfg_exact = DedupConfig(jaccard="estimated"), DedupConfig()
+    # 7 edits 5 apart: J = 161/231 = 0.697; the estimate falls on either side by the tag.
+    for tag in [f"t{i}" for i in range(20)]:
+        table = records({"a": edited([]), "b": edited(list(range(10, 45, 5)), tag=tag)})
+        est = verify_edges(pa.table({"a": ["a"], "b": ["b"]}), signature_batch(table, cfg_est),
+                           DedupConfig(jaccard="estimated", verify=False))["jaccard"][0].as_py()
+        truth = true_jaccard(*table["text"].to_pylist())
+        if est >= 0.7 > truth:
+            break
+    else:
+        pytest.fail("no pair with estimate >= 0.7 > exact among the tags tried")
+    assert removed_map(dedup_table(table, cfg_est)[1]) == {"b": ("near_duplicate", "a")}
+    kept, rejected = dedup_table(table, cfg_exact)
+    assert rejected.num_rows == 0 and kept.num_rows == 2
+    close = records({"a": edited([]), "b": edited([0, 50, 100])})
+    _, rejected = dedup_table(close, cfg_exact)
+    assert rejected["jaccard"].to_pylist() == [true_jaccard(*close["text"].to_pylist())]
 
 
 # --- the quality target on the controlled corpus ----------------------------------------

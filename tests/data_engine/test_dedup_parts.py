@@ -1,5 +1,5 @@
 """Dedup's per-part functions, without Ray: composed in process over a few shards they
-give exactly the removals of dedup_table (cluster/dedup.py runs the same on Ray Data)."""
+give exactly the removals of dedup_table (cluster/dedup.py runs the same on Ray tasks)."""
 from __future__ import annotations
 
 import pyarrow as pa
@@ -10,7 +10,7 @@ from data_engine.dedup import DedupConfig, dedup_table
 from data_engine.dedup_minhash import signature_batch
 from data_engine.dedup_parts import (
     PAIR_SCHEMA, REMOVAL_SCHEMA, bucket_part, cluster_parts, concat_or_empty, drop_exact_copies,
-    key_rows, member_sigs, part_lookup, resolve_part, slices_by_part, split_pairs,
+    key_rows, member_sigs, part_lookup, resolve_part, split_by_part, split_pairs,
 )
 from data_engine.generators.dedup_corpus import make_jaccard_corpus
 from data_engine.schema import RECORD_SCHEMA
@@ -65,16 +65,18 @@ def _removals_in_process(shards: list[pa.Table], cfg: DedupConfig, parts: int) -
     if not candidates.num_rows:
         return exact
     part_of, edges = cluster_parts(candidates, parts)
-    lookup, slices = part_lookup(part_of), slices_by_part(edges)
-    members = pa.concat_tables([member_sigs(signature_batch(t, cfg), i, lookup)
+    lookup, slices = part_lookup(part_of), split_by_part(edges, parts)
+    members = pa.concat_tables([member_sigs(signature_batch(t, cfg), i, lookup, cfg, t)
                                 for i, t in enumerate(shards)])
-    near = [resolve_part(g.drop_columns(["part"]), slices[g.column("part")[0].as_py()], cfg)
+    near = [resolve_part(g.drop_columns(["part"]),
+                         slices[g.column("part")[0].as_py()].drop_columns(["part"]), cfg)
             for g in _by_part(members)]
     return pa.concat_tables([exact, concat_or_empty(near, REMOVAL_SCHEMA)])
 
 
-@pytest.mark.parametrize("cfg", [DedupConfig(), DedupConfig(keep="longest", exact=False)],
-                         ids=["default", "longest-near-only"])
+@pytest.mark.parametrize("cfg", [DedupConfig(), DedupConfig(keep="longest", exact=False),
+                                 DedupConfig(jaccard="estimated")],
+                         ids=["default", "longest-near-only", "estimated"])
 def test_parts_composed_in_process_equal_dedup_table(cfg):
     table = _corpus()
     assert table.schema == RECORD_SCHEMA
