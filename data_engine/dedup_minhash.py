@@ -373,26 +373,23 @@ class PairJaccard:
                 raise ValueError("exact Jaccard needs the members' shingles (with_shingles)")
             column = members.column("shingles")
             column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-            values = column.flatten().to_numpy(zero_copy_only=False).tolist()
-            bounds = column.offsets.to_numpy()
-            self._sets: list[frozenset | None] = [None] * len(bounds[:-1])
-            self._values, self._bounds = values, bounds
+            self._values = column.flatten().to_numpy(zero_copy_only=False)
+            self._bounds = column.offsets.to_numpy()[:len(column) + 1] - column.offsets[0].as_py()
         else:
             self.sigs = sig_matrix(members.column("sig"), cfg.num_perm)
-
-    def _set(self, i: int) -> frozenset:
-        found = self._sets[i]
-        if found is None:
-            found = self._sets[i] = frozenset(self._values[self._bounds[i]:self._bounds[i + 1]])
-        return found
 
     def __call__(self, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
         if not self.exact:
             return estimate_jaccard(self.sigs[rows_a], self.sigs[rows_b])
+        values, bounds = self._values, self._bounds
         out = np.empty(len(rows_a))
         for k, (i, j) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
-            a, b = self._set(i), self._set(j)
-            shared = len(a & b)
+            a, b = values[bounds[i]:bounds[i + 1]], values[bounds[j]:bounds[j + 1]]
+            if len(a) > len(b):
+                a, b = b, a
+            # both sorted and distinct: each of a's values found in b by binary search
+            shared = int(np.count_nonzero(b[np.searchsorted(b, a) % max(len(b), 1)] == a)) \
+                if len(b) else 0
             union = len(a) + len(b) - shared
             out[k] = shared / union if union else 1.0
         return out
