@@ -78,7 +78,11 @@ def test_training_starts_at_ln2_and_ranks_held_out_pairs(full, reasoner, pairs):
     assert rows[0]["rm_loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["margin"] == 0
     assert {"accuracy", "scores/chosen", "scores/rejected", "grad_norm", "tokens_per_s"} <= set(rows[0])
     assert sum(r["rm_loss"] for r in rows[-10:]) / 10 < 0.3
-    assert rows[59]["val/accuracy"] < summary["val/accuracy"]  # rising
+    # Still learning on held-out pairs between the two evaluations: accuracy may already be 1.0 at
+    # step 60 (it is with some builds of the stack), so the loss and margin carry the check.
+    mid = rows[59]
+    assert mid["val/accuracy"] <= summary["val/accuracy"]
+    assert mid["val/loss"] > summary["val/loss"] and mid["val/margin"] < summary["val/margin"]
     assert summary["val/accuracy"] >= 0.85 and summary["val/margin"] > 0 and summary["val/loss"] < math.log(2)
     out = paths(reasoner, pairs, "rm-full").out / "model"
     assert {"model.safetensors", "reward_model.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
