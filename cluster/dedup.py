@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -53,7 +54,8 @@ from data_engine.dedup_parts import (
 
 READ_ROWS = 4096                    # rows per signature batch inside a task
 ROWS_PER_BUCKET_PART = 2_000_000    # ~100 MB of key rows per reduce task
-DOCS_PER_CLUSTER_PART = 50_000      # ~30 MB of signatures per reduce task
+DOCS_PER_CLUSTER_PART = 50_000      # ~30 MB of signatures per reduce task, or with exact
+                                    # Jaccard their shingle sets (8 bytes a word)
 
 
 # --- pass 1: exact groups and LSH buckets ---------------------------------------
@@ -122,10 +124,16 @@ def _member_sigs_task(shard: int, path: str, cfg: dict, parts: int, part_of: lis
         _LOOKUP.clear()  # one cluster pass at a time: an earlier one's is stale
         _LOOKUP[key] = part_lookup(ray.get(part_of[0]))
     config = DedupConfig(**cfg)
-    texts = pq.read_table(path, columns=["id", "text"]) if config.jaccard == "exact" else None
-    members = member_sigs(pq.read_table(sig_path(sig_dir, shard)), shard, _LOOKUP[key], config,
-                          texts)
-    return _returns(split_by_part(members, parts))
+    sigs = pq.read_table(sig_path(sig_dir, shard))
+    on_edge = sigs.filter(pa.array([i in _LOOKUP[key] for i in sigs.column("id").to_pylist()],
+                                   pa.bool_()))
+    texts = None
+    if config.jaccard == "exact":  # the candidates' texts only, READ_ROWS at a time
+        wanted = on_edge.column("id")
+        texts = concat_or_empty([b.filter(pc.is_in(b.column("id"), value_set=wanted))
+                                 for b, _ in _records(shard, path)] if len(wanted) else [],
+                                pa.schema([("id", pa.string()), ("text", pa.string())]))
+    return _returns(split_by_part(member_sigs(on_edge, shard, _LOOKUP[key], config, texts), parts))
 
 
 def _resolve_part_task(cfg: dict, edges: pa.Table, *members: pa.Table) -> pa.Table:

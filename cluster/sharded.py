@@ -39,17 +39,11 @@ import ray
 from cluster import storage
 
 
-def configure(shuffle: str = "sort", progress_bars: bool = False) -> None:
-    """Ray Data settings for this process (each stage task builds its own datasets).
-
-    Sort-based shuffle is the default: hash shuffle starts a pool of aggregator
-    actors whose start-up (~13 s measured locally) dwarfs small groupbys.
-    """
-    from ray.data.context import ShuffleStrategy
+def configure(progress_bars: bool = False) -> None:
+    """Ray Data settings for this process (each stage task builds its own datasets). No stage
+    shuffles through Ray Data (dedup's and the duplicate-id check's shuffles are map_reduce)."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars
-    ctx.shuffle_strategy = {"sort": ShuffleStrategy.SORT_SHUFFLE_PULL_BASED,
-                            "hash": ShuffleStrategy.HASH_SHUFFLE}[shuffle]
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
@@ -200,8 +194,8 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
                     max_task_retries=0, num_cpus=num_cpus, num_gpus=num_gpus).take_all()
         else:
             task = _remote(_shard_task).options(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0)
-            results = ray.get(_bounded(task, [(row, worker_kwargs) for row in rows], size,
-                                       stop_on_error=True))
+            results = gather(_bounded(task, [(row, worker_kwargs) for row in rows], size,
+                                      stop_on_error=True))
         for r in results:
             stats = json.loads(r["result"])
             (errors if "error" in stats else []).append(stats)
@@ -320,8 +314,27 @@ def _bounded(remote, args: list[tuple], limit: int, *, stop_on_error: bool = Fal
         if len(running) >= limit:
             ready, running = ray.wait(running, num_returns=1, fetch_local=stop_on_error)
             if stop_on_error:
-                ray.get(ready)
+                _get_or_cancel(ready, running)
         ref = remote.remote(*a)
         refs.append(ref)
         running.append(ref[0] if isinstance(ref, list) else ref)
     return refs
+
+
+def gather(refs: list) -> list:
+    """ray.get of every ref as they finish; the first failure cancels the tasks still running
+    (a crashed shard fails the stage, and nothing keeps its CPUs after) and raises."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        _get_or_cancel(ready, pending)
+    return ray.get(refs)
+
+
+def _get_or_cancel(ready: list, running: list) -> None:
+    try:
+        ray.get(ready)
+    except Exception:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        raise

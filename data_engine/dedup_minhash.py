@@ -202,6 +202,8 @@ def with_shingles(members: pa.Table, texts: pa.Table, cfg: DedupConfig) -> pa.Ta
     ``texts`` is a Table(id, text) holding at least the members' ids. Unchanged otherwise."""
     if cfg.jaccard != "exact":
         return members
+    if pc.count_distinct(texts.column("id")).as_py() != texts.num_rows:
+        raise ValueError("exact verification needs unique ids: the texts repeat an id")
     pos = pc.index_in(members.column("id"), value_set=texts.column("id"))
     if pos.null_count:
         missing = pc.filter(members.column("id"), pc.is_null(pos))[0].as_py()
@@ -381,18 +383,39 @@ class PairJaccard:
     def __call__(self, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
         if not self.exact:
             return estimate_jaccard(self.sigs[rows_a], self.sigs[rows_b])
+        if not len(rows_a):
+            return np.zeros(0)
         values, bounds = self._values, self._bounds
-        out = np.empty(len(rows_a))
-        for k, (i, j) in enumerate(zip(rows_a.tolist(), rows_b.tolist())):
-            a, b = values[bounds[i]:bounds[i + 1]], values[bounds[j]:bounds[j + 1]]
-            if len(a) > len(b):
-                a, b = b, a
-            # both sorted and distinct: each of a's values found in b by binary search
-            shared = int(np.count_nonzero(b[np.searchsorted(b, a) % max(len(b), 1)] == a)) \
-                if len(b) else 0
-            union = len(a) + len(b) - shared
-            out[k] = shared / union if union else 1.0
-        return out
+        sizes = np.diff(bounds)
+        shared = np.zeros(len(rows_a), np.int64)
+        rows_a, rows_b = np.asarray(rows_a, np.int64), np.asarray(rows_b, np.int64)
+        order = np.argsort(rows_b, kind="stable")
+        cuts = np.flatnonzero(np.r_[True, np.diff(rows_b[order]) != 0, True])
+        # One step per distinct b (chain splitting compares one head with many rows): every a of
+        # it looked up in b's sorted, distinct values by binary search, counted per a.
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            pairs = order[lo:hi]
+            j = rows_b[pairs[0]]
+            b = values[bounds[j]:bounds[j + 1]]
+            if not len(b):
+                continue
+            if hi - lo == 1:  # the common case when verifying edges: one plain lookup
+                i = rows_a[pairs[0]]
+                a = values[bounds[i]:bounds[i + 1]]
+                shared[pairs[0]] = np.count_nonzero(b[np.searchsorted(b, a) % len(b)] == a)
+                continue
+            starts, lens = bounds[rows_a[pairs]], sizes[rows_a[pairs]]
+            filled = lens > 0
+            if not filled.any():
+                continue
+            take = np.repeat(starts[filled] - np.r_[0, np.cumsum(lens[filled])[:-1]], lens[filled]) \
+                + np.arange(lens[filled].sum())
+            a_values = values[take]
+            hit = b[np.searchsorted(b, a_values) % len(b)] == a_values
+            shared[pairs[filled]] = np.add.reduceat(hit, np.r_[0, np.cumsum(lens[filled])[:-1]])
+        union = sizes[rows_a] + sizes[rows_b] - shared
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(union > 0, shared / np.maximum(union, 1), 1.0)
 
 
 def verify_edges(edges: pa.Table, members: pa.Table, cfg: DedupConfig) -> pa.Table:
@@ -419,11 +442,12 @@ def cross_edges(left: pa.Table, right: pa.Table, cfg: DedupConfig) -> pa.Table:
     joined = bands_l.join(bands_r, keys=["band", "key"], join_type="inner", left_suffix="_a", right_suffix="_b")
     pairs = joined.group_by(["id_a", "id_b"]).aggregate([]).sort_by([("id_a", "ascending"), ("id_b", "ascending")])
     a, b = pairs.column("id_a").cast(pa.string()), pairs.column("id_b").cast(pa.string())
-    # One members table for PairJaccard: left's rows, then right's (ids may repeat across them).
-    members = pa.concat_tables([with_shingles(sigs_l.select(["id", "sig"]), left, cfg),
-                                with_shingles(sigs_r.select(["id", "sig"]), right, cfg)])
-    rows_a = _rows_of(a, sigs_l)
-    rows_b = _rows_of(b, sigs_r) + sigs_l.num_rows
+    # One members table for PairJaccard: left's endpoints, then right's (ids may repeat across them).
+    ends_l = sigs_l.select(["id", "sig"]).filter(pc.is_in(sigs_l.column("id"), value_set=a.unique()))
+    ends_r = sigs_r.select(["id", "sig"]).filter(pc.is_in(sigs_r.column("id"), value_set=b.unique()))
+    members = pa.concat_tables([with_shingles(ends_l, left, cfg), with_shingles(ends_r, right, cfg)])
+    rows_a = _rows_of(a, ends_l)
+    rows_b = _rows_of(b, ends_r) + ends_l.num_rows
     jaccard = PairJaccard(members, cfg)(rows_a, rows_b)
     scored = pa.table({"a": a, "b": b, "jaccard": pa.array(jaccard, pa.float64())},
                       schema=EDGE_SCHEMA)

@@ -13,8 +13,8 @@ B bands, P parts:
                 Jaccard their shingle sets, from the shard's texts) ->
                 split_by_part -> resolve_part (verify, components, survivors)
 
-A part, not a (band, key) bucket, is the unit of a group: Ray's map_groups calls
-Python once per group and almost every LSH bucket is a singleton. Every bucket
+A part, not a (band, key) bucket, is the unit of a reduce task: almost every LSH bucket is a
+singleton, and a task (or a Python call) per bucket would cost more than the bucket's work. Every bucket
 lies wholly in one part, and one vectorised sort splits a part into its buckets.
 
 Removals equal those of ``data_engine.dedup.dedup_table``: a near bucket holds
@@ -49,7 +49,9 @@ SIG_SCHEMA = pa.schema([("id", pa.string()), ("sig", pa.list_(pa.uint32())),
                         ("n_chars", pa.int64())])
 MEMBER_SCHEMA = pa.schema([("id", pa.string()), ("sig", pa.list_(pa.uint32())),
                            ("n_chars", pa.int64()), ("part", pa.int32()), ("shard", pa.int32())])
-EXACT_MEMBER_SCHEMA = MEMBER_SCHEMA.append(pa.field("shingles", SHINGLES_TYPE))
+# With exact Jaccard the shingle sets replace the signatures, which nothing after reads.
+EXACT_MEMBER_SCHEMA = pa.schema([("id", pa.string()), ("n_chars", pa.int64()), ("part", pa.int32()),
+                                 ("shard", pa.int32()), ("shingles", SHINGLES_TYPE)])
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -163,16 +165,17 @@ def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[pa.Table, pa.Tabl
 def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int], cfg: DedupConfig,
                 texts: pa.Table | None = None) -> pa.Table:
     """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge; with
-    exact Jaccard (cfg.jaccard) also their shingle sets, from ``texts`` (the shard's id, text)."""
+    exact Jaccard (cfg.jaccard), EXACT_MEMBER_SCHEMA rows: their shingle sets instead, from
+    ``texts`` (Table(id, text) holding at least those docs)."""
     parts = [part_of.get(i, -1) for i in sigs.column("id").to_pylist()]
-    mask = pa.array([p >= 0 for p in parts])
+    mask = pa.array([p >= 0 for p in parts], pa.bool_())
     members = sigs.filter(mask)
     members = members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
         .append_column("shard", pa.array(np.full(members.num_rows, shard, np.int32)))
     if cfg.jaccard == "exact":
         if texts is None:
             raise ValueError("exact Jaccard needs the shard's texts for its candidates")
-        members = with_shingles(members, texts, cfg)
+        members = with_shingles(members.drop_columns(["sig"]), texts, cfg)
     return members
 
 

@@ -50,8 +50,7 @@ class RayConfig(Strict):
     num_cpus: int | None = Field(None, gt=0, description="CPUs of the embedded cluster (default: all)")
     include_dashboard: bool = Field(False, description="~0.7 GiB more RAM locally (NOTES.md)")
     node_ip_address: str = Field("127.0.0.2", description="any 127.x but .1 keeps Ray on loopback")
-    data_concurrency: int | None = Field(None, gt=0, description="parallel Ray Data tasks per step")
-    shuffle: Literal["sort", "hash"] = Field("sort", description="Ray Data shuffle for groupbys")
+    data_concurrency: int | None = Field(None, gt=0, description="parallel data tasks per step")
 
 
 class TokenizerSection(TokenizerConfig):

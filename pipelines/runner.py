@@ -273,7 +273,7 @@ def execute_stage(cfg: PipelineConfig, run_id: str, name: str, fault: str | None
     Fault point (tests): ``<stage>:after_run``, after the stage staged its outputs."""
     from cluster.sharded import configure, maybe_fault
     from pipelines.tracking import make_sink
-    configure(shuffle=cfg.ray.shuffle)
+    configure()
     store = RunStore(cfg.runs_dir, run_id, cfg.cache_dir)
     stage_dir = store.stage(name)
     stage = STAGES[name]

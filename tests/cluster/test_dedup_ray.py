@@ -93,3 +93,29 @@ def test_duplicate_values_across_shards(ray_session, tmp_path):
     assert duplicate_values(paths, "id") == {"c", "d"}
     assert duplicate_values(paths, "id", parts=3) == {"c", "d"}  # split by a hash, then counted
     assert duplicate_values(paths[:1], "id") == set() == duplicate_values([], "id")
+
+
+def test_gather_fails_at_the_first_error_and_cancels_the_tasks_still_running(ray_session):
+    """run_sharded's tasks: a crashed shard fails the stage at once, and a shard still running
+    (here one that would take a minute) is cancelled, not left holding its CPU."""
+    import time
+
+    import ray
+
+    from cluster.sharded import gather
+
+    @ray.remote(max_retries=0)
+    def slow() -> None:
+        time.sleep(60)
+
+    @ray.remote(max_retries=0)
+    def broken() -> None:
+        raise ValueError("shard 3 is broken")
+
+    started = time.time()
+    refs = [slow.remote(), broken.remote()]
+    with pytest.raises(ray.exceptions.RayTaskError, match="shard 3 is broken"):
+        gather(refs)
+    with pytest.raises((ray.exceptions.TaskCancelledError, ray.exceptions.WorkerCrashedError)):
+        ray.get(refs[0], timeout=30)
+    assert time.time() - started < 30

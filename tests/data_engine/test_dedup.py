@@ -443,6 +443,30 @@ def test_exact_verification_scores_by_the_shingle_sets():
         verify_edges(pa.table({"a": ["a"], "b": ["b"]}), members.drop_columns(["shingles"]), cfg)
 
 
+def test_pair_jaccard_equals_python_sets_on_a_sliced_table_and_one_head_against_many():
+    """Exact PairJaccard against plain set arithmetic: random pairs (edge verification), one row
+    against many (chain splitting), empty sets (1.0 with each other, 0.0 with a non-empty one),
+    on a slice of a table (non-zero list offsets)."""
+    from data_engine.dedup_minhash import SHINGLES_TYPE, PairJaccard
+    rng = np.random.default_rng(1)
+    sets = [np.unique(rng.integers(0, 50, size=rng.integers(0, 30))).astype(np.uint64)
+            for _ in range(40)]
+    sets[5] = np.zeros(0, np.uint64)
+    table = pa.table({"id": [str(i) for i in range(40)],
+                      "shingles": pa.array([x.tolist() for x in sets], SHINGLES_TYPE)}).slice(3, 30)
+    jaccard = PairJaccard(table, DedupConfig())
+
+    def truth(i: int, j: int) -> float:
+        a, b = set(sets[i + 3].tolist()), set(sets[j + 3].tolist())
+        return len(a & b) / len(a | b) if a | b else 1.0
+    rows_a, rows_b = rng.integers(0, 30, 300), rng.integers(0, 30, 300)
+    assert jaccard(rows_a, rows_b).tolist() == pytest.approx([truth(i, j) for i, j in zip(rows_a, rows_b)])
+    many = np.arange(30)
+    assert jaccard(many, np.full(30, 7)).tolist() == pytest.approx([truth(i, 7) for i in many])
+    assert jaccard(np.array([2, 2]), np.array([2, 0])).tolist() == [1.0, 0.0]  # row 2 is sets[5]
+    assert jaccard(np.zeros(0, int), np.zeros(0, int)).size == 0
+
+
 def test_exact_verification_drops_a_pair_the_estimate_keeps_and_says_its_jaccard():
     """Two texts whose MinHash estimate lands above 0.7 while their shingle sets share less:
     the estimate removes one of them, exact verification keeps both; every removal's jaccard

@@ -57,7 +57,7 @@ def _by_part(rows: pa.Table) -> list[pa.Table]:
 
 
 def _removals_in_process(shards: list[pa.Table], cfg: DedupConfig, parts: int) -> pa.Table:
-    """The bucket and cluster passes of cluster/dedup.py, with a loop for each groupby."""
+    """The bucket and cluster passes of cluster/dedup.py, with a loop for each shuffle."""
     shard_cols = [pa.array([i] * t.num_rows, pa.int32()) for i, t in enumerate(shards)]
     rows = pa.concat_tables([key_rows(t, cfg, s, parts) for t, s in zip(shards, shard_cols)])
     pairs = concat_or_empty([bucket_part(g, cfg) for g in _by_part(rows)], PAIR_SCHEMA)
