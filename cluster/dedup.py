@@ -43,12 +43,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from cluster.sharded import map_reduce, shard_name, write_parquet_atomic
+from cluster.sharded import map_output, map_reduce, shard_name, write_parquet_atomic
 from data_engine.dedup import DedupConfig
 from data_engine.dedup_minhash import normalized_texts, signature_batch
 from data_engine.dedup_parts import (
     KEY_ROW_SCHEMA, PAIR_SCHEMA, REMOVAL_SCHEMA, SIG_SCHEMA, bucket_part, cluster_parts,
-    concat_or_empty, key_rows, member_schema, member_sigs, part_lookup, resolve_part,
+    concat_or_empty, exact_members, key_rows, member_schema, member_sigs, part_lookup, resolve_part,
     split_by_part, split_pairs,
 )
 
@@ -99,7 +99,7 @@ def _key_rows(shard: int, path: str, config: DedupConfig, parts: int, sig_dir: s
 
 def _key_rows_task(shard: int, path: str, cfg: dict, parts: int, sig_dir: str) -> tuple:
     """The map side of the bucket pass: one shard's key rows, one table per part."""
-    return _returns(split_by_part(_key_rows(shard, path, DedupConfig(**cfg), parts, sig_dir),
+    return map_output(split_by_part(_key_rows(shard, path, DedupConfig(**cfg), parts, sig_dir),
                                   parts))
 
 
@@ -124,16 +124,14 @@ def _member_sigs_task(shard: int, path: str, cfg: dict, parts: int, part_of: lis
         _LOOKUP.clear()  # one cluster pass at a time: an earlier one's is stale
         _LOOKUP[key] = part_lookup(ray.get(part_of[0]))
     config = DedupConfig(**cfg)
-    sigs = pq.read_table(sig_path(sig_dir, shard))
-    on_edge = sigs.filter(pa.array([i in _LOOKUP[key] for i in sigs.column("id").to_pylist()],
-                                   pa.bool_()))
-    texts = None
+    members = member_sigs(pq.read_table(sig_path(sig_dir, shard)), shard, _LOOKUP[key])
     if config.jaccard == "exact":  # the candidates' texts only, READ_ROWS at a time
-        wanted = on_edge.column("id")
+        wanted = members.column("id")
         texts = concat_or_empty([b.filter(pc.is_in(b.column("id"), value_set=wanted))
                                  for b, _ in _records(shard, path)] if len(wanted) else [],
                                 pa.schema([("id", pa.string()), ("text", pa.string())]))
-    return _returns(split_by_part(member_sigs(on_edge, shard, _LOOKUP[key], config, texts), parts))
+        members = exact_members(members, texts, config)
+    return map_output(split_by_part(members, parts))
 
 
 def _resolve_part_task(cfg: dict, edges: pa.Table, *members: pa.Table) -> pa.Table:
@@ -150,15 +148,6 @@ def _resolve_part_task(cfg: dict, edges: pa.Table, *members: pa.Table) -> pa.Tab
 # sampled and range-partitioned first, ~1.3 s per pass here over the same work, a quarter of
 # the stage on 18k short documents.
 
-def _returns(parts: list[pa.Table]) -> tuple | pa.Table:
-    return tuple(parts) if len(parts) > 1 else parts[0]
-
-
-def _concat(tables: list[pa.Table]) -> pa.Table | None:
-    tables = [t for t in tables if t.num_rows]
-    return pa.concat_tables(tables) if tables else None
-
-
 def _workers(concurrency: int | None) -> int:
     return concurrency or max(1, int(ray.available_resources().get("CPU", 1)))
 
@@ -167,10 +156,11 @@ def _bucket_pass(shards, cfg, n_rows, workers, sig_dir) -> tuple[pa.Table, pa.Ta
     rows_per_doc = int(cfg.exact) + (cfg.bands if cfg.near else 0)
     parts = max(workers, math.ceil(n_rows * rows_per_doc / ROWS_PER_BUCKET_PART))
     config = cfg.model_dump()
-    pairs = _concat(map_reduce(_key_rows_task, [(i, p, config, parts, str(sig_dir))
-                                                for i, p in enumerate(shards)],
-                               _bucket_part_task, [(config,)] * parts, parts, workers))
-    return split_pairs(pairs if pairs is not None else PAIR_SCHEMA.empty_table())
+    pairs = map_reduce(_key_rows_task, [(i, p, config, parts, str(sig_dir))
+                                         for i, p in enumerate(shards)],
+                       _bucket_part_task, [(config,)] * parts, parts, workers)
+    pairs = concat_or_empty(pairs, PAIR_SCHEMA)
+    return split_pairs(pairs)
 
 
 def _cluster_pass(shards, cfg, candidates, workers, sig_dir) -> pa.Table:
@@ -179,11 +169,11 @@ def _cluster_pass(shards, cfg, candidates, workers, sig_dir) -> pa.Table:
     part_of, edges = cluster_parts(candidates, parts)
     by_part = split_by_part(edges, parts)
     config, lookup = cfg.model_dump(), [ray.put(part_of)]
-    removed = _concat(map_reduce(_member_sigs_task, [(i, p, config, parts, lookup, str(sig_dir))
-                                                     for i, p in enumerate(shards)],
-                                 _resolve_part_task, [(config, by_part[p].drop_columns(["part"]))
-                                                      for p in range(parts)], parts, workers))
-    return removed if removed is not None else REMOVAL_SCHEMA.empty_table()
+    removed = map_reduce(_member_sigs_task, [(i, p, config, parts, lookup, str(sig_dir))
+                                             for i, p in enumerate(shards)],
+                         _resolve_part_task, [(config, by_part[p].drop_columns(["part"]))
+                                              for p in range(parts)], parts, workers)
+    return concat_or_empty(removed, REMOVAL_SCHEMA)
 
 
 def find_removals(shards: list[str], cfg: DedupConfig, work: Path, *,

@@ -246,11 +246,9 @@ ROWS_PER_PART = 5_000_000  # ids per counting task of duplicate_values
 
 def _values_by_part(path: str, column: str, parts: int) -> tuple | pa.Table:
     values = read_parquet(path, columns=[column]).column(column)
-    if parts == 1:
-        return pa.table({column: values})
     part = np.fromiter((zlib.crc32(str(v).encode()) % parts for v in values.to_pylist()),
-                       np.int64, len(values))
-    return tuple(pa.table({column: values.filter(pa.array(part == p))}) for p in range(parts))
+                       np.int64, len(values)) if parts > 1 else np.zeros(len(values), np.int64)
+    return map_output([pa.table({column: values.filter(pa.array(part == p))}) for p in range(parts)])
 
 
 def _repeated(*tables: pa.Table) -> pa.Table:
@@ -292,10 +290,16 @@ def _remote(fn):
     return _REMOTE[fn]
 
 
+def map_output(parts: list[pa.Table]) -> tuple | pa.Table:
+    """What a map function of map_reduce returns for its tables, one per part: Ray takes
+    ``num_returns`` values as a tuple, and one value (not a 1-tuple) when there is one part."""
+    return tuple(parts) if len(parts) > 1 else parts[0]
+
+
 def map_reduce(map_fn, map_args: list[tuple], reduce_fn, reduce_args: list[tuple], parts: int,
                workers: int) -> list:
     """[reduce_fn(*reduce_args[p], *(part p of every map_fn(*a))) for each part p]: map_fn
-    returns ``parts`` values (one, not a tuple, when parts == 1); at most ``workers`` map
+    returns map_output of its ``parts`` tables; at most ``workers`` map
     tasks, then reduce tasks, run at once."""
     map_remote = _remote(map_fn).options(num_returns=parts)
     mapped = [r if parts > 1 else [r] for r in _bounded(map_remote, map_args, workers)]

@@ -139,12 +139,6 @@ def _word_hash(word: str) -> int:
     return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
 
 
-def _ngram_hashes(normalized: str, n: int, cache: dict[str, int] | None) -> np.ndarray:
-    """64-bit hashes of the word n-grams of ``shingles()``, one per position (uint64)."""
-    values, _ = batch_ngram_hashes([normalized], n, cache)
-    return values
-
-
 def batch_ngram_hashes(normalized: list[str], n: int, cache: dict[str, int] | None = None
                        ) -> tuple[np.ndarray, np.ndarray]:
     """The 64-bit hashes of every text's word n-grams (one per position), concatenated, and
@@ -183,7 +177,8 @@ def batch_ngram_hashes(normalized: list[str], n: int, cache: dict[str, int] | No
 def shingle_hashes(normalized: str, n: int, cache: dict[str, int] | None = None) -> list[int]:
     """32-bit hashes of the word n-grams of ``shingles()``, one per position: the high 32 bits
     of batch_ngram_hashes. A repeated n-gram repeats its hash, which a minimum ignores."""
-    return (_ngram_hashes(normalized, n, cache) >> np.uint64(32)).astype(np.uint32).tolist()
+    values, _ = batch_ngram_hashes([normalized], n, cache)
+    return (values >> np.uint64(32)).astype(np.uint32).tolist()
 
 
 def shingle_sets(normalized: list[str], n: int) -> pa.Array:
@@ -204,12 +199,8 @@ def with_shingles(members: pa.Table, texts: pa.Table, cfg: DedupConfig) -> pa.Ta
         return members
     if pc.count_distinct(texts.column("id")).as_py() != texts.num_rows:
         raise ValueError("exact verification needs unique ids: the texts repeat an id")
-    pos = pc.index_in(members.column("id"), value_set=texts.column("id"))
-    if pos.null_count:
-        missing = pc.filter(members.column("id"), pc.is_null(pos))[0].as_py()
-        raise ValueError(f"no text for id {missing!r}: exact verification needs the text of "
-                         f"every candidate")
-    chosen = texts.take(pos)
+    chosen = texts.take(_rows_of(members.column("id"), texts, "no text for id {!r}: exact "
+                                 "verification needs the text of every candidate"))
     return members.append_column("shingles", shingle_sets(normalized_texts(chosen, cfg), cfg.ngram))
 
 
@@ -346,12 +337,14 @@ def endpoints(edges: pa.Table) -> pa.Array:
                             pa.string()).unique()
 
 
-def _rows_of(ids: pa.Array | pa.ChunkedArray, members: pa.Table) -> np.ndarray:
-    pos = pc.index_in(ids, value_set=members.column("id"))
+def _rows_of(ids: pa.Array | pa.ChunkedArray, table: pa.Table,
+             missing: str = "no signature for id {!r}: pass the signatures of every edge "
+                            "endpoint") -> np.ndarray:
+    """The row of ``table`` (by its ``id``) of each id; ValueError ``missing`` naming the first
+    id it lacks."""
+    pos = pc.index_in(ids, value_set=table.column("id"))
     if pos.null_count:
-        missing = pc.filter(ids, pc.is_null(pos))[0].as_py()
-        raise ValueError(f"no signature for id {missing!r}: pass the signatures of every "
-                         f"edge endpoint")
+        raise ValueError(missing.format(pc.filter(ids, pc.is_null(pos))[0].as_py()))
     return pos.to_numpy(zero_copy_only=False)
 
 

@@ -9,8 +9,8 @@ B bands, P parts:
                 bucket_part (exact groups -> exact removals; LSH buckets, exact
                 copies dropped -> candidate pairs) -> split_pairs (driver)
   cluster pass  cluster_parts (driver: each candidate component to one part) ->
-                member_sigs (per shard: the signatures of docs on an edge, and with exact
-                Jaccard their shingle sets, from the shard's texts) ->
+                member_sigs (per shard: the signatures of docs on an edge) -> exact_members
+                (with exact Jaccard: their shingle sets instead, from their texts) ->
                 split_by_part -> resolve_part (verify, components, survivors)
 
 A part, not a (band, key) bucket, is the unit of a reduce task: almost every LSH bucket is a
@@ -162,21 +162,22 @@ def cluster_parts(candidates: pa.Table, n_parts: int) -> tuple[pa.Table, pa.Tabl
     return part_of, edges.sort_by([("part", "ascending")])
 
 
-def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int], cfg: DedupConfig,
-                texts: pa.Table | None = None) -> pa.Table:
-    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge; with
-    exact Jaccard (cfg.jaccard), EXACT_MEMBER_SCHEMA rows: their shingle sets instead, from
-    ``texts`` (Table(id, text) holding at least those docs)."""
+def member_sigs(sigs: pa.Table, shard: int, part_of: dict[str, int]) -> pa.Table:
+    """MEMBER_SCHEMA rows: the signatures of a shard's docs that lie on a candidate edge."""
     parts = [part_of.get(i, -1) for i in sigs.column("id").to_pylist()]
     mask = pa.array([p >= 0 for p in parts], pa.bool_())
     members = sigs.filter(mask)
-    members = members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
+    return members.append_column("part", pa.array([p for p in parts if p >= 0], pa.int32())) \
         .append_column("shard", pa.array(np.full(members.num_rows, shard, np.int32)))
-    if cfg.jaccard == "exact":
-        if texts is None:
-            raise ValueError("exact Jaccard needs the shard's texts for its candidates")
-        members = with_shingles(members.drop_columns(["sig"]), texts, cfg)
-    return members
+
+
+def exact_members(members: pa.Table, texts: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """member_sigs' rows as resolve_part needs them: unchanged for estimated Jaccard; for exact
+    (cfg.jaccard), EXACT_MEMBER_SCHEMA rows, their shingle sets (from ``texts``, a Table(id, text)
+    holding at least those docs) instead of the signatures, which nothing after reads."""
+    if cfg.jaccard != "exact":
+        return members
+    return with_shingles(members.drop_columns(["sig"]), texts, cfg)
 
 
 def member_schema(cfg: DedupConfig) -> pa.Schema:

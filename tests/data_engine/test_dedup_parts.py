@@ -10,7 +10,7 @@ from data_engine.dedup import DedupConfig, dedup_table
 from data_engine.dedup_minhash import signature_batch
 from data_engine.dedup_parts import (
     PAIR_SCHEMA, REMOVAL_SCHEMA, bucket_part, cluster_parts, concat_or_empty, drop_exact_copies,
-    key_rows, member_sigs, part_lookup, resolve_part, split_by_part, split_pairs,
+    exact_members, key_rows, member_sigs, part_lookup, resolve_part, split_by_part, split_pairs,
 )
 from data_engine.generators.dedup_corpus import make_jaccard_corpus
 from data_engine.schema import RECORD_SCHEMA
@@ -66,7 +66,7 @@ def _removals_in_process(shards: list[pa.Table], cfg: DedupConfig, parts: int) -
         return exact
     part_of, edges = cluster_parts(candidates, parts)
     lookup, slices = part_lookup(part_of), split_by_part(edges, parts)
-    members = pa.concat_tables([member_sigs(signature_batch(t, cfg), i, lookup, cfg, t)
+    members = pa.concat_tables([exact_members(member_sigs(signature_batch(t, cfg), i, lookup), t, cfg)
                                 for i, t in enumerate(shards)])
     near = [resolve_part(g.drop_columns(["part"]),
                          slices[g.column("part")[0].as_py()].drop_columns(["part"]), cfg)
