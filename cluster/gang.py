@@ -73,6 +73,22 @@ def alive_nodes() -> list[dict]:
     return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
 
 
+def summed(resources: list[dict[str, float]]) -> dict[str, float]:
+    """Resource amounts added up: over nodes (a cluster's total), or over the needs of things that
+    must be placed side by side (a gang, its RL actor groups)."""
+    out: dict[str, float] = {}
+    for each in resources:
+        for k, v in each.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def shortfall(need: dict[str, float], have: dict[str, float]) -> dict[str, float]:
+    """The resources of ``need`` that ``have`` cannot cover, with the amounts needed: the one totals
+    rule of the gang's preflight (beside its actor groups) and of an actor group (beside its gang)."""
+    return {k: v for k, v in need.items() if v > have.get(k, 0) + 1e-9}
+
+
 def workers_that_fit(gang: GangConfig, nodes: list[dict]) -> int:
     """The most workers of the gang, up to num_workers, that one placement on idle ``nodes`` holds."""
     need = gang.worker_resources()
@@ -178,9 +194,8 @@ def _check_all(gang: GangConfig, key: str, nodes: list[dict], extra: dict[str, f
     check_fits(gang, key, nodes)
     if extra:
         need = {k: v * gang.num_workers for k, v in gang.worker_resources().items()}
-        total = {k: sum(n.get(k, 0) for n in nodes) for k in set(need) | set(extra)}
-        short = {k: need.get(k, 0) + extra.get(k, 0) for k in total
-                 if need.get(k, 0) + extra.get(k, 0) > total[k] + 1e-9}
+        total = summed(nodes)
+        short = shortfall(summed([need, extra]), total)
         if short:
             raise ValueError(f"{key}: the gang ({need}) and its RL actor groups ({extra}) need {short} in all, "
-                             f"but the cluster has {total}")
+                             f"but the cluster has { {k: total.get(k, 0) for k in short} }")

@@ -29,6 +29,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.gang import shortfall, summed
 from rl.reward_model import RewardEncoder, RewardScorer
 from rl.roles import Reference, Rollout, micro_batches, plan_rollout, stack_generations
 from training.generate import Generation
@@ -55,10 +56,11 @@ class ActorGroup:
                        .remote(*args, device) for i in range(workers)]
 
     def _check_fits(self, bundle: dict, workers: int, key: str, reserve: dict[str, float]) -> None:
-        """Totals only (a placement may still wait on fragmentation): enough for the group and the gang."""
+        """Free now: the group and the gang beside it, by the gang's totals rule (cluster.gang.shortfall;
+        a placement may still wait on fragmentation)."""
         free = ray.available_resources()
         need = {k: v * workers for k, v in bundle.items()}
-        short = {k: v for k, v in need.items() if free.get(k, 0) - reserve.get(k, 0) + 1e-9 < v}
+        short = {k: need[k] for k in shortfall(summed([need, reserve]), free) if k in need}
         if short:
             raise ValueError(f"{key}={workers}: the {self.role} workers need {short} beside the gang's "
                              f"{ {k: reserve[k] for k in short if k in reserve} }, but the cluster has "

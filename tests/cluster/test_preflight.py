@@ -8,7 +8,8 @@ from ray.core.generated import autoscaler_pb2
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_put
 from typer.testing import CliRunner
 
-from cluster.gang import GangConfig, preflight
+from cluster.gang import GangConfig, preflight, shortfall, summed
+from cluster.roles import ActorGroup
 from cluster.session import RaySettings, connect
 from pipelines.cli import app
 from pipelines.config import load_config
@@ -70,6 +71,35 @@ def test_on_an_autoscaling_cluster_a_gang_waits_for_nodes_or_fails_past_the_maxi
     assert preflight(GangConfig(num_workers=2), "sft.gang") is None  # fits the 2 CPUs there now
     with pytest.raises(ValueError, match=r"sft\.gang: a gang of 64 workers .* autoscaler's largest cluster"):
         preflight(GangConfig(num_workers=64), "sft.gang")
+
+
+def test_totals_and_shortfall():
+    assert summed([{"CPU": 2, "GPU": 1}, {"CPU": 0.5, "memory": 4}]) == {"CPU": 2.5, "GPU": 1, "memory": 4}
+    assert shortfall({"CPU": 2.5, "GPU": 1}, {"CPU": 2.5, "GPU": 0}) == {"GPU": 1}
+    assert shortfall({"CPU": 2.5}, {"CPU": 2.5 - 1e-12}) == {}  # float sums of fractional CPUs
+
+
+class Idle:
+    def __init__(self, device: str):
+        self.device = device
+
+
+@pytest.mark.parametrize("group_cpus, fits", [(1.0, True), (1.5, False)])
+def test_the_preflight_and_an_actor_group_apply_one_fit_rule(local_ray, group_cpus, fits):
+    """A 1-CPU gang beside a group of group_cpus on the 2-CPU cluster: the run's preflight and the
+    group itself (at its start) agree on whether it fits."""
+    gang = GangConfig(num_workers=1)
+    reserve = {"CPU": 1.0}
+    if fits:
+        assert preflight(gang, "prl_1.gang", {"CPU": group_cpus}) is None
+        ActorGroup(Idle, (), workers=1, use_gpu=False, cpus_per_worker=group_cpus, strategy="PACK",
+                   key="prl.rollout.workers", reserve=reserve).shutdown()
+        return
+    with pytest.raises(ValueError, match=r"prl_1\.gang: the gang .* need \{'CPU': 2\.5\} in all, but the cluster has \{'CPU': 2\.0\}"):
+        preflight(gang, "prl_1.gang", {"CPU": group_cpus})
+    with pytest.raises(ValueError, match=r"prl.rollout.workers=1: the role workers need \{'CPU': 1\.5\} beside the gang's \{'CPU': 1\.0\}"):
+        ActorGroup(Idle, (), workers=1, use_gpu=False, cpus_per_worker=group_cpus, strategy="PACK",
+                   key="prl.rollout.workers", reserve=reserve)
 
 
 def test_the_cli_names_the_gang_and_exits_2(tmp_path):
