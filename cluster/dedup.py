@@ -43,6 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from cluster import storage
 from cluster.sharded import map_output, map_reduce, shard_name, write_parquet_atomic
 from data_engine.dedup import DedupConfig
 from data_engine.dedup_minhash import normalized_texts, signature_batch
@@ -62,7 +63,7 @@ DOCS_PER_CLUSTER_PART = 50_000      # ~30 MB of signatures per reduce task, or w
 
 def _records(shard: int, path: str) -> Iterator[tuple[pa.Table, pa.Array]]:
     """(id + text batch, its shard index per row) of one shard, READ_ROWS at a time."""
-    for batch in pq.ParquetFile(path).iter_batches(READ_ROWS, columns=["id", "text"]):
+    for batch in pq.ParquetFile(storage.localize(path)).iter_batches(READ_ROWS, columns=["id", "text"]):
         yield pa.Table.from_batches([batch]), pa.array([shard] * batch.num_rows, pa.int32())
 
 
@@ -77,7 +78,7 @@ def _key_rows(shard: int, path: str, config: DedupConfig, parts: int, sig_dir: s
     A shard whose signature file exists (written atomically by an earlier, killed attempt)
     reuses it: MinHash is most of this pass, the exact keys and bands are cheap to redo."""
     done = sig_path(sig_dir, shard)
-    cached = pq.read_table(done) if config.near and done.exists() else None
+    cached = pq.read_table(done) if config.near and storage.localize(done).exists() else None
     out, sig_tables, offset = [], [], 0
     for batch, shard_col in _records(shard, path):
         normalized = normalized_texts(batch, config)  # once for the exact and near keys
@@ -94,6 +95,7 @@ def _key_rows(shard: int, path: str, config: DedupConfig, parts: int, sig_dir: s
     if config.near and cached is None:
         # Same content on a retry, and atomic: a rerun task rewrites it harmlessly.
         write_parquet_atomic(concat_or_empty(sig_tables, SIG_SCHEMA), done)
+        storage.push(done)  # object storage: for the cluster pass on another node, and a resume
     return concat_or_empty(out, KEY_ROW_SCHEMA)
 
 
@@ -124,7 +126,7 @@ def _member_sigs_task(shard: int, path: str, cfg: dict, parts: int, part_of: lis
         _LOOKUP.clear()  # one cluster pass at a time: an earlier one's is stale
         _LOOKUP[key] = part_lookup(ray.get(part_of[0]))
     config = DedupConfig(**cfg)
-    members = member_sigs(pq.read_table(sig_path(sig_dir, shard)), shard, _LOOKUP[key])
+    members = member_sigs(pq.read_table(storage.localize(sig_path(sig_dir, shard))), shard, _LOOKUP[key])
     if config.jaccard == "exact":  # the candidates' texts only, READ_ROWS at a time
         wanted = members.column("id")
         texts = concat_or_empty([b.filter(pc.is_in(b.column("id"), value_set=wanted))

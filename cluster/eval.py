@@ -12,12 +12,16 @@ from pathlib import Path
 
 import ray
 
+from cluster import storage
 from rl.config import EvalConfig
 from rl.eval import EvalTask, aggregate, plan_batches, spread
 
 
-def _run_items(model_dir: str, items: list[dict], cfg_json: dict, seed: int, threads: int, use_gpu: bool) -> list[dict]:
+def _run_items(model_dir: str, items: list[dict], cfg_json: dict, seed: int, threads: int, use_gpu: bool,
+               mirrors: dict[str, str]) -> list[dict]:
     import torch
+    storage.adopt(mirrors)
+    storage.localize(model_dir)
     from rl.eval import run_item
     from training.export import load_any
     from training.tokenizer import load_tokenizer
@@ -62,6 +66,8 @@ def run_items_on_ray(model_dir: str | Path, items: list[dict], cfg: EvalConfig, 
                                             num_gpus=1 if cfg.use_gpu else 0, max_retries=1)
     # greedy items first in each worker's share, largest work (pass@k) spread evenly
     shares = [items[w::workers] for w in range(workers)]
-    refs = [remote.remote(str(model_dir), share, cfg.model_dump(mode="json"), seed, threads, cfg.use_gpu)
-            for share in shares if share]
+    if storage.remote_of(Path(model_dir)) is not None and sum(n["Alive"] for n in ray.nodes()) > 1:
+        storage.push(Path(model_dir))  # on object storage, for workers on nodes that do not share the folder
+    refs = [remote.remote(str(model_dir), share, cfg.model_dump(mode="json"), seed, threads, cfg.use_gpu,
+                          storage.carried()) for share in shares if share]
     return [r for part in ray.get(refs) for r in part]

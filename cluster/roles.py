@@ -29,6 +29,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster import storage
 from cluster.gang import shortfall, summed
 from rl.reward_model import RewardEncoder, RewardScorer
 from rl.roles import Reference, Rollout, micro_batches, plan_rollout, stack_generations
@@ -102,7 +103,9 @@ class RayRolloutGroup(ActorGroup):
 class ReferenceWorker(Reference):
     """A Reference holding its own copy of the start model (what each actor of the group runs)."""
 
-    def __init__(self, folder: str, temperature: float, micro_batch: int, device: str):
+    def __init__(self, folder: str, temperature: float, micro_batch: int, mirrors: dict[str, str], device: str):
+        storage.adopt(mirrors)
+        storage.localize(folder)  # a node that does not share the run's folder fetches the model
         own = Reference.from_folder(folder, temperature=temperature, micro_batch=micro_batch, device=device)
         super().__init__(own.model, temperature, micro_batch)
 
@@ -115,7 +118,7 @@ class RayReferenceGroup(ActorGroup):
     def __init__(self, folder: str | Path, *, temperature: float, micro_batch: int, workers: int,
                  use_gpu: bool = False, cpus_per_worker: float = 1.0, strategy: str = "PACK",
                  key: str = "roles.reference.workers", reserve: dict[str, float] | None = None):
-        super().__init__(ReferenceWorker, (str(folder), temperature, micro_batch), workers=workers,
+        super().__init__(ReferenceWorker, (str(folder), temperature, micro_batch, storage.carried()), workers=workers,
                          use_gpu=use_gpu, cpus_per_worker=cpus_per_worker, strategy=strategy, key=key,
                          reserve=reserve)
         self.micro_batch = micro_batch
@@ -128,7 +131,9 @@ class RayReferenceGroup(ActorGroup):
 class ScorerWorker:
     """A RewardScorer on its own copy of the reward model (what each actor of the group runs)."""
 
-    def __init__(self, folder: str, device: str):
+    def __init__(self, folder: str, mirrors: dict[str, str], device: str):
+        storage.adopt(mirrors)
+        storage.localize(folder)
         self.scorer = RewardScorer.from_folder(folder, device)
 
     def score_ids(self, seqs: list[list[int]]) -> list[float]:
@@ -148,14 +153,14 @@ class RayRewardModelGroup(ActorGroup):
                  reserve: dict[str, float] | None = None):
         self.folder, self.batch_size = str(folder), batch_size
         self.encoder = RewardEncoder.from_folder(folder)  # checks the folder before any actor starts
-        super().__init__(ScorerWorker, (self.folder,), workers=workers, use_gpu=use_gpu,
+        super().__init__(ScorerWorker, (self.folder, storage.carried()), workers=workers, use_gpu=use_gpu,
                          cpus_per_worker=cpus_per_worker, strategy=strategy, key=key, reserve=reserve)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "encoder": None}  # the gang's workers rebuild it (a tokenizer)
 
     def __call__(self, samples, **_) -> list[float]:
-        if self.encoder is None:
+        if self.encoder is None:  # in a gang worker, which localized its payload's folders
             self.encoder = RewardEncoder.from_folder(self.folder)
         return self.encoder.score([s.prompt for s in samples], [s.completion for s in samples],
                                   [s.system for s in samples], self.batch_size,

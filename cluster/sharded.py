@@ -56,8 +56,9 @@ def read_parquet(path: str | Path, columns: list[str] | None = None) -> pa.Table
 
 
 def read_shard(item: dict, keys: tuple[str, ...] = ("path",)) -> tuple[pa.Table, ...]:
-    """A shard step's arguments: the Parquet file under each of ``keys`` of its work item."""
-    return tuple(read_parquet(item[key]) for key in keys)
+    """A shard step's arguments: the Parquet file under each of ``keys`` of its work item
+    (fetched from the object store first where this node's mirror lacks it)."""
+    return tuple(read_parquet(storage.localize(item[key])) for key in keys)
 
 
 def shard_reader(*keys: str) -> Callable[[dict], tuple[pa.Table, ...]]:
@@ -108,7 +109,10 @@ def maybe_fault(point: str, fault: str | None) -> None:
 
 class _ShardWorker:
     def __init__(self, step_cls, step_kwargs: dict, out_dir: str, fault_prefix: str,
-                 fault: str | None, read: Callable[[dict], tuple] = read_shard):
+                 fault: str | None, read: Callable[[dict], tuple] = read_shard,
+                 mirrors: dict[str, str] | None = None):
+        storage.adopt(mirrors or {})
+        storage.localize_all(step_kwargs)  # files a step loads (difficulty's KenLM models)
         self.step = step_cls(**step_kwargs)
         self.read = read
         self.out = Path(out_dir)
@@ -180,7 +184,8 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
         n = concurrency or max(1, min(len(todo), int(ray.available_resources().get("CPU", 1))))
         rows = [{"item": json.dumps(it)} for it in todo]
         worker_kwargs = {"step_cls": step_cls, "step_kwargs": step_kwargs, "out_dir": str(out_dir),
-                         "fault_prefix": fault_prefix, "fault": fault, "read": read}
+                         "fault_prefix": fault_prefix, "fault": fault, "read": read,
+                         "mirrors": storage.carried()}
         size = min(n, len(todo))
         # A dead worker or task fails the stage instead of being restarted and retried: the
         # shard may be poisoned, and a rerun resumes from the finished shards.
@@ -199,6 +204,8 @@ def run_sharded(step_cls, step_kwargs: dict, items: list[dict], out_dir: Path, *
         for r in results:
             stats = json.loads(r["result"])
             (errors if "error" in stats else []).append(stats)
+        for kind in ("data", "rejected", "done"):  # shards other nodes wrote, markers last
+            storage.localize(out_dir / kind)
         done = finished_shards(out_dir)
     return [dict(done[i], reused=i in reused) for i in sorted(done)], errors
 
@@ -245,7 +252,7 @@ ROWS_PER_PART = 5_000_000  # ids per counting task of duplicate_values
 
 
 def _values_by_part(path: str, column: str, parts: int) -> tuple | pa.Table:
-    values = read_parquet(path, columns=[column]).column(column)
+    values = read_parquet(storage.localize(path), columns=[column]).column(column)
     part = np.fromiter((zlib.crc32(str(v).encode()) % parts for v in values.to_pylist()),
                        np.int64, len(values)) if parts > 1 else np.zeros(len(values), np.int64)
     return map_output([pa.table({column: values.filter(pa.array(part == p))}) for p in range(parts)])
@@ -262,11 +269,12 @@ def map_files(fn, paths: list[str], columns: list[str], *, num_cpus: float = 1) 
     """fn(table) -> Table over the given columns of each Parquet file, one Ray task per file,
     results concatenated in file order. For a read-only pass whose output is small (the tasks
     stage's scan of the corpus for held-out prompts); fn is shipped once to the object store."""
-    fn_ref = ray.put(fn)
+    fn_ref, mirrors = ray.put(fn), storage.carried()
 
     @ray.remote(num_cpus=num_cpus, max_retries=0)
     def one(path: str, f) -> pa.Table:
-        return f(read_parquet(path, columns=columns))
+        storage.adopt(mirrors)
+        return f(read_parquet(storage.localize(path), columns=columns))
 
     tables = ray.get([one.remote(p, fn_ref) for p in paths])
     return pa.concat_tables(tables) if tables else pa.table({})
@@ -301,11 +309,19 @@ def map_reduce(map_fn, map_args: list[tuple], reduce_fn, reduce_args: list[tuple
     """[reduce_fn(*reduce_args[p], *(part p of every map_fn(*a))) for each part p]: map_fn
     returns map_output of its ``parts`` tables; at most ``workers`` map
     tasks, then reduce tasks, run at once."""
-    map_remote = _remote(map_fn).options(num_returns=parts)
-    mapped = [r if parts > 1 else [r] for r in _bounded(map_remote, map_args, workers)]
-    reduced = _bounded(_remote(reduce_fn), [(*reduce_args[p], *[m[p] for m in mapped])
-                                            for p in range(parts)], workers)
+    mirrors = storage.carried()  # where a map function reads or writes the run's files
+    map_remote = _remote(_in_run).options(num_returns=parts)
+    mapped = [r if parts > 1 else [r] for r in _bounded(map_remote, [(map_fn, mirrors, *a) for a in map_args],
+                                                        workers)]
+    reduced = _bounded(_remote(_in_run), [(reduce_fn, mirrors, *reduce_args[p], *[m[p] for m in mapped])
+                                          for p in range(parts)], workers)
     return ray.get(reduced)
+
+
+def _in_run(fn, mirrors: dict[str, str], *args):
+    """fn(*args) in a Ray task that knows the run's mirrors (cluster/storage.py)."""
+    storage.adopt(mirrors)
+    return fn(*args)
 
 
 def _bounded(remote, args: list[tuple], limit: int, *, stop_on_error: bool = False) -> list:

@@ -9,6 +9,13 @@ is how a finished shard (data, rejected, then its marker) and a checkpoint (its 
 trainer.json) reach object storage the moment they are complete, from whichever worker
 wrote them.
 
+A cluster need not share the cache folder between its nodes. The work a stage sends to other
+nodes (shards, map and reduce tasks, gang workers, actor groups, evaluation tasks) carries the
+mirrors its process knows (``carried()``), and the receiving process ``adopt``s them (their
+markers, so that ``push`` works there too); it reads a mirror's file or folder through
+``localize(path)``, which fetches it from the object store when this node does not have it. The
+stage's own task runs on the driver's node, where the run store keeps the mirror.
+
 Object stores have no rename, so every commit is "upload the parts, then the record": a
 shard's marker after its files, a checkpoint's trainer.json after its files, a stage's
 ``done`` manifest after its outputs. Readers only believe a record.
@@ -90,18 +97,79 @@ def cache_root() -> Path:
     return Path(os.environ.get("R1PIPE_CACHE_DIR") or Path.home() / ".cache" / "r1pipe" / "runs")
 
 
+_KNOWN: dict[str, str] = {}  # the mirror roots this process made or adopted -> their URIs
+
+
 def mirror(uri: str, cache: str | Path | None = None) -> Path:
     """The local folder that mirrors ``uri`` on this node (under ``cache``, default
     cache_root()), created with its marker."""
     parts = urlsplit(uri)
     local = Path(cache or cache_root()).expanduser().absolute() / parts.scheme / parts.netloc / parts.path.strip("/")
+    _mark(local, uri)
+    return local
+
+
+def _mark(local: Path, uri: str) -> None:
     local.mkdir(parents=True, exist_ok=True)
     marker = local / MARKER
     if not marker.is_file() or marker.read_text() != uri:
         tmp = local / f".{MARKER}.{os.getpid()}.tmp"
         tmp.write_text(uri)
         os.replace(tmp, marker)
-    return local
+        _remote_of_dir.cache_clear()  # a folder looked up before its marker came
+    _KNOWN[str(local)] = uri
+
+
+def carried() -> dict[str, str]:
+    """The mirrors this process knows ({local root: URI}), for the work it sends to other nodes."""
+    return dict(_KNOWN)
+
+
+def adopt(mirrors: dict[str, str]) -> None:
+    """In a process that runs a stage's remote work: the run's mirror roots, with their markers,
+    on this node (a node that does not share the driver's cache folder has none)."""
+    for root, uri in mirrors.items():
+        if _KNOWN.get(root) != uri:
+            _mark(Path(root), uri)
+
+
+def localize(path: str | Path) -> Path:
+    """A file or folder of a mirror on this node, fetched from the object store where this node
+    lacks it: the file, or the folder's files missing here. A file already here is kept (writers
+    put whole files, and one being appended here is newer than its upload); nothing happens
+    outside a mirror."""
+    path = Path(path)
+    remote = None if path.is_file() else remote_of(path)
+    if remote is None:
+        return path
+    fs, where = resolve(remote)
+    kind = fs.get_file_info(where).type
+    if kind == pafs.FileType.File:
+        download(remote.rsplit("/", 1)[0], path.parent, [path.name])
+    elif kind == pafs.FileType.Directory:
+        download(remote, path, [rel for rel in list_files(remote) if not (path / rel).is_file()])
+    return path
+
+
+def localize_all(obj, skip: tuple[str, ...] = ()) -> None:
+    """localize every path of a known mirror that ``obj`` names (strings or paths, in nested
+    dicts, lists and tuples: a gang's payload, a step's arguments), except under ``skip``."""
+    roots = tuple(root + os.sep for root in _KNOWN)
+    if not roots:
+        return
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for each in obj:
+            localize_all(each, skip)
+    elif isinstance(obj, (str, os.PathLike)):
+        text = os.fspath(obj)
+        if text.startswith(roots) and not any(text == s or text.startswith(s + os.sep) for s in skip):
+            localize(text)
+
+
+def _differs(local: Path, size: int) -> bool:
+    return not local.is_file() or local.stat().st_size != size
 
 
 @lru_cache(maxsize=4096)
@@ -242,12 +310,46 @@ def sync_up(local: Path, uri: str) -> None:
 def push_committed(folder: Path, record: str) -> None:
     """Upload a published folder of a mirror (a checkpoint) with ``record`` last, then drop the
     remote siblings of the same kind that are gone locally (retention pruned them)."""
+    push_parts(folder, record)
+    push_record(folder, record)
+
+
+def push_parts(folder: Path, record: str) -> None:
+    """The first half of push_committed: the remote folder replaced by this node's files of it,
+    without ``record`` (other nodes may add theirs with push_missing before the record goes)."""
+    remote = remote_of(folder)
+    if remote is None:
+        return
+    delete(remote)  # the same step saved again after a restart (or caught half-uploaded): the new one wins
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel != record:
+            _put(path, join(remote, rel))
+
+
+def push_missing(folder: Path, record: str) -> None:
+    """This node's files of a folder that the object store lacks (a checkpoint's parts written by
+    ranks on a node that does not share the folder; nothing where the nodes share it)."""
+    remote = remote_of(folder)
+    if remote is None:
+        return
+    have = list_files(remote)
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if path.is_file() and rel != record and rel not in have:
+            _put(path, join(remote, rel))
+
+
+def push_record(folder: Path, record: str) -> None:
+    """The second half of push_committed: ``record`` (the commit), then the remote siblings of the
+    same kind that are gone locally (retention pruned them) go."""
     remote = remote_of(folder)
     if remote is None:
         return
     folder = Path(folder)
-    delete(remote)  # the same step saved again after a restart (or caught half-uploaded): the new one wins
-    upload(folder, remote, last=(record,))
+    _put(folder / record, join(remote, record))
     parent = remote.rsplit("/", 1)[0]
     prefix = folder.name.split("_", 1)[0] + "_"
     for name in list_dirs(parent):
@@ -259,7 +361,27 @@ def download_committed(uri: str, local: Path, record: str) -> list[str]:
     """The folders right under ``uri`` whose ``record`` file was uploaded (the last file of
     each), into ``local``; a folder caught half-uploaded has no record and is left out."""
     files = list_files(uri)
-    done = {rel.split("/", 1)[0] for rel in files if rel.count("/") == 1 and rel.endswith("/" + record)}
-    wanted = [rel for rel in files if rel.split("/", 1)[0] in done]
-    download(uri, local, wanted)
+    done = _committed(files, record)
+    download(uri, local, [rel for rel in files if rel.split("/", 1)[0] in done])
     return sorted(done)
+
+
+def _committed(files: dict[str, pafs.FileInfo], record: str) -> set[str]:
+    return {rel.split("/", 1)[0] for rel in files if rel.count("/") == 1 and rel.endswith("/" + record)}
+
+
+def localize_committed(local: Path, record: str, prefix: str) -> None:
+    """The ``prefix``-named folders under a mirror's ``local`` (a gang's checkpoints) made what
+    the object store has committed, on this node: a folder without its remote record goes (its
+    upload never finished: another node does not have it), committed files missing here or of
+    another size are fetched. Nothing outside a mirror."""
+    remote = remote_of(local)
+    if remote is None:
+        return
+    files = list_files(remote)
+    done = _committed(files, record)
+    for folder in Path(local).glob(prefix + "*"):
+        if folder.is_dir() and folder.name not in done:
+            shutil.rmtree(folder, ignore_errors=True)
+    download(remote, local, [rel for rel, info in files.items()
+                             if rel.split("/", 1)[0] in done and _differs(Path(local) / rel, info.size)])

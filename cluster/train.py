@@ -7,7 +7,8 @@ function of training/ or rl/), and a JSON-able payload.
 One machine:  run_gang(training.sft.worker, payload, GangConfig(num_workers=2), checkpoints=..., work=...)
               run_pretrain(cfg, GangConfig(num_workers=2), paths, seed=0)   # CPU, gloo
 A cluster:    the same with GangConfig(num_workers=8, use_gpu=True)         # NCCL
-              (checkpoints must then be on a filesystem every node mounts)
+              (checkpoints on a filesystem every node mounts, or the run on object storage:
+              each rank's part of a checkpoint goes up, and a node that lacks one fetches it)
 
 The gang starts only once every worker is placed; a gang the cluster can never hold is
 a ValueError before launch (Ray Train would retry forever, NOTES.md). Checkpoints live in
@@ -62,6 +63,7 @@ from cluster import storage
 from cluster.gang import GangConfig, alive_nodes, autoscaler_max_nodes, launch_size, workers_that_fit
 from training.checkpoint import TRAINER
 from training.config import PretrainConfig
+from training.distributed import NODE_ENV, barrier
 from training.loop import Hooks, NonFiniteLoss
 from training.pretrain import Paths
 
@@ -82,11 +84,12 @@ def fault_hook(fault: str | None, rank: int, marker_dir: Path, name: str | None 
     at, marker = int(parts[2][4:]), Path(marker_dir) / f"fault-{point.replace(':', '_')}"
 
     def hook(step: int, model) -> None:
-        if step != at or marker.exists():
+        if step != at or storage.localize(marker).exists():
             return
         marker.parent.mkdir(parents=True, exist_ok=True)
-        # a restarted gang passes this step
+        # a restarted gang passes this step, on any node
         marker.write_text(f"fired on node {ray.get_runtime_context().get_node_id()}\n")
+        storage.push(marker)
         sys.stdout.flush()
         sys.stderr.flush()
         while mode == "hang":
@@ -96,22 +99,44 @@ def fault_hook(fault: str | None, rank: int, marker_dir: Path, name: str | None 
 
 
 def _report_checkpoint(path: Path, metrics: dict) -> None:
-    if ray.train.get_context().get_world_rank() == 0:
-        # a run on object storage: the checkpoint goes up, trainer.json (its commit record) last
-        storage.push_committed(path, TRAINER)
+    if storage.remote_of(path) is not None:  # the same answer on every rank: they adopted the mirrors
+        _upload_checkpoint(Path(path))
     plain = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str, bool))}
     ray.train.report(plain, checkpoint=Checkpoint.from_directory(str(path)), checkpoint_dir_name=path.name,
                      checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
+def _upload_checkpoint(path: Path) -> None:
+    """A run on object storage: a checkpoint's files go up, trainer.json (its commit record)
+    last. Rank 0 puts what its node has; then every other rank adds what only its node has (a
+    ZeRO shard, its RNG state: on a cluster whose nodes do not share the run's folder; nothing
+    where they do); then rank 0 commits."""
+    rank = ray.train.get_context().get_world_rank()
+    if rank == 0:
+        storage.push_parts(path, TRAINER)
+    barrier()
+    if rank != 0:
+        storage.push_missing(path, TRAINER)
+    barrier()
+    if rank == 0:
+        storage.push_record(path, TRAINER)
+
+
 def _gang_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
+    node = ray.get_runtime_context().get_node_id()
+    # a node that does not share the run's folder: the run's mirrors, the committed checkpoints
+    # and the inputs the payload names, from the object store (nothing to do where it shares it)
+    storage.adopt(config["mirrors"])
+    os.environ[NODE_ENV] = node  # which ranks share a node's files (training.distributed.file_views)
+    storage.localize_committed(Path(config["checkpoints"]), TRAINER, "step_")
+    storage.localize_all(config["payload"], skip=(config["checkpoints"],))
     events: Queue = config["events"]
     # metrics are sent without waiting (ordered per caller); the summary below waits
     hooks = Hooks(on_metrics=lambda metrics, step: events.actor.put_nowait.remote(("metrics", metrics)),
                   on_checkpoint=_report_checkpoint, on_work_file=storage.push,
                   on_step=fault_hook(config["fault"], rank, Path(config["marker_dir"]), config["name"]))
-    events.actor.put_nowait.remote(("node", (rank, ray.get_runtime_context().get_node_id())))
+    events.actor.put_nowait.remote(("node", (rank, node)))
     start = ray.train.get_checkpoint()
     if rank == 0 and start is not None:
         print(f"[{config['name']}] Ray's latest registered checkpoint: {start.path}", flush=True)
@@ -122,6 +147,9 @@ def _gang_worker(config: dict) -> None:
         if rank == 0:
             events.put(("abort", str(err)))
         return
+    if rank == 0 and node != config["driver_node"]:
+        for out in config["outputs"]:  # what rank 0 wrote, for the stage's task on the driver's node
+            storage.push(Path(out))
     if rank == 0:
         events.put(("summary", summary))
     atexit.register(_exit_without_teardown)
@@ -147,13 +175,14 @@ class GangLostNodes(RuntimeError):
 
 def run_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig, *, checkpoints: Path,
              work: Path, on_metrics: Callable[[dict], None] = lambda m: None, fault: str | None = None,
-             name: str = "train", key: str | None = None) -> dict:
+             name: str = "train", key: str | None = None, outputs: tuple[Path, ...] = ()) -> dict:
     """Run fn(payload, hooks) on every worker of a gang; blocks until done, returns rank 0's summary
     with ``gang_workers`` and ``gang_nodes`` (how many workers, on how many nodes, finished it).
 
     checkpoints is the stage's checkpoint folder (Ray Train's experiment folder); work holds the
-    fault markers. Raises NonFiniteLoss when the run aborted on non-finite losses, Ray's
-    TrainingFailedError when the gang failed more than gang.max_failures times, and GangLostNodes
+    fault markers; ``outputs`` are the folders rank 0 writes (a run on object storage whose
+    nodes do not share its folder: they come to this node through the object store). Raises
+    NonFiniteLoss when the run aborted on non-finite losses, Ray's TrainingFailedError when the gang failed more than gang.max_failures times, and GangLostNodes
     when the nodes left after a loss cannot hold gang.min_workers (module docstring).
     """
     key = key or f"{name}.gang"
@@ -163,13 +192,15 @@ def run_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig,
               f"{key}.min_workers={gang.min_workers} lets it start on {workers}", flush=True)
     while True:
         try:
-            outcome = _fit_gang(fn, payload, gang, workers, gang.max_failures - shrinks,
-                                checkpoints=checkpoints, work=work, on_metrics=on_metrics, fault=fault, name=name)
+            outcome = _fit_gang(fn, payload, gang, workers, gang.max_failures - shrinks, checkpoints=checkpoints,
+                                work=work, on_metrics=on_metrics, fault=fault, name=name, outputs=outputs)
             break
         except ControllerError as err:
             if not isinstance(err.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
                 raise
             workers, shrinks = _after_failed_placement(gang, key, name, workers, shrinks, err)
+    for out in outputs:
+        storage.localize(out)
     if "abort" in outcome:
         raise NonFiniteLoss(outcome["abort"])
     if "summary" not in outcome:
@@ -222,13 +253,15 @@ def _lost_nodes_message(gang: GangConfig, key: str, name: str, workers: int, hel
 
 def _fit_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig, workers: int, max_failures: int,
               *, checkpoints: Path, work: Path, on_metrics: Callable[[dict], None], fault: str | None,
-              name: str) -> dict:
+              name: str, outputs: tuple[Path, ...]) -> dict:
     """One TorchTrainer of ``workers`` workers to its end; the outcome of _fit_while_draining."""
     # on the driver's node, like Ray Train's controller: a worker node may die under the gang
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    driver_node = ray.get_runtime_context().get_node_id()
+    here = NodeAffinitySchedulingStrategy(driver_node, soft=False)
     events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     config = {"fn": fn, "payload": payload, "fault": fault, "events": events, "name": name,
-              "marker_dir": str(work)}
+              "marker_dir": str(work), "mirrors": storage.carried(), "checkpoints": str(checkpoints),
+              "driver_node": driver_node, "outputs": [str(o) for o in outputs]}
     trainer = TorchTrainer(
         _gang_worker, train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gang.use_gpu,
@@ -254,7 +287,7 @@ def run_pretrain(cfg: PretrainConfig, gang: GangConfig, paths: Paths, *, seed: i
                "paths": {k: [str(f) for f in v] if isinstance(v, list) else None if v is None else str(v)
                          for k, v in vars(paths).items()}}
     return run_gang(pretrain.worker, payload, gang, checkpoints=paths.checkpoints, work=paths.work,
-                    on_metrics=on_metrics, fault=fault, name="pretrain", key=key)
+                    on_metrics=on_metrics, fault=fault, name="pretrain", key=key, outputs=(paths.out,))
 
 
 def _fit_while_draining(trainer: TorchTrainer, events: Queue, on_metrics: Callable[[dict], None]) -> dict:

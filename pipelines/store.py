@@ -138,6 +138,8 @@ class StageDir:
         trainer.json made it), whatever an earlier driver on this node left locally."""
         for kept in (".work", "checkpoints"):
             shutil.rmtree(self.root / kept, ignore_errors=True)
+        # what a gang's rank 0 on another node uploaded for an earlier attempt (cluster/train.py)
+        storage.delete(storage.join(self.remote, ".staging"))
         if resumed:
             storage.download(storage.join(self.remote, ".work"), self.work)
         else:
@@ -163,7 +165,8 @@ class StageDir:
         shutil.rmtree(self.staging, ignore_errors=True)
         shutil.rmtree(self.work, ignore_errors=True)
         if self.remote:
-            storage.delete(storage.join(self.remote, ".work"))
+            for partial in (".work", ".staging"):
+                storage.delete(storage.join(self.remote, partial))
         return manifest
 
     def _upload_outputs(self, outputs: list[dict]) -> None:

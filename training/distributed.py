@@ -10,10 +10,17 @@ one process, on a Ray Train gang of CPU workers (gloo) and on GPUs (NCCL).
 """
 from __future__ import annotations
 
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+
+NODE_ENV = "R1PIPE_NODE_ID"  # set by the gang's workers (cluster/train.py): which node a rank is on
 
 
 def rank_world() -> tuple[int, int]:
@@ -75,3 +82,59 @@ def rank_slice(ids: list, rank: int, world: int) -> list:
     """This rank's contiguous slice of a global batch (its part of every step's rows)."""
     per = len(ids) // world
     return ids[rank * per:(rank + 1) * per]
+
+
+@dataclass(frozen=True)
+class FileView:
+    """The ranks that see the same files under a folder as this one (``peers``, in rank order):
+    every rank, on one machine or where the nodes share the folder; the ranks of this node where
+    each node keeps the folder on its own disk (a run on object storage whose cache folder is
+    node-local). Work on those files is split among the peers, and their first rank, the
+    leader, does what one process per copy of the folder must do."""
+
+    peers: tuple[int, ...]
+    rank: int
+    shared: bool
+
+    @property
+    def index(self) -> int:
+        return self.peers.index(self.rank)
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == self.peers[0]
+
+
+def file_view(root: Path) -> FileView:
+    """Which ranks see the files under ``root`` that rank 0 sees: rank 0 writes a probe there,
+    each rank looks for it; ranks that do not see it are grouped by node (``NODE_ENV``, else the
+    host name). Collective: every rank calls it."""
+    rank, world = rank_world()
+    if world == 1:
+        return FileView((0,), 0, True)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    probe = root / f".view-{broadcast(uuid.uuid4().hex if rank == 0 else None)}"
+    if rank == 0:
+        probe.write_text("")
+    barrier()
+    node = os.environ.get(NODE_ENV) or socket.gethostname()
+    keys = all_gather("rank 0's" if probe.exists() else node)
+    barrier()
+    if rank == 0:
+        probe.unlink()
+    return FileView(tuple(r for r, k in enumerate(keys) if k == keys[rank]), rank, len(set(keys)) == 1)
+
+
+def on_leaders(view: FileView, fn: Callable[[], Any]) -> None:
+    """on_rank0 for work on a folder's files that each copy of the folder needs once (on_rank0
+    where the ranks share it): run by each view's leader; if any fails, every rank raises."""
+    error = None
+    if view.leader:
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
+            error = f"rank {view.rank}: {type(err).__name__}: {err}"
+    failed = [e for e in all_gather(error) if e]
+    if failed:
+        raise RuntimeError(f"failed: {failed[0]}")

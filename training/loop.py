@@ -30,7 +30,8 @@ from torch import nn
 
 from training import checkpoint as ckpt
 from training.config import TrainConfig
-from training.distributed import all_gather, all_sum, barrier, broadcast, on_rank0, rank_world
+from training.distributed import (FileView, all_gather, all_sum, barrier, broadcast, file_view, on_leaders,
+                                  rank_world)
 from training.engine import Engine, LossFn, StepResult, ensure_process_group, needs_universal, to_universal
 from training.export import save_model
 from training.model import Transformer
@@ -123,19 +124,21 @@ def paths_from_payload(paths: dict) -> dict:
 # ----------------------------------------------------------------------------- resume
 
 
-def choose_checkpoint(root: Path, world: int) -> tuple[Path | None, dict | None, list[str]]:
+def choose_checkpoint(root: Path, view: FileView | None = None) -> tuple[Path | None, dict | None, list[str]]:
     """The newest checkpoint whose files match their digests, on every rank.
 
-    Ranks split the hashing; a damaged checkpoint is skipped with a warning and the
-    previous one is tried. Returns (folder, trainer state, names of skipped ones).
+    The ranks that see the same copy of the folder split its hashing (``view``: by default
+    all ranks see one copy); a checkpoint damaged, or incomplete on any node, is skipped with a
+    warning and the previous one is tried. Returns (folder, trainer state, names of skipped ones).
     """
-    rank, _ = rank_world()
+    rank, world = rank_world()
+    view = view or FileView(tuple(range(world)), rank, True)
     candidates = broadcast(ckpt.list_checkpoints(root) if rank == 0 else None)
     skipped = []
     for folder in candidates:
         try:
             names = sorted(ckpt.read_state(folder)["files"])
-            bad = ckpt.problems(folder, names[rank::world])
+            bad = ckpt.problems(folder, names[view.index::len(view.peers)])
         except (ValueError, KeyError) as err:
             bad = [str(err)]
         if all_sum([float(len(bad))])[0] == 0:
@@ -146,19 +149,22 @@ def choose_checkpoint(root: Path, world: int) -> tuple[Path | None, dict | None,
     return None, None, skipped
 
 
-def resume_engine(root: Path, make_engine: Callable[[bool], Engine]) -> tuple[Engine, Path | None, dict | None, list[str]]:
+def resume_engine(root: Path, make_engine: Callable[[bool], Engine],
+                  view: FileView | None = None) -> tuple[Engine, Path | None, dict | None, list[str]]:
     """The engine, loaded from the newest good checkpoint under root if there is one.
 
     make_engine(load_universal) builds a fresh engine; a checkpoint saved by another number of
-    workers is converted (once, on rank 0) and loaded through DeepSpeed's universal format."""
+    workers is converted (once per copy of the folder: on rank 0 where the ranks share it) and
+    loaded through DeepSpeed's universal format."""
     _, world = rank_world()
-    folder, state, skipped = choose_checkpoint(root, world)
+    view = view or file_view(root)
+    folder, state, skipped = choose_checkpoint(root, view)
     universal = bool(state) and needs_universal(state["zero_stage"], state["precision"],
                                                 state["world_size"], world)
     if universal:
         log.warning("resuming %s saved by %d workers on %d: converting to a universal checkpoint",
                     folder.name, state["world_size"], world)
-        on_rank0(lambda: to_universal(folder, state["zero_stage"]))
+        on_leaders(view, lambda: to_universal(folder, state["zero_stage"]))
     engine = make_engine(universal)
     if folder is not None:
         engine.load(folder, universal=universal)
@@ -189,14 +195,15 @@ def train(cfg: TrainConfig, job: Job, *, checkpoints: Path, hooks: Hooks | None,
         return Engine(make_model(), cfg.engine, micro_batch=micro_batch, global_batch=global_batch,
                       total_steps=cfg.steps, load_universal=universal)
 
-    engine, folder, state, skipped = resume_engine(Path(checkpoints), make_engine)
+    view = file_view(Path(checkpoints))
+    engine, folder, state, skipped = resume_engine(Path(checkpoints), make_engine, view)
     run = RunState(corrupt_skipped=skipped)
     if state is not None:
         _restore(run, job, folder, state, rank)
     if hasattr(job, "bind"):  # a job that works with the engine between steps (RL's rollouts)
         job.bind(engine)
     peak = cfg.peak_flops or broadcast(measure_cpu_peak_flops() if rank == 0 and engine.device.type == "cpu" else None)
-    loop = TrainLoop(cfg, engine, job, run, hooks or Hooks(), Path(checkpoints), peak)
+    loop = TrainLoop(cfg, engine, job, run, hooks or Hooks(), Path(checkpoints), peak, view)
     loop.run()
     return loop
 
@@ -228,10 +235,11 @@ def check_identity(job: Job, folder: Path, state: dict) -> None:
 
 class TrainLoop:
     def __init__(self, cfg: TrainConfig, engine: Engine, job: Job, run: RunState, hooks: Hooks,
-                 checkpoints: Path, peak: float | None):
+                 checkpoints: Path, peak: float | None, view: FileView | None = None):
         self.cfg, self.engine, self.job, self.run_state = cfg, engine, job, run
         self.hooks, self.checkpoints, self.peak = hooks, checkpoints, peak
         self.rank, self.world = rank_world()
+        self.view = view or FileView(tuple(range(self.world)), self.rank, True)
         self.last_metrics: dict = {}
 
     def run(self) -> None:
@@ -284,10 +292,14 @@ class TrainLoop:
         return metrics
 
     def save(self) -> None:
-        """One checkpoint: every rank writes its part into a staging folder, rank 0 publishes."""
-        run, root = self.run_state, self.checkpoints
+        """One checkpoint: every rank writes its part into a staging folder, rank 0 publishes.
+
+        Where nodes keep the folder on their own disks (self.view), each node's leader prepares
+        and publishes its copy, with rank 0's trainer.json listing every node's files; the
+        object store then holds them all (cluster/train.py)."""
+        run, root, view = self.run_state, self.checkpoints, self.view
         staging = ckpt.staging_path(root, run.step)
-        if self.rank == 0:
+        if view.leader:
             ckpt.prune(root, self.cfg.checkpoint.keep)  # also clears a stale staging folder
             staging.mkdir(parents=True)
         barrier()
@@ -295,11 +307,14 @@ class TrainLoop:
         ckpt.write_rng(staging, self.rank)
         barrier()
         names = ckpt.files_of(staging)
-        gathered = all_gather(ckpt.digest(staging, names[self.rank::self.world]))
+        gathered = all_gather(ckpt.digest(staging, names[view.index::len(view.peers)]))
         final = staging.with_name(ckpt.step_name(run.step))
-        if self.rank == 0:
+        state = self._state() if self.rank == 0 else None
+        if not view.shared:  # every node's leader writes rank 0's trainer.json
+            state = broadcast(state)
+        if view.leader:
             files = {k: v for part in gathered for k, v in part.items()}
-            ckpt.publish(staging, self._state(), files, self.cfg.checkpoint.keep)
+            ckpt.publish(staging, state, files, self.cfg.checkpoint.keep)
         barrier()
         run.last_checkpoint = str(final)
         self.hooks.on_checkpoint(final, self.last_metrics)

@@ -72,7 +72,7 @@ def train_on_gang(ctx: StageContext, worker, cfg, paths, extra: dict | None = No
     log = TrainLog(ctx.work / "train_log.jsonl", ctx.sink, cfg.iterations if rl else cfg.steps,
                    counter="iteration" if rl else "step")
     summary = run_gang(worker, payload, ctx.section.gang, checkpoints=paths.checkpoints, work=paths.work,
-                       on_metrics=log.add, fault=ctx.fault, name=ctx.name, key=f"{ctx.name}.gang")
+                       on_metrics=log.add, fault=ctx.fault, name=ctx.name, key=f"{ctx.name}.gang", outputs=(ctx.out,))
     log_tables(ctx, log.publish(ctx.out))
     return summary
 

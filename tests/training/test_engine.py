@@ -164,7 +164,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_matches(corpus, caplog)
     shard.write_bytes(bytes(data))
 
     with caplog.at_level(logging.WARNING):
-        folder, state, skipped = choose_checkpoint(p.checkpoints, world=1)
+        folder, state, skipped = choose_checkpoint(p.checkpoints)
     assert folder.name == "step_00000004" and state["step"] == 4 and skipped == ["step_00000008"]
     assert "step_00000008 is damaged" in caplog.text and "sha256 differs" in caplog.text
 
