@@ -12,7 +12,9 @@ no stage work (``num-cpus: 0``); the GPU worker group is ``nodes`` pods of the p
 each holding the node's GPUs and most of its CPUs and memory (the rest is left to the kubelet and
 daemon sets). Every training stage's gang is checked against those pods' Ray resources first: one
 they cannot hold is an error naming the gang. Every pod mounts the shared storage (a
-ReadWriteMany PersistentVolumeClaim) where the recipe's ``runs_dir`` lies, gets NCCL's settings,
+ReadWriteMany PersistentVolumeClaim) where the recipe's ``runs_dir`` lies; for ``runs_dir`` on
+object storage there is no claim: each pod keeps the run's mirror in an emptyDir of its own and
+takes the AWS_* settings from a Secret (``--s3-secret``, every key as a variable). Every pod gets NCCL's settings,
 Ray's token and W&B's key from Kubernetes Secrets (by name: no value is written), and workers get a
 memory-backed /dev/shm for NCCL. The submitter pod that runs ``ray job submit`` gets the token too.
 """
@@ -24,7 +26,8 @@ import shlex
 from importlib.metadata import version
 from pathlib import PurePosixPath
 
-from cluster.deploy import AUTH_ENV, NCCL_ENV, RAY_TOKEN, WANDB_KEY, check_gangs_fit, shared_storage
+from cluster.deploy import (AUTH_ENV, CACHE_ENV, NCCL_ENV, NODE_CACHE, RAY_TOKEN, WANDB_KEY, check_gangs_fit,
+                            shared_storage)
 from cluster.gang import GangConfig
 from training.plan import GiB, GpuPreset
 
@@ -39,6 +42,7 @@ SHM_SHARE = 0.25  # of the pod's memory, for NCCL and Ray's object store in /dev
 TTL_AFTER_FINISHED_S = 3600  # the finished cluster stays an hour for `kubectl logs`, then goes
 MAX_RAYJOB_NAME = 47  # KubeRay's limit: the RayCluster it creates appends 6 characters (53 max)
 SHARED_VOLUME = "shared"
+CACHE_VOLUME = "run-mirror"  # runs_dir on object storage: the pod's own copy of the run
 
 
 def worker_pod_resources(preset: GpuPreset) -> dict[str, str]:
@@ -70,8 +74,9 @@ def _pod(container: dict, volumes: list[dict] | None = None, **spec) -> dict:
             "spec": {"containers": [container], **({"volumes": volumes} if volumes else {}), **spec}}
 
 
-def _container(name: str, image: str, resources: dict, env: list[dict], mounts: list[dict] | None = None) -> dict:
-    return {"name": name, "image": image, "env": env,
+def _container(name: str, image: str, resources: dict, env: list[dict], mounts: list[dict] | None = None,
+               env_from: list[dict] | None = None) -> dict:
+    return {"name": name, "image": image, "env": env, **({"envFrom": env_from} if env_from else {}),
             "resources": {"requests": dict(resources), "limits": dict(resources)},
             **({"volumeMounts": mounts} if mounts else {})}
 
@@ -91,11 +96,12 @@ def entrypoint(recipe_path: str, overrides: list[str]) -> str:
 
 
 def _worker_group(preset: GpuPreset, nodes: int, image: str, env: list[dict], shared: list[dict],
-                  mounts: list[dict]) -> dict:
+                  mounts: list[dict], env_from: list[dict] | None) -> dict:
     """``nodes`` GPU pods of the preset, one per node, with a memory-backed /dev/shm for NCCL."""
     resources = worker_pod_resources(preset)
     shm_gi = int(int(resources["memory"].removesuffix("Gi")) * SHM_SHARE)
-    gpu = _container("ray-worker", image, resources, env, [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}])
+    gpu = _container("ray-worker", image, resources, env, [*mounts, {"name": "dshm", "mountPath": "/dev/shm"}],
+                     env_from)
     volumes = [*shared, {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{shm_gi}Gi"}}]
     return {"groupName": f"gpu-{preset.name}",
             "replicas": nodes, "minReplicas": nodes, "maxReplicas": nodes, "numOfHosts": 1,
@@ -106,18 +112,25 @@ def _worker_group(preset: GpuPreset, nodes: int, image: str, env: list[dict], sh
 
 def rayjob(*, name: str, recipe_path: str, overrides: list[str], gangs: dict[str, GangConfig], runs_dir: str,
            preset: GpuPreset, nodes: int, image: str, storage: str | None = None, pvc: str = "r1pipe-shared",
-           auth_secret: str = "r1pipe-ray-auth", wandb_secret: str | None = "r1pipe-wandb") -> dict:
+           auth_secret: str = "r1pipe-ray-auth", wandb_secret: str | None = "r1pipe-wandb",
+           s3_secret: str = "r1pipe-s3") -> dict:
     """A RayJob that runs a recipe on ``nodes`` GPU pods of ``preset``, deleted when the job ends."""
     check_gangs_fit(gangs, {"CPU": int(worker_pod_resources(preset)["cpu"]), "GPU": preset.gpus_per_node},
                     nodes, preset.name)
     storage = shared_storage(runs_dir, storage)
     if not PurePosixPath(recipe_path).is_absolute():
         raise ValueError(f"--recipe-path {recipe_path!r}: an absolute path inside the image or on the shared storage")
-    _check_names(pvc=pvc, auth_secret=auth_secret, wandb_secret=wandb_secret)
+    _check_names(pvc=pvc, auth_secret=auth_secret, wandb_secret=wandb_secret, s3_secret=s3_secret)
     env = _env(auth_secret, wandb_secret)
-    shared = [{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": pvc}}]
-    mounts = [{"name": SHARED_VOLUME, "mountPath": storage}]
-    head = _container("ray-head", image, HEAD_POD, env, mounts)
+    if storage is None:  # runs_dir on object storage: each pod's own mirror, the store's settings from a Secret
+        env += [{"name": k, "value": v} for k, v in CACHE_ENV.items()]
+        shared = [{"name": CACHE_VOLUME, "emptyDir": {}}]
+        mounts = [{"name": CACHE_VOLUME, "mountPath": NODE_CACHE}]
+    else:
+        shared = [{"name": SHARED_VOLUME, "persistentVolumeClaim": {"claimName": pvc}}]
+        mounts = [{"name": SHARED_VOLUME, "mountPath": storage}]
+    env_from = [{"secretRef": {"name": s3_secret}}] if storage is None else None
+    head = _container("ray-head", image, HEAD_POD, env, mounts, env_from)
     # the pod that runs `ray job submit` against the head's dashboard needs only Ray's token
     submitter = _container("ray-job-submitter", image, SUBMITTER_POD,
                            [e for e in env if e["name"] in (*AUTH_ENV, RAY_TOKEN)])
@@ -136,7 +149,7 @@ def rayjob(*, name: str, recipe_path: str, overrides: list[str], gangs: dict[str
                 "rayVersion": version("ray"),
                 "enableInTreeAutoscaling": False,
                 "headGroupSpec": {"rayStartParams": dict(HEAD_RAY_START), "template": _pod(head, shared)},
-                "workerGroupSpecs": [_worker_group(preset, nodes, image, env, shared, mounts)],
+                "workerGroupSpecs": [_worker_group(preset, nodes, image, env, shared, mounts, env_from)],
             },
             "submitterPodTemplate": _pod(submitter, restartPolicy="Never"),
         },

@@ -7,13 +7,15 @@
 The GPU worker group is ``nodes`` nodes of the preset (8 GPUs each); the head is a CPU node that
 runs the driver. Every training stage's gang is checked against the GPU nodes first: one that
 cannot be held is an error naming the gang. The containers get the shared storage mounted where
-the recipe's ``runs_dir`` lies, NCCL settings, and the names (never the values) of the secrets they
+the recipe's ``runs_dir`` lies (for ``runs_dir`` on object storage: the node's own disk for the
+run's mirror, and the AWS_* settings by name), NCCL settings, and the names (never the values) of the secrets they
 take from the launching environment: WANDB_API_KEY and Ray's token (RAY_AUTH_TOKEN, with token
 auth on). The dashboard listens on the head's loopback only; reach it through `ray dashboard`.
 """
 from __future__ import annotations
 
-from cluster.deploy import AUTH_ENV, NCCL_ENV, SECRETS, check_gangs_fit, shared_storage
+from cluster.deploy import (AUTH_ENV, CACHE_ENV, NCCL_ENV, NODE_CACHE, S3_ENV, SECRETS, check_gangs_fit,
+                            shared_storage)
 from cluster.gang import GangConfig
 from training.plan import GpuPreset
 
@@ -25,12 +27,17 @@ INSTANCE_TYPES = {
 HEAD_CPUS = 32
 
 
-def _docker(image: str, storage: str) -> dict:
+def _docker(image: str, storage: str | None) -> dict:
+    """Shared storage mounted where runs_dir lies; or, for runs_dir on object storage, the node's
+    own disk at the run's mirror (NODE_CACHE) and the object store's settings by name."""
+    extra = {k: None for k in S3_ENV} | CACHE_ENV if storage is None else {}
     env = [f"-e {k}={v}" for k, v in NCCL_ENV.items()] + [f"-e {k}" for k in SECRETS] + \
-          [f"-e {k}={v}" for k, v in AUTH_ENV.items()]  # secrets by name: the value stays in the caller's env
+          [f"-e {k}={v}" for k, v in AUTH_ENV.items()] + \
+          [f"-e {k}" if v is None else f"-e {k}={v}" for k, v in extra.items()]  # secrets by name only
+    mount = storage or NODE_CACHE
     return {"image": image, "container_name": "r1pipe", "pull_before_run": True,
             "run_options": ["--ipc=host", "--ulimit memlock=-1", "--ulimit stack=67108864",
-                            f"-v {storage}:{storage}", *env]}
+                            f"-v {mount}:{mount}", *env]}
 
 
 def launcher_config(*, name: str, gangs: dict[str, GangConfig], runs_dir: str, preset: GpuPreset, nodes: int,

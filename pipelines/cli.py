@@ -208,6 +208,8 @@ def cluster_manifest(config: str = typer.Argument(..., help="a YAML recipe"),
                                                      "auth_token is Ray's token"),
                      wandb_secret: str = typer.Option("r1pipe-wandb", help="kuberay: the Secret whose api_key is "
                                                       "W&B's key ('' for none)"),
+                     s3_secret: str = typer.Option("r1pipe-s3", help="kuberay, runs_dir on object storage: the "
+                                                   "Secret whose keys (AWS_ACCESS_KEY_ID, ...) become variables"),
                      recipe_path: Optional[str] = typer.Option(None, help="kuberay: the recipe inside the image or "
                                                                "on the shared storage (default: the image's recipes/)"),
                      out: Optional[str] = typer.Option(None, help="write here instead of stdout"),
@@ -231,7 +233,8 @@ def cluster_manifest(config: str = typer.Argument(..., help="a YAML recipe"),
         else:
             from cluster.kuberay import IMAGE_WORKDIR, rayjob
             manifest = rayjob(**common, recipe_path=recipe_path or f"{IMAGE_WORKDIR}/recipes/{Path(config).name}",
-                              overrides=set_ or [], pvc=pvc, auth_secret=auth_secret, wandb_secret=wandb_secret or None)
+                              overrides=set_ or [], pvc=pvc, auth_secret=auth_secret, wandb_secret=wandb_secret or None,
+                              s3_secret=s3_secret)
     except (ConfigError, ValueError) as err:
         err_console.print(f"[red]error:[/] {err}")
         raise typer.Exit(2)

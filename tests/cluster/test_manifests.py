@@ -196,3 +196,46 @@ def test_the_shipped_rayjobs_are_current(rayjob_validator, preset):
         f"regenerate: r1pipe cluster manifest recipes/cluster.yaml --target kuberay --preset {preset} --nodes 2 " \
         "--image r1pipe:0.1.0"
     assert errors(rayjob_validator, yaml.safe_load(text)) == []
+
+
+OBJECT_STORE = ["--set", "runs_dir=s3://team-bucket/runs"]
+
+
+def test_a_run_on_object_storage_needs_no_shared_mount(rayjob_validator):
+    """runs_dir on S3: no claim or shared mount; each pod (or node) keeps its own mirror of the run
+    and takes the object store's settings by name, never by value."""
+    planted = {"AWS_SECRET_ACCESS_KEY": "planted-s3-secret"}
+    code, text = manifest("--target", "kuberay", "--nodes", "2", *OBJECT_STORE, env=planted)
+    assert code == 0, text
+    job = yaml.safe_load(text)
+    assert errors(rayjob_validator, job) == []
+    assert "persistentVolumeClaim" not in text and "planted" not in text
+    spec = job["spec"]["rayClusterSpec"]
+    for pod in (spec["headGroupSpec"]["template"], spec["workerGroupSpecs"][0]["template"]):
+        [c] = pod["spec"]["containers"]
+        assert {"name": "run-mirror", "emptyDir": {}} in pod["spec"]["volumes"]
+        assert {"name": "run-mirror", "mountPath": "/var/cache/r1pipe"} in c["volumeMounts"]
+        assert {"name": "R1PIPE_CACHE_DIR", "value": "/var/cache/r1pipe"} in c["env"]
+        assert c["envFrom"] == [{"secretRef": {"name": "r1pipe-s3"}}]
+    assert "envFrom" not in containers(job)["ray-job-submitter"]
+
+    code, text = manifest("--nodes", "2", *OBJECT_STORE, env=planted)  # the cluster launcher
+    assert code == 0, text
+    config = yaml.safe_load(text)
+    jsonschema.validate(config, json.loads(RAY_SCHEMA.read_text()))
+    validate_config(config)
+    options = config["docker"]["run_options"]
+    assert "-v /var/cache/r1pipe:/var/cache/r1pipe" in options and "-e R1PIPE_CACHE_DIR=/var/cache/r1pipe" in options
+    assert {"-e AWS_ACCESS_KEY_ID", "-e AWS_SECRET_ACCESS_KEY", "-e AWS_ENDPOINT_URL"} <= set(options)
+    assert "planted" not in text and not any("/shared" in o for o in options)
+    assert "runs_dir 's3://team-bucket/runs' is on object storage" in manifest("--storage", "/shared", *OBJECT_STORE)[1]
+    assert "--s3-secret 'S3!'" in manifest("--target", "kuberay", "--s3-secret", "S3!", *OBJECT_STORE)[1]
+
+
+def test_the_shipped_object_storage_rayjob_is_current(rayjob_validator):
+    args = ["--target", "kuberay", "--preset", "h100-80g-x8", "--nodes", "2", "--image", "r1pipe:0.1.0",
+            "--set", "runs_dir=s3://your-bucket/runs"]
+    code, text = manifest(*args)
+    assert code == 0
+    assert (SHIPPED / "kuberay-h100-80g-x8-s3.yaml").read_text() == text, \
+        "regenerate: r1pipe cluster manifest recipes/cluster.yaml " + " ".join(args)
