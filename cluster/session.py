@@ -66,26 +66,28 @@ def shutdown() -> None:
         ray.shutdown()
 
 
-def run_task(fn, *args, resources: dict | None = None, poll=None, interval: float = 0.5):
-    """Run ``fn(*args)`` as one Ray task on this (the driver's) node and wait for it; the task is
-    never retried.
+def run_task(fn, *args, resources: dict | None = None, poll=None, interval: float = 0.5, here: bool = False):
+    """Run ``fn(*args)`` as one Ray task and wait for it; the task is never retried.
 
     A stage's side effects (files) are not idempotent mid-way, so a crashed
     worker must surface as a failed stage that the runner resumes, not as a
-    silent re-execution. It runs where the driver keeps the run's folder (on object storage,
-    its local mirror; the stage's remote work fetches what it needs, cluster/storage.py), with
-    ``resources`` reserved when this node has them (a cluster's head often has no CPUs to
-    schedule: the task then runs there unreserved). ``poll()``, if given, is called every
-    ``interval`` seconds while the task runs (the CLI's progress line reads the stage's files there).
+    silent re-execution. ``here``: on this (the driver's) node, where the driver keeps a run on
+    object storage in its local mirror (the stage's remote work fetches what it needs,
+    cluster/storage.py), with ``resources`` reserved when this node has them (a cluster's head
+    often has no CPUs to schedule: the task then runs there unreserved). ``poll()``, if given, is
+    called every ``interval`` seconds while the task runs (the CLI's progress line reads the
+    stage's files there).
     """
-    here = ray.get_runtime_context().get_node_id()
-    have = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
-    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
-    wanted = {names[k]: v for k, v in (resources or {}).items() if k in names}
-    wanted.update((resources or {}).get("resources", {}))
-    held = all(have.get(k, 0) >= v for k, v in wanted.items())
-    opts = {"num_cpus": 0, "max_retries": 0, **((resources or {}) if held else {}),
-            "scheduling_strategy": NodeAffinitySchedulingStrategy(here, soft=False)}
+    opts = {"num_cpus": 0, "max_retries": 0, **(resources or {})}
+    if here:
+        node = ray.get_runtime_context().get_node_id()
+        have = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == node), {})
+        names = {"num_cpus": "CPU", "num_gpus": "GPU"}
+        wanted = {names[k]: v for k, v in (resources or {}).items() if k in names}
+        wanted.update((resources or {}).get("resources", {}))
+        if not all(have.get(k, 0) >= v for k, v in wanted.items()):
+            opts = {"num_cpus": 0, "max_retries": 0}
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node, soft=False)
     ref = ray.remote(fn).options(**opts).remote(*args)
     try:
         if poll is not None:

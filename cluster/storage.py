@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from functools import lru_cache
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -129,17 +130,17 @@ def adopt(mirrors: dict[str, str]) -> None:
     """In a process that runs a stage's remote work: the run's mirror roots, with their markers,
     on this node (a node that does not share the driver's cache folder has none)."""
     for root, uri in mirrors.items():
-        if _KNOWN.get(root) != uri:
-            _mark(Path(root), uri)
+        _mark(Path(root), uri)  # also where this process knew it: its marker may have gone since
 
 
-def localize(path: str | Path) -> Path:
+def localize(path: str | Path, replace: bool = False) -> Path:
     """A file or folder of a mirror on this node, fetched from the object store where this node
     lacks it: the file, or the folder's files missing here. A file already here is kept (writers
-    put whole files, and one being appended here is newer than its upload); nothing happens
-    outside a mirror."""
+    put whole files, and one being appended here is newer than its upload), unless ``replace``:
+    then the object store's copy of every file wins (what another node wrote last). Nothing
+    happens outside a mirror."""
     path = Path(path)
-    remote = None if path.is_file() else remote_of(path)
+    remote = None if path.is_file() and not replace else remote_of(path)
     if remote is None:
         return path
     fs, where = resolve(remote)
@@ -147,7 +148,7 @@ def localize(path: str | Path) -> Path:
     if kind == pafs.FileType.File:
         download(remote.rsplit("/", 1)[0], path.parent, [path.name])
     elif kind == pafs.FileType.Directory:
-        download(remote, path, [rel for rel in list_files(remote) if not (path / rel).is_file()])
+        download(remote, path, [rel for rel in list_files(remote) if replace or not (path / rel).is_file()])
     return path
 
 
@@ -270,7 +271,7 @@ def download(uri: str, local: Path, files: list[str] | None = None) -> list[str]
     for rel in names:
         target = Path(local) / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.part")
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.part")  # pids repeat across nodes
         with fs.open_input_stream(f"{base}/{rel}") as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, _CHUNK)
         os.replace(tmp, target)
@@ -307,16 +308,10 @@ def sync_up(local: Path, uri: str) -> None:
             _put(path, join(uri, rel))
 
 
-def push_committed(folder: Path, record: str) -> None:
-    """Upload a published folder of a mirror (a checkpoint) with ``record`` last, then drop the
-    remote siblings of the same kind that are gone locally (retention pruned them)."""
-    push_parts(folder, record)
-    push_record(folder, record)
-
-
 def push_parts(folder: Path, record: str) -> None:
-    """The first half of push_committed: the remote folder replaced by this node's files of it,
-    without ``record`` (other nodes may add theirs with push_missing before the record goes)."""
+    """A published folder of a mirror (a checkpoint) going up, part one of three: the remote
+    folder replaced by this node's files of it, without ``record`` (then other nodes add theirs
+    with push_missing, and push_record commits)."""
     remote = remote_of(folder)
     if remote is None:
         return
@@ -343,8 +338,8 @@ def push_missing(folder: Path, record: str) -> None:
 
 
 def push_record(folder: Path, record: str) -> None:
-    """The second half of push_committed: ``record`` (the commit), then the remote siblings of the
-    same kind that are gone locally (retention pruned them) go."""
+    """Part three: ``record`` (the commit), then the remote siblings of the same kind that are
+    gone locally (retention pruned them) go."""
     remote = remote_of(folder)
     if remote is None:
         return

@@ -63,7 +63,7 @@ from cluster import storage
 from cluster.gang import GangConfig, alive_nodes, autoscaler_max_nodes, launch_size, workers_that_fit
 from training.checkpoint import TRAINER
 from training.config import PretrainConfig
-from training.distributed import NODE_ENV, barrier
+from training.distributed import NODE_ENV, all_gather, barrier
 from training.loop import Hooks, NonFiniteLoss
 from training.pretrain import Paths
 
@@ -115,11 +115,20 @@ def _upload_checkpoint(path: Path) -> None:
     if rank == 0:
         storage.push_parts(path, TRAINER)
     barrier()
-    if rank != 0:
+    if _NODE["leader"] and not _NODE["with_rank0"]:
         storage.push_missing(path, TRAINER)
     barrier()
     if rank == 0:
         storage.push_record(path, TRAINER)
+
+
+_NODE: dict = {}  # this gang worker: whether it is its node's first rank, and whether rank 0 is there too
+
+
+def _share_node(rank: int, node: str) -> None:
+    """Which rank does, once per node, what all ranks of a node would do over the same files."""
+    nodes = all_gather(node)
+    _NODE.update(leader=rank == min(r for r, n in enumerate(nodes) if n == node), with_rank0=nodes[0] == node)
 
 
 def _gang_worker(config: dict) -> None:
@@ -128,9 +137,12 @@ def _gang_worker(config: dict) -> None:
     # a node that does not share the run's folder: the run's mirrors, the committed checkpoints
     # and the inputs the payload names, from the object store (nothing to do where it shares it)
     storage.adopt(config["mirrors"])
-    os.environ[NODE_ENV] = node  # which ranks share a node's files (training.distributed.file_views)
-    storage.localize_committed(Path(config["checkpoints"]), TRAINER, "step_")
-    storage.localize_all(config["payload"], skip=(config["checkpoints"],))
+    os.environ[NODE_ENV] = node  # which ranks share a node's files (training.distributed.file_view)
+    _share_node(rank, node)
+    if _NODE["leader"]:
+        storage.localize_committed(Path(config["checkpoints"]), TRAINER, "step_")
+        storage.localize_all(config["payload"], skip=(config["checkpoints"],))
+    barrier()
     events: Queue = config["events"]
     # metrics are sent without waiting (ordered per caller); the summary below waits
     hooks = Hooks(on_metrics=lambda metrics, step: events.actor.put_nowait.remote(("metrics", metrics)),
@@ -199,8 +211,9 @@ def run_gang(fn: Callable[[dict, Hooks], dict], payload: dict, gang: GangConfig,
             if not isinstance(err.controller_failure, (WorkerGroupStartupTimeoutError, WorkerGroupStartupFailedError)):
                 raise
             workers, shrinks = _after_failed_placement(gang, key, name, workers, shrinks, err)
-    for out in outputs:
-        storage.localize(out)
+    if outcome.get("nodes", {}).get(0) not in (None, ray.get_runtime_context().get_node_id()):
+        for out in outputs:  # rank 0 wrote them on another node and uploaded them: its copy wins
+            storage.localize(out, replace=True)
     if "abort" in outcome:
         raise NonFiniteLoss(outcome["abort"])
     if "summary" not in outcome:

@@ -230,7 +230,8 @@ def _run_stage(cfg, store, name, stage_fingerprint, inputs, echo, fault, watch: 
         watch.start(name, stage_dir.root)
     try:
         metrics = run_task(execute_stage, cfg, store.run_id, name, fault,
-                           resources=STAGES[name].resources, poll=watch.poll if watch else None)
+                           resources=STAGES[name].resources, poll=watch.poll if watch else None,
+                           here=store.remote is not None)  # object storage: the mirror is this node's
         manifest = record_lineage(store, name, manifest)  # model/lineage.json is an output
     except BaseException as err:  # noqa: BLE001 - record every failure, then re-raise
         message, detail = describe_failure(err)

@@ -325,7 +325,9 @@ class ReferenceLogps:
         h = hashlib.sha256(model_digest)
         h.update(json.dumps([[p.id, p.chosen, p.rejected] for p in pairs]).encode())
         path = Path(self.paths.work) / f"reference-{split}-{h.hexdigest()[:16]}.safetensors"
-        if path.is_file():
+        # every rank takes the file, or none: a node without it (it went up to the object store after
+        # this gang's nodes fetched the work folder) would otherwise compute alone, collectives and all
+        if all_sum([float(path.is_file())])[0] == rank_world()[1]:
             return load_file(path)["logps"]
         out = []
         for chunk in rank_chunks(len(pairs), self.cfg.data.micro_batch):

@@ -10,7 +10,9 @@ which is also Ray Train's experiment folder):
       universal/              only after a world-size change: ds_to_universal's output
 
 Every rank writes into ``.tmp-step_00000040/``; once all have finished, rank 0 writes
-trainer.json (with each file's size and sha256) and renames the folder into place. A
+trainer.json (with each file's size and sha256) and renames the folder into place (where
+nodes keep the folder on their own disks, each node's first rank does so for its copy, with
+rank 0's trainer.json: training.distributed.file_view). A
 folder named ``step_*`` is therefore complete, and a damaged one is caught by its
 digests, never by a crash half-way through loading.
 """
@@ -95,7 +97,8 @@ def problems(folder: Path, names: list[str] | None = None) -> list[str]:
 
 
 def publish(staging: Path, state: dict, files: dict[str, dict], keep: int) -> Path:
-    """Rank 0, after every rank has written: trainer.json, the atomic rename, retention."""
+    """Rank 0 (each copy's leader), after every rank has written: trainer.json, the atomic rename,
+    retention."""
     staging = Path(staging)
     final = staging.with_name(staging.name.removeprefix(".tmp-"))
     tmp = staging / f".{TRAINER}.tmp"

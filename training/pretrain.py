@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from training.config import DataConfig, PretrainConfig
-from training.distributed import all_sum, on_rank0, rank_slice, rank_world
+from training.distributed import all_sum, file_view, on_leaders, rank_slice, rank_world
 from training.engine import Engine, StepResult, ensure_process_group, lm_loss
 from training.loop import Hooks, NonFiniteLoss, SamplerJob, choose_checkpoint, train  # noqa: F401 - re-exported
 from training.model import Transformer, flops_per_token
@@ -126,10 +126,10 @@ def pretrain(cfg: PretrainConfig, paths: Paths, *, seed: int, hooks: Hooks | Non
     tok_file = Path(paths.tokenizer_dir) / "tokenizer.json"
     exclude = set(json.loads(Path(paths.exclude_ids).read_text())) if paths.exclude_ids else None
 
-    def token_cache() -> Path:  # tokenized once (rank 0), then found by every rank
+    def token_cache() -> Path:  # tokenized once per copy of the work folder, then found by every rank
         return build_token_cache(paths.data_files, tok_file, paths.work, val_fraction=cfg.data.val_fraction,
                                  text_column=cfg.data.text_column, exclude_ids=exclude)
-    on_rank0(token_cache)
+    on_leaders(file_view(Path(paths.work)), token_cache)
     corpus = PackedCorpus(token_cache(), cfg.data.seq_len)
     sampler = CurriculumSampler(corpus, cfg.data, cfg.steps, seed)
     tokenizer = load_tokenizer(paths.tokenizer_dir)

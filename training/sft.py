@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from training.config import SftConfig
-from training.distributed import all_sum, on_rank0, rank_slice, rank_world
+from training.distributed import all_sum, file_view, on_leaders, rank_slice, rank_world
 from training.engine import Engine, StepResult, ensure_process_group
 from training.export import load_model, load_model_config
 from training.logprobs import IGNORE
@@ -140,9 +140,9 @@ def sft(cfg: SftConfig, paths: SftPaths, *, seed: int, hooks: Hooks | None = Non
     ensure_process_group()
     rank, _ = rank_world()
 
-    def cache() -> Path:  # tokenized once (rank 0), then found by every rank
+    def cache() -> Path:  # tokenized once per copy of the work folder, then found by every rank
         return build_sft_cache(paths.train_files, paths.init_model, paths.work, seq_len=cfg.data.seq_len)
-    on_rank0(cache)
+    on_leaders(file_view(Path(paths.work)), cache)
     corpus = SftCorpus(cache(), cfg.data.seq_len, cfg.data.packing)
     sampler = CurriculumSampler(corpus, cfg.data, cfg.steps, seed, weights=cfg.data.family_weights,
                                 weights_key="data.family_weights")

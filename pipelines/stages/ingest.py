@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from cluster import storage
 from cluster.sharded import (duplicate_values, maybe_fault, run_sharded, shard_name,
                           write_parquet_atomic)
 from data_engine.ingest import (UNREADABLE_REASONS, Chunk, FieldMap, InputSpec, RawRow, plan_chunks,
@@ -38,6 +39,7 @@ class IngestStep:
 def read_chunk_rows(item: dict) -> tuple[Chunk, list[RawRow]]:
     """run_sharded's reader for ingest: the chunk a work item names, and its raw rows."""
     chunk = Chunk(**item["chunk"])
+    storage.localize(chunk.file)  # the demo corpus lies in the run's mirror; the user's inputs do not
     return chunk, read_raw_rows(chunk)
 
 
@@ -49,7 +51,9 @@ def _input_files(ctx: StageContext) -> list[tuple[str, str, str | None]]:
             demo_dir = ctx.work / "demo_corpus"
             if not (ctx.work / "demo_corpus.done").exists():
                 build_demo_corpus(demo_dir, n_docs=spec.demo.n_docs, seed=spec.demo.seed)
+                storage.push(demo_dir)  # object storage: for nodes that do not share the mirror, and a resume
                 (ctx.work / "demo_corpus.done").write_text("ok")
+                storage.push(ctx.work / "demo_corpus.done")
             spec = InputSpec(path=str(demo_dir))
         files += [(f, fmt, spec.source) for f, fmt in resolve_files(spec)]
     return files

@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -32,10 +33,37 @@ from pipelines.store import RunStore
 from tests.conftest import write_recipe
 from tests.pipelines.test_pretrain_stage import RECIPE as PRETRAIN_RECIPE
 from tests.pipelines.test_pretrain_stage import curated_corpus
-from tests.pipelines.test_s3_runs import RUNS, _curated_corpus_in_bucket, _data_recipe, _local_rows, s3  # noqa: F401
+from tests.pipelines.test_s3_runs import RUNS, _curated_corpus_in_bucket, s3  # noqa: F401
 
 IP = "127.0.0.2"
+# run ids of their own: moto keeps one in-memory store per process, which test_s3_runs also uses
+DATA_RUN, TRAIN_RUN = "private-data", "private-p"
 SPREAD = ["pretrain.gang.placement_strategy=STRICT_SPREAD"]
+
+
+DATA_RECIPE = """
+name: data
+runs_dir: {runs}
+stages: [ingest, dedup, quality]
+wandb: {{mode: offline}}
+ray: {{num_cpus: 2}}
+ingest: {{inputs: [{{demo: {{n_docs: 300, seed: 3}}}}], chunk_bytes: 40000, max_reject_fraction: 0.5}}
+dedup: {{}}
+quality: {{}}
+"""
+
+
+def _data_recipe(tmp: Path, runs: str) -> Path:
+    """The data stages on the demo corpus, which ingest generates into the run's own folder."""
+    return write_recipe(tmp / "data.yaml", DATA_RECIPE.format(runs=runs))
+
+
+def _rows(run: Path, folder: str) -> list[str]:
+    """Every row of a run's Parquet shards under ``folder`` (ingest's rejected rows may have no id;
+    their details name the input file in the run's folder, written here as RUN), in one order."""
+    tables = [pq.read_table(p) for p in sorted((run / folder).glob("*.parquet"))]
+    return sorted(json.dumps(r, sort_keys=True, default=str).replace(str(run), "RUN")
+                  for t in tables for r in t.to_pylist())
 
 
 def _reference(tmp: Path) -> dict:
@@ -96,18 +124,19 @@ def private(s3, tmp_path_factory):  # noqa: F811 - the S3 server fixture, import
 
 def test_data_stages_on_a_node_without_the_runs_folder_match_one_machine(private):
     tmp = private["tmp"]
-    results = {r.name: r for r in run_pipeline(load_config(_data_recipe(tmp, RUNS)), "main")}
+    results = {r.name: r for r in run_pipeline(load_config(_data_recipe(tmp, RUNS)), DATA_RUN)}
     assert [results[s].action for s in ("ingest", "dedup", "quality")] == ["ran"] * 3
-    store, ref = RunStore(RUNS, "main"), private["reference"]["root"] / "main"
+    store, ref = RunStore(RUNS, DATA_RUN), private["reference"]["root"] / "main"
     for stage in ("ingest", "dedup", "quality"):  # the same rows kept and rejected, for the same reasons
         for kind in ("data", "rejected"):
-            assert _local_rows(store.root / stage / kind) == _local_rows(ref / stage / kind), (stage, kind)
+            assert _rows(store.root, f"{stage}/{kind}") == _rows(ref, f"{stage}/{kind}"), (stage, kind)
         assert results[stage].metrics["kept"] == private["reference"]["data"][stage]["kept"]
     # the private node ran shards of every stage and read its inputs from the bucket
     seen = private["node"].files(store.root)
     for stage in ("ingest", "dedup", "quality"):
         assert any(f.startswith(f"{stage}/.work/shards/done/") for f in seen), stage
-    assert any(f.startswith("ingest/data/part-") for f in seen)  # an input of dedup or quality, fetched
+    assert any(f.startswith("ingest/.work/demo_corpus/") for f in seen)  # ingest's input, from the bucket
+    assert any(f.startswith("ingest/data/part-") for f in seen)  # an input of dedup or quality, likewise
     assert any(f.startswith("dedup/.work/signatures/") for f in seen)
 
 
@@ -115,15 +144,15 @@ def test_a_gang_over_a_node_without_the_runs_folder_trains_as_on_one_machine(pri
     """Tokenizer and pretrain (one rank on each worker node, rank 1 killed at step 6 and the gang
     restarted from its step-4 checkpoint) end with one machine's losses and model bytes."""
     tmp = private["tmp"]
-    _curated_corpus_in_bucket(tmp)
+    _curated_corpus_in_bucket(tmp, TRAIN_RUN)
     cfg = load_config(write_recipe(tmp / "p.yaml", PRETRAIN_RECIPE.format(runs=RUNS)), SPREAD)
-    [tok] = run_pipeline(cfg, "p", stages=["tokenizer"])  # its task needs a CPU the head lacks: it runs there unreserved
+    [tok] = run_pipeline(cfg, TRAIN_RUN, stages=["tokenizer"])  # its task needs a CPU the head lacks: it runs there unreserved
     assert tok.metrics["docs"] == 160
-    [res] = run_pipeline(cfg, "p", stages=["pretrain"], fault="pretrain:worker1:step6")
+    [res] = run_pipeline(cfg, TRAIN_RUN, stages=["pretrain"], fault="pretrain:worker1:step6")
     ref = private["reference"]
     assert (res.metrics["gang_workers"], res.metrics["gang_nodes"]) == (2, 2)
     assert res.metrics["resumed_from_step"] == 4
-    stage = RunStore(RUNS, "p").stage("pretrain")
+    stage = RunStore(RUNS, TRAIN_RUN).stage("pretrain")
     log = [json.loads(line) for line in (stage.root / "train_log.jsonl").read_text().splitlines()]
     ref_log = [json.loads(line) for line in (ref["root"] / "r" / "pretrain" / "train_log.jsonl").read_text().splitlines()]
     assert {r["step"]: r["loss"] for r in log} == {r["step"]: r["loss"] for r in ref_log}

@@ -269,7 +269,7 @@ def test_a_bad_object_store_names_the_uri(s3):
 # ----------------------------------------------------------------------------- pretrain
 
 
-def _curated_corpus_in_bucket(tmp: Path) -> None:
+def _curated_corpus_in_bucket(tmp: Path, run: str = "p") -> None:
     """The difficulty stage's outputs and done manifest, uploaded as the data stages leave them."""
     local = tmp / "difficulty"
     write_corpus(local, n_docs=160)
@@ -277,7 +277,7 @@ def _curated_corpus_in_bucket(tmp: Path) -> None:
     write_json_atomic(local / "manifest.json", {"stage": "difficulty", "status": "done",
                                                 "fingerprint": "curated-by-test", "metrics": {},
                                                 "outputs": outputs})
-    storage.upload(local, f"{RUNS}/p/difficulty", last=("manifest.json",))
+    storage.upload(local, f"{RUNS}/{run}/difficulty", last=("manifest.json",))
 
 
 def test_pretrain_killed_with_its_driver_resumes_from_the_bucket(s3, tmp_path):
