@@ -63,7 +63,7 @@ from cluster import storage
 from cluster.gang import GangConfig, alive_nodes, autoscaler_max_nodes, launch_size, workers_that_fit
 from training.checkpoint import TRAINER
 from training.config import PretrainConfig
-from training.distributed import NODE_ENV, all_gather, barrier
+from training.distributed import all_gather, barrier
 from training.loop import Hooks, NonFiniteLoss
 from training.pretrain import Paths
 
@@ -137,7 +137,6 @@ def _gang_worker(config: dict) -> None:
     # a node that does not share the run's folder: the run's mirrors, the committed checkpoints
     # and the inputs the payload names, from the object store (nothing to do where it shares it)
     storage.adopt(config["mirrors"])
-    os.environ[NODE_ENV] = node  # which ranks share a node's files (training.distributed.file_view)
     _share_node(rank, node)
     if _NODE["leader"]:
         storage.localize_committed(Path(config["checkpoints"]), TRAINER, "step_")

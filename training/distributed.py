@@ -10,8 +10,6 @@ one process, on a Ray Train gang of CPU workers (gloo) and on GPUs (NCCL).
 """
 from __future__ import annotations
 
-import os
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-NODE_ENV = "R1PIPE_NODE_ID"  # set by the gang's workers (cluster/train.py): which node a rank is on
 
 
 def rank_world() -> tuple[int, int]:
@@ -106,24 +103,21 @@ class FileView:
 
 
 def file_view(root: Path) -> FileView:
-    """Which ranks see the files under ``root`` that rank 0 sees: rank 0 writes a probe there,
-    each rank looks for it; ranks that do not see it are grouped by node (``NODE_ENV``, else the
-    host name). Collective: every rank calls it."""
+    """Which ranks see the same files under ``root``: each rank writes a probe file there, and
+    ranks that see the same probes share a copy of the folder. Collective: every rank calls it."""
     rank, world = rank_world()
     if world == 1:
         return FileView((0,), 0, True)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    probe = root / f".view-{broadcast(uuid.uuid4().hex if rank == 0 else None)}"
-    if rank == 0:
-        probe.write_text("")
+    nonce = broadcast(uuid.uuid4().hex if rank == 0 else None)
+    mine = root / f".view-{nonce}-{rank}"
+    mine.write_text("")
     barrier()
-    node = os.environ.get(NODE_ENV) or socket.gethostname()
-    keys = all_gather("rank 0's" if probe.exists() else node)
+    seen = all_gather(sorted(int(p.name.rsplit("-", 1)[1]) for p in root.glob(f".view-{nonce}-*")))
     barrier()
-    if rank == 0:
-        probe.unlink()
-    return FileView(tuple(r for r, k in enumerate(keys) if k == keys[rank]), rank, len(set(keys)) == 1)
+    mine.unlink()
+    return FileView(tuple(r for r, s in enumerate(seen) if s == seen[rank]), rank, seen.count(seen[0]) == world)
 
 
 def on_leaders(view: FileView, fn: Callable[[], Any]) -> None:
