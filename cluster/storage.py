@@ -156,17 +156,19 @@ def localize_all(obj, skip: tuple[str, ...] = ()) -> None:
     """localize every path of a known mirror that ``obj`` names (strings or paths, in nested
     dicts, lists and tuples: a gang's payload, a step's arguments), except under ``skip``."""
     roots = tuple(root + os.sep for root in _KNOWN)
-    if not roots:
-        return
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, (list, tuple)):
-        for each in obj:
-            localize_all(each, skip)
-    elif isinstance(obj, (str, os.PathLike)):
-        text = os.fspath(obj)
-        if text.startswith(roots) and not any(text == s or text.startswith(s + os.sep) for s in skip):
-            localize(text)
+
+    def walk(each) -> None:
+        if isinstance(each, dict):
+            each = list(each.values())
+        if isinstance(each, (list, tuple)):
+            for item in each:
+                walk(item)
+        elif isinstance(each, (str, os.PathLike)):
+            text = os.fspath(each)
+            if text.startswith(roots) and not any(text == s or text.startswith(s + os.sep) for s in skip):
+                localize(text)
+    if roots:
+        walk(obj)
 
 
 def _differs(local: Path, size: int) -> bool:
@@ -215,9 +217,13 @@ def upload(local: Path, uri: str, *, last: tuple[str, ...] = ()) -> None:
     if local.is_file():
         _put(local, uri)
         return
-    files = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
-    for rel in sorted(files, key=lambda r: r in last):
+    for rel in sorted(_files(local), key=lambda r: r in last):
         _put(local / rel, join(uri, rel))
+
+
+def _files(folder: Path) -> list[str]:
+    """The files under a local folder, by relative path, sorted."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
 
 
 def _put(local: Path, uri: str) -> None:
@@ -302,10 +308,9 @@ def sync_up(local: Path, uri: str) -> None:
     if not Path(local).is_dir():
         return
     have = {rel: info.size for rel, info in list_files(uri).items()}
-    for path in sorted(Path(local).rglob("*")):
-        rel = path.relative_to(local).as_posix()
-        if path.is_file() and have.get(rel) != path.stat().st_size:
-            _put(path, join(uri, rel))
+    for rel in _files(local):
+        if have.get(rel) != (Path(local) / rel).stat().st_size:
+            _put(Path(local) / rel, join(uri, rel))
 
 
 def push_parts(folder: Path, record: str) -> None:
@@ -316,11 +321,9 @@ def push_parts(folder: Path, record: str) -> None:
     if remote is None:
         return
     delete(remote)  # the same step saved again after a restart (or caught half-uploaded): the new one wins
-    folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel != record:
-            _put(path, join(remote, rel))
+    for rel in _files(folder):
+        if rel != record:
+            _put(Path(folder) / rel, join(remote, rel))
 
 
 def push_missing(folder: Path, record: str) -> None:
@@ -330,11 +333,9 @@ def push_missing(folder: Path, record: str) -> None:
     if remote is None:
         return
     have = list_files(remote)
-    folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder).as_posix()
-        if path.is_file() and rel != record and rel not in have:
-            _put(path, join(remote, rel))
+    for rel in _files(folder):
+        if rel != record and rel not in have:
+            _put(Path(folder) / rel, join(remote, rel))
 
 
 def push_record(folder: Path, record: str) -> None:

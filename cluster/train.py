@@ -63,7 +63,7 @@ from cluster import storage
 from cluster.gang import GangConfig, alive_nodes, autoscaler_max_nodes, launch_size, workers_that_fit
 from training.checkpoint import TRAINER
 from training.config import PretrainConfig
-from training.distributed import all_gather, barrier
+from training.distributed import barrier, file_view
 from training.loop import Hooks, NonFiniteLoss
 from training.pretrain import Paths
 
@@ -115,20 +115,14 @@ def _upload_checkpoint(path: Path) -> None:
     if rank == 0:
         storage.push_parts(path, TRAINER)
     barrier()
-    if _NODE["leader"] and not _NODE["with_rank0"]:
+    if _VIEW["of"].leader and 0 not in _VIEW["of"].peers:  # a copy of the folder rank 0 does not see
         storage.push_missing(path, TRAINER)
     barrier()
     if rank == 0:
         storage.push_record(path, TRAINER)
 
 
-_NODE: dict = {}  # this gang worker: whether it is its node's first rank, and whether rank 0 is there too
-
-
-def _share_node(rank: int, node: str) -> None:
-    """Which rank does, once per node, what all ranks of a node would do over the same files."""
-    nodes = all_gather(node)
-    _NODE.update(leader=rank == min(r for r, n in enumerate(nodes) if n == node), with_rank0=nodes[0] == node)
+_VIEW: dict = {}  # this gang worker's view of the checkpoint folder (training.distributed.file_view)
 
 
 def _gang_worker(config: dict) -> None:
@@ -137,8 +131,8 @@ def _gang_worker(config: dict) -> None:
     # a node that does not share the run's folder: the run's mirrors, the committed checkpoints
     # and the inputs the payload names, from the object store (nothing to do where it shares it)
     storage.adopt(config["mirrors"])
-    _share_node(rank, node)
-    if _NODE["leader"]:
+    _VIEW["of"] = file_view(Path(config["checkpoints"]))  # which ranks share this node's copy of the run
+    if _VIEW["of"].leader:
         storage.localize_committed(Path(config["checkpoints"]), TRAINER, "step_")
         storage.localize_all(config["payload"], skip=(config["checkpoints"],))
     barrier()

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 
 
-
 def rank_world() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
@@ -46,15 +45,7 @@ def barrier() -> None:
 
 def on_rank0(fn: Callable[[], Any]) -> None:
     """Run fn on rank 0 only; if it fails, every rank raises (instead of waiting forever)."""
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            fn()
-        except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = f"{type(err).__name__}: {err}"
-    error = broadcast(error)
-    if error:
-        raise RuntimeError(f"rank 0 failed: {error}")
+    on_leaders(FileView.one_copy(), fn)
 
 
 def all_sum(values: list[float]) -> list[float]:
@@ -93,6 +84,12 @@ class FileView:
     rank: int
     shared: bool
 
+    @classmethod
+    def one_copy(cls) -> "FileView":
+        """Every rank sees the same files (one machine, or a folder the nodes share): rank 0 leads."""
+        rank, world = rank_world()
+        return cls(tuple(range(world)), rank, True)
+
     @property
     def index(self) -> int:
         return self.peers.index(self.rank)
@@ -107,7 +104,7 @@ def file_view(root: Path) -> FileView:
     ranks that see the same probes share a copy of the folder. Collective: every rank calls it."""
     rank, world = rank_world()
     if world == 1:
-        return FileView((0,), 0, True)
+        return FileView.one_copy()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     nonce = broadcast(uuid.uuid4().hex if rank == 0 else None)
@@ -121,14 +118,15 @@ def file_view(root: Path) -> FileView:
 
 
 def on_leaders(view: FileView, fn: Callable[[], Any]) -> None:
-    """on_rank0 for work on a folder's files that each copy of the folder needs once (on_rank0
-    where the ranks share it): run by each view's leader; if any fails, every rank raises."""
+    """Work on a folder's files that each copy of the folder needs once (rank 0 alone where the
+    ranks share it): run by each view's leader; if any fails, every rank raises (instead of
+    waiting forever)."""
     error = None
     if view.leader:
         try:
             fn()
         except Exception as err:  # noqa: BLE001 - re-raised on every rank below
-            error = f"rank {view.rank}: {type(err).__name__}: {err}"
+            error = f"rank {view.rank} failed: {type(err).__name__}: {err}"
     failed = [e for e in all_gather(error) if e]
     if failed:
-        raise RuntimeError(f"failed: {failed[0]}")
+        raise RuntimeError(failed[0])

@@ -131,8 +131,8 @@ def choose_checkpoint(root: Path, view: FileView | None = None) -> tuple[Path | 
     all ranks see one copy); a checkpoint damaged, or incomplete on any node, is skipped with a
     warning and the previous one is tried. Returns (folder, trainer state, names of skipped ones).
     """
-    rank, world = rank_world()
-    view = view or FileView(tuple(range(world)), rank, True)
+    rank, _ = rank_world()
+    view = view or FileView.one_copy()
     candidates = broadcast(ckpt.list_checkpoints(root) if rank == 0 else None)
     skipped = []
     for folder in candidates:
@@ -239,7 +239,7 @@ class TrainLoop:
         self.cfg, self.engine, self.job, self.run_state = cfg, engine, job, run
         self.hooks, self.checkpoints, self.peak = hooks, checkpoints, peak
         self.rank, self.world = rank_world()
-        self.view = view or FileView(tuple(range(self.world)), self.rank, True)
+        self.view = view or FileView.one_copy()
         self.last_metrics: dict = {}
 
     def run(self) -> None:
