@@ -66,9 +66,9 @@ def run_items_on_ray(model_dir: str | Path, items: list[dict], cfg: EvalConfig, 
                                             num_gpus=1 if cfg.use_gpu else 0, max_retries=1)
     # greedy items first in each worker's share, largest work (pass@k) spread evenly
     shares = [items[w::workers] for w in range(workers)]
-    remote = storage.remote_of(Path(model_dir))
-    if remote is not None and sum(n["Alive"] for n in ray.nodes()) > 1:
-        storage.sync_up(Path(model_dir), remote)  # for workers on nodes without the folder; once per model
+    uri = storage.remote_of(Path(model_dir))
+    if uri is not None and sum(n["Alive"] for n in ray.nodes()) > 1:
+        storage.sync_up(Path(model_dir), uri)  # for workers on nodes without the folder; once per model
     refs = [remote.remote(str(model_dir), share, cfg.model_dump(mode="json"), seed, threads, cfg.use_gpu,
                           storage.carried()) for share in shares if share]
     return [r for part in ray.get(refs) for r in part]
