@@ -215,6 +215,9 @@ class RewardTermsConfig(Strict):
     """Parameters of the reward terms (rl/rewards.py)."""
 
     length_budget: int = Field(128, ge=1, description="conciseness: 1 - length / budget, clipped to [-1, 1]")
+    conciseness_gate: Literal["none", "correct"] = Field("none", description=(
+        "conciseness: none (every completion); correct (a wrong answer keeps only the penalty past the budget, "
+        "so shortening it earns nothing: Kimi k1.5's length reward)"))
     novelty_n: int = Field(3, ge=1, description="novelty: word n-gram order")
     novelty_history: int = Field(256, ge=0, description="novelty: completions of earlier iterations remembered")
     overlong_buffer: int = Field(32, ge=1, description=(

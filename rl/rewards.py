@@ -10,7 +10,7 @@ one float per sample:
 |---|---|---|
 | ``accuracy`` | 1 if the task's checker accepts the answer, else 0 | the verifiable reward (R1) |
 | ``format`` | 1 for one think block then one answer, else 0 | R1's format reward |
-| ``conciseness`` | 1 - length / budget, clipped to [-1, 1] | shorter is better, past the budget it costs |
+| ``conciseness`` | 1 - length / budget, clipped to [-1, 1]; with ``conciseness_gate: correct`` a wrong answer gets only the part below 0 | shorter is better, past the budget it costs; gated, a short wrong answer earns nothing (Kimi k1.5's length reward) |
 | ``safety`` | -1 if the completion hits the blocklist or holds PII (the quality stage's detectors), else 0 | a penalty |
 | ``novelty`` | share of the completion's word n-grams not in the other samples of its group nor the recent history | diversity against collapse |
 | ``overlong`` | 0 up to max_new_tokens - buffer, then falling linearly to -1 at max_new_tokens | DAPO's soft overlong penalty |
@@ -52,6 +52,7 @@ class Sample:
 @dataclass
 class RewardParams:
     length_budget: int = 128                 # conciseness: tokens at which the term is 0
+    conciseness_gate: str = "none"           # conciseness: "correct" = only right answers earn the bonus
     novelty_n: int = 3                       # novelty: word n-gram order
     novelty_history: int = 256               # novelty: completions of earlier batches remembered
     max_new_tokens: int = 256                # overlong: the hard limit
@@ -84,10 +85,18 @@ def format_reward(samples: Sequence[Sample], **_) -> list[float]:
     return [float(format_ok(s.completion)) for s in samples]
 
 
-def conciseness(samples: Sequence[Sample], length_budget: int = 128, **_) -> list[float]:
+def conciseness(samples: Sequence[Sample], length_budget: int = 128, conciseness_gate: str = "none", **_) -> list[float]:
+    """1 - length / budget, clipped to [-1, 1]. Gated ("correct"), a completion the task's checker
+    rejects keeps only the penalty past the budget (min(0, .)): shortening a wrong answer earns nothing,
+    so the term cannot pay the policy to cut the reasoning a right answer needs."""
     if length_budget < 1:
         raise ValueError(f"length_budget={length_budget} must be >= 1")
-    return [max(-1.0, min(1.0, 1.0 - s.n_tokens / length_budget)) for s in samples]
+    if conciseness_gate not in ("none", "correct"):
+        raise ValueError(f"conciseness_gate={conciseness_gate!r}: expected 'none' or 'correct'")
+    out = [max(-1.0, min(1.0, 1.0 - s.n_tokens / length_budget)) for s in samples]
+    if conciseness_gate == "correct":
+        out = [v if right else min(0.0, v) for v, right in zip(out, accuracy(samples))]
+    return out
 
 
 def safety(samples: Sequence[Sample], quality=None, **_) -> list[float]:

@@ -226,6 +226,7 @@ def test_editing_stage_two_leaves_stage_one_fingerprint_alone(tmp_path):
     ("{roles: {reference: {workers: 2}}, loss: {kl_coef: 0}}", "roles.reference.workers=2: no reference is used without a KL term"),
     ("{roles: {reward_model: {workers: 1}}}", "roles.reward_model.workers=1: the rewards have no reward_model term"),
     ("{roles: {critic: {workers: 1}}}", "stages.1.roles.critic: unknown key"),
+    ("{reward_terms: {conciseness_gate: right}}", "stages.1.reward_terms.conciseness_gate: Input should be 'none' or 'correct'"),
 ])
 def test_a_bad_prl_stage_is_named(tmp_path, stage2, message):
     with pytest.raises(ConfigError) as err:

@@ -32,6 +32,20 @@ def test_conciseness_is_length_against_the_budget():
     assert out == [1.0, 0.5, 0.0, -1.0]
 
 
+def test_gated_conciseness_pays_only_right_answers_for_being_short():
+    wrong = "<think>x</think><answer>8</answer>"
+    batch = [sample(GOOD, n_tokens=50), sample(wrong, n_tokens=50), sample(wrong, n_tokens=300),
+             sample(GOOD, n_tokens=300)]
+    assert conciseness(batch, length_budget=100, conciseness_gate="correct") == [0.5, 0.0, -1.0, -1.0]
+    assert conciseness(batch, length_budget=100) == [0.5, 0.5, -1.0, -1.0]
+    with pytest.raises(ValueError, match="conciseness_gate='right'"):
+        conciseness(batch, conciseness_gate="right")
+    scored = Rewards({"accuracy": 1.0, "conciseness": 0.2}, RewardParams(length_budget=100, conciseness_gate="correct")
+                     ).score(batch)
+    assert scored.terms["conciseness"].tolist() == [0.5, 0.0, -1.0, -1.0]
+    assert scored.total_B.tolist() == pytest.approx([1.1, 0.0, -0.2, 0.8])
+
+
 def test_overlong_penalty_ramps_over_the_buffer():
     out = overlong([sample(GOOD, n_tokens=n) for n in (90, 96, 104, 128)], max_new_tokens=128, overlong_buffer=32)
     assert out == [0.0, 0.0, -0.25, -1.0]
