@@ -9,16 +9,20 @@ changes (nested keys merge; `rewards` replaces):
     .venv/bin/python benchmarks/rl_dev_split.py base '{"iterations": 0}'            # the start model
     .venv/bin/python benchmarks/rl_dev_split.py lr3e-4 '{"iterations": 60, "engine": {"optimizer": {"lr": 3e-4}}}'
     .venv/bin/python benchmarks/rl_dev_split.py from-sft '{"_init": "sft", "iterations": 120}'   # from SFT's model
+    .venv/bin/python benchmarks/rl_dev_split.py fit64 '{"_train_tasks": 64, "iterations": 80}'  # a fixed set of 64 train prompts
 
-Prints the sampled reward every 10 iterations and `RESULT name changes rl <seconds> dev n=<tasks>
+`_train_tasks: N` trains on a fixed sample of N train tasks (seed 0) instead of the whole split: can
+the policy fit prompts it sees again and again? Prints the sampled reward every 10 iterations and `RESULT name changes rl <seconds> dev n=<tasks>
 acc <accuracy>`; the per-iteration metrics go to /tmp/rl_dev/<name>/log.jsonl.
 """
 import json
+import random
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 REPO = Path(__file__).resolve().parent.parent
@@ -49,11 +53,19 @@ def main() -> None:
     dev = [t for t in load_tasks(runs / "dev1" / "tasks" / "eval") if t.prompt not in seen]
     start_stage = changes.pop("_init", "dpo")  # the start model: the reasoning run's dpo (default) or sft
     model = (runs / "reasoning" / start_stage / "model").resolve()
+    train = sorted((runs / "reasoning" / "tasks" / "train").resolve().glob("*.parquet"))
+    subset = changes.pop("_train_tasks", None)
+    if subset:
+        table = pa.concat_tables([pq.read_table(f) for f in train])
+        rows = random.Random(0).sample(range(table.num_rows), subset)
+        (root / "subset").mkdir(parents=True)
+        train = [root / "subset" / "part-00000.parquet"]
+        pq.write_table(table.take(rows), train[0])
     start = time.time()
     if changes.get("iterations", 1) > 0:
         cfg = RlConfig.model_validate(deep_merge(BASE, changes, whole=("rewards",)))
         payload = {"config": cfg.model_dump(mode="json"), "seed": 0,
-                   "paths": {"train_tasks": [str(f) for f in sorted((runs / "reasoning" / "tasks" / "train").resolve().glob("*.parquet"))],
+                   "paths": {"train_tasks": [str(f) for f in train],
                              "init_model": str(model), "work": str(root / "work"), "checkpoints": str(root / "ckpt"),
                              "out": str(root / "out")}}
         rows = []
