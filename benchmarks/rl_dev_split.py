@@ -42,25 +42,30 @@ BASE = {"algorithm": "grpo", "minibatch": 64, "micro_batch": 16, "checkpoint_eve
         "engine": {"zero_stage": 1, "optimizer": {"lr": 1e-4, "warmup_steps": 5, "weight_decay": 0.0}}}
 
 
+def dev_tasks(runs: Path) -> list:
+    """runs/dev1's held-out tasks minus every prompt of runs/reasoning's train and held-out splits."""
+    seen = {r["prompt"] for split in ("train", "eval") for f in (runs / "reasoning" / "tasks" / split).glob("*.parquet")
+            for r in pq.read_table(f, columns=["prompt"]).to_pylist()}
+    return [t for t in load_tasks(runs / "dev1" / "tasks" / "eval") if t.prompt not in seen]
+
+
 def main() -> None:
     name, changes = sys.argv[1], json.loads(sys.argv[2])
     runs = REPO / "runs"
     root = Path("/tmp/rl_dev") / name
     shutil.rmtree(root, ignore_errors=True)
     connect(RaySettings(num_cpus=2))
-    seen = {r["prompt"] for split in ("train", "eval") for f in (runs / "reasoning" / "tasks" / split).glob("*.parquet")
-            for r in pq.read_table(f, columns=["prompt"]).to_pylist()}
-    dev = [t for t in load_tasks(runs / "dev1" / "tasks" / "eval") if t.prompt not in seen]
+    dev = dev_tasks(runs)
     start_stage = changes.pop("_init", "dpo")  # the start model: the reasoning run's dpo (default) or sft
     model = (runs / "reasoning" / start_stage / "model").resolve()
     train = sorted((runs / "reasoning" / "tasks" / "train").resolve().glob("*.parquet"))
     subset = changes.pop("_train_tasks", None)
     if subset:
         table = pa.concat_tables([pq.read_table(f) for f in train])
-        rows = random.Random(0).sample(range(table.num_rows), subset)
+        picked = random.Random(0).sample(range(table.num_rows), subset)
         (root / "subset").mkdir(parents=True)
         train = [root / "subset" / "part-00000.parquet"]
-        pq.write_table(table.take(rows), train[0])
+        pq.write_table(table.take(picked), train[0])
     start = time.time()
     if changes.get("iterations", 1) > 0:
         cfg = RlConfig.model_validate(deep_merge(BASE, changes, whole=("rewards",)))

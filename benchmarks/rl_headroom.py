@@ -14,8 +14,6 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
@@ -23,7 +21,7 @@ from data_engine.generators.tasks import extract_answer  # noqa: E402
 from cluster.eval import evaluate_on_ray, sample_on_ray  # noqa: E402
 from cluster.session import RaySettings, connect  # noqa: E402
 from rl.config import EvalConfig  # noqa: E402
-from rl.eval import load_tasks  # noqa: E402
+from rl_dev_split import dev_tasks  # noqa: E402 (this folder)
 
 
 def main() -> None:
@@ -33,11 +31,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=1)
     ap.add_argument("--temperature", type=float, default=1.0)
     args = ap.parse_args()
-    runs = REPO / "runs"
     connect(RaySettings(num_cpus=2))
-    seen = {r["prompt"] for split in ("train", "eval") for f in (runs / "reasoning" / "tasks" / split).glob("*.parquet")
-            for r in pq.read_table(f, columns=["prompt"]).to_pylist()}
-    dev = [t for t in load_tasks(runs / "dev1" / "tasks" / "eval") if t.prompt not in seen][::args.every]
+    dev = dev_tasks(REPO / "runs")[::args.every]
     cfg = EvalConfig(max_new_tokens=384, pass_at_k={"tasks": 0, "temperature": args.temperature, "top_p": 1.0})
     fig, greedy = evaluate_on_ray(args.model, dev, cfg, seed=0)
     sampled = sample_on_ray(args.model, dev, cfg, k=args.k, seed=0)
@@ -50,10 +45,10 @@ def main() -> None:
         if not right[r["id"]] and c:
             flips[c] += 1
         # majority vote over the samples' final answers (ties: the first-seen answer)
-        answers = Counter(a for a in (extract_answer(t) for t in r["texts"]) if a is not None)
-        if answers:
-            top = answers.most_common(1)[0][0]
-            majority += r["correct_each"][[extract_answer(t) for t in r["texts"]].index(top)]
+        answers = [extract_answer(t) for t in r["texts"]]
+        votes = Counter(a for a in answers if a is not None)
+        if votes:
+            majority += r["correct_each"][answers.index(votes.most_common(1)[0][0])]
     n = len(dev)
     out = {"model": args.model, "tasks": n, "k": args.k, "temperature": args.temperature,
            "greedy": fig["eval/accuracy"],
